@@ -1,0 +1,64 @@
+"""The `slj` command.
+
+    slj info --model qwen-134m        parameter count and per-layer labels / layer scales
+    slj tokenize SOURCE OUT           tokenise a corpus into uint32 shards
+    slj train [flags]                 train one model with one optimizer (resumable)
+    slj compare --protocol cpu        compare the optimizers under a protocol
+
+Each subcommand hands its remaining arguments to the module that owns it, so `slj X --help`
+shows that module's own flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(argv: list[str]) -> int:
+  from sophia_lambda_jax.models import qwen
+
+  parser = argparse.ArgumentParser(
+      prog="slj info", description="Parameter count and per-layer table of a model preset.")
+  parser.add_argument("--model", default="qwen-134m", help=f"one of {sorted(qwen.PRESETS)}")
+  args = parser.parse_args(argv)
+  print(qwen.format_info(args.model))
+  return 0
+
+
+def _tokenize(argv: list[str]) -> int:
+  from sophia_lambda_jax import data
+
+  return data.cli_tokenize(argv)
+
+
+def _train(argv: list[str]) -> int:
+  from sophia_lambda_jax import train
+
+  return train.cli_train(argv)
+
+
+def _compare(argv: list[str]) -> int:
+  from experiments import compare
+
+  return compare.main(argv)
+
+
+COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(__doc__.strip())
+    return 0 if argv else 2
+  command, rest = argv[0], argv[1:]
+  if command not in COMMANDS:
+    print(f"slj: unknown command {command!r}; expected one of {sorted(COMMANDS)}",
+          file=sys.stderr)
+    return 2
+  return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models: the Flax NNX Qwen2 and its HuggingFace import/export."""

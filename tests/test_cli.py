@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+import pytest
+
+from sophia_lambda_jax import cli
+
+
+def test_unknown_command_is_refused(capsys):
+  assert cli.main(["frobnicate"]) == 2
+  assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_help_lists_every_command(capsys):
+  assert cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  for command in cli.COMMANDS:
+    assert f"slj {command}" in out
+
+
+def test_console_script_entry_point_runs():
+  result = subprocess.run(
+      [sys.executable, "-m", "sophia_lambda_jax.cli", "--help"],
+      capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "slj compare" in result.stdout
