@@ -1,0 +1,750 @@
+"""Gradient transformations of the Sophia / layer-adaptive optimizer family.
+
+Each function returns an ``optax.GradientTransformation`` (or ``...ExtraArgs``) whose
+docstring states its equation and where it comes from; the optimizers in
+``sophia_lambda_jax.optimizers`` are ``optax.chain``s of these and of optax's own transforms.
+
+Notation (``SPEC.md`` section 2): g gradient, m first moment, v second moment, h the EMA of
+the Hessian diagonal, t the number of updates already applied (0 on the first call).
+
+State dtype: every moment and Hessian EMA is kept in float32 whatever the parameter dtype
+(bf16 parameters included); ``with_float32_state`` does the casting for a whole chain and
+casts the updates back to the parameter dtype.
+
+Hyperparameters that shape the state or Python control flow must be static under
+``optax.inject_hyperparams`` (pass them in ``static_args``): ``block_size`` and callables that
+are not schedules (``mask``, ``layer_scale``). ``adaptive_interval`` is a bool, which
+``inject_hyperparams`` already keeps static. Everything else may be a traced scalar.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+HessianFn = Callable[[Any], Any]
+
+# Role scales s_role of LAVSM (Table/eq. 1 of the LAVSM paper). "head" and "other" are not in
+# the paper; 1.0 leaves them unscaled. LAMVS reuses them (SPEC 2).
+DEFAULT_ROLE_SCALES = {
+    "attention": 1.8,
+    "mlp": 1.2,
+    "embedding": 1.0,
+    "norm": 0.7,
+    "head": 1.0,
+    "other": 1.0,
+}
+
+# Denominator guard of the relative Hessian change r (SPEC 2, adaptive refresh interval).
+_RELATIVE_CHANGE_EPS = 1e-30
+# Adaptation of the refresh interval starts with this refresh (1-based): the first few
+# refreshes only warm the EMA up from h = 0, so r is large then by construction.
+FIRST_ADAPTIVE_REFRESH = 4
+
+
+# ----------------------------------------------------------------------------------------
+# Validation of hyperparameters (only concrete Python / NumPy numbers are checked: traced
+# values under ``inject_hyperparams`` and schedules are the caller's responsibility).
+# ----------------------------------------------------------------------------------------
+
+
+def is_concrete_number(value) -> bool:
+  """True for a Python or NumPy real number (bools excluded), i.e. a value we can check."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, numbers.Real):
+    return True
+  return isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+  """Raises ValueError naming ``name`` unless ``value`` lies in the stated range.
+
+  Values that are not concrete numbers (traced arrays, schedules) pass unchecked.
+  """
+  if not is_concrete_number(value):
+    return
+  lo_bracket = "(" if low_open else "["
+  hi_bracket = ")" if high_open else "]"
+  range_text = (f"{lo_bracket}{'-inf' if low is None else low}, "
+                f"{'inf' if high is None else high}{hi_bracket}")
+  kind = "an integer" if integer else "a finite number"
+  message = f"{name} must be {kind} in {range_text}, got {value!r}"
+  value_f = float(value)
+  if not math.isfinite(value_f):
+    raise ValueError(message)
+  if integer and value_f != int(value_f):
+    raise ValueError(message)
+  if low is not None and (value_f < low or (low_open and value_f == low)):
+    raise ValueError(message)
+  if high is not None and (value_f > high or (high_open and value_f == high)):
+    raise ValueError(message)
+
+
+def check_beta(name: str, value) -> None:
+  """Decay rates must lie in [0, 1)."""
+  check_number(name, value, low=0.0, high=1.0, high_open=True)
+
+
+def check_learning_rate(learning_rate) -> None:
+  """A learning rate is a finite number >= 0, or a schedule whose value at step 0 is."""
+  if callable(learning_rate):
+    try:
+      value = learning_rate(0)
+    except Exception:  # a stateful or unusual schedule: nothing to check at construction
+      return
+    if isinstance(value, jax.core.Tracer):
+      return
+    try:
+      value = float(np.asarray(value))
+    except (TypeError, ValueError):
+      return
+    if not math.isfinite(value) or value < 0:
+      raise ValueError(
+          f"learning_rate must be a finite number in [0, inf) (or a schedule with such "
+          f"values), but the schedule gives {value!r} at step 0")
+    return
+  if learning_rate is None:
+    raise ValueError("learning_rate must be a finite number in [0, inf) or a schedule, got None")
+  check_number("learning_rate", learning_rate, low=0.0)
+
+
+def check_intervals(hessian_interval, min_interval, max_interval) -> None:
+  """Refresh intervals are integers >= 1 and min_interval <= max_interval."""
+  check_number("hessian_interval", hessian_interval, low=1, integer=True)
+  check_number("min_interval", min_interval, low=1, integer=True)
+  check_number("max_interval", max_interval, low=1, integer=True)
+  if (is_concrete_number(min_interval) and is_concrete_number(max_interval)
+      and min_interval > max_interval):
+    raise ValueError(
+        f"min_interval must be <= max_interval, got min_interval={min_interval} > "
+        f"max_interval={max_interval}")
+
+
+# ----------------------------------------------------------------------------------------
+# Float32 state for any chain.
+# ----------------------------------------------------------------------------------------
+
+
+def _to_float32(tree):
+  return jax.tree.map(
+      lambda x: x.astype(jnp.float32)
+      if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def with_float32_state(
+    inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Runs ``inner`` on float32 gradients with float32 state; updates get the param dtype.
+
+  init:   state = inner.init(float32(params))      (so every zeros_like moment is float32)
+  update: u = inner.update(float32(g), state, params, **extra);  u = u.astype(params.dtype)
+
+  ``params`` reach ``inner`` (and a ``hessian_fn``) in their own dtype. For float32
+  parameters this transform is the identity. Its state is ``inner``'s state, unchanged.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(_to_float32(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    reference = updates if params is None else params
+    updates, state = inner.update(_to_float32(updates), state, params, **extra_args)
+    updates = jax.tree.map(
+        lambda u, r: u if u is None else u.astype(r.dtype), updates, reference,
+        is_leaf=lambda x: x is None)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Block layout of the Hessian EMA.
+# ----------------------------------------------------------------------------------------
+
+
+def hessian_block_size(shape: tuple[int, ...], block_size: int) -> int:
+  """Block length along the last axis of a leaf of this shape (SPEC 2, Sophia-Lambda).
+
+  For ndim >= 2 and last dimension n >= 2: the largest divisor of n that is <= block_size
+  (each tensor gets its own layout, e.g. n = 96, block_size = 64 -> 48). Otherwise 1 (a
+  full diagonal).
+  """
+  if len(shape) < 2 or shape[-1] < 2 or block_size <= 1:
+    return 1
+  n = shape[-1]
+  for block in range(min(block_size, n), 0, -1):
+    if n % block == 0:
+      return block
+  return 1
+
+
+def block_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+  """Shape of the stored block-reduced h: (..., n / block)."""
+  if block == 1:
+    return tuple(shape)
+  return tuple(shape[:-1]) + (shape[-1] // block,)
+
+
+def _explicit_spec(x):
+  """(per-dimension spec, mesh) when x carries explicit-mode sharding (``jax.set_mesh`` with
+  ``AxisType.Explicit``), else None. Auto-mode arrays need no help: XLA propagates."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except Exception:  # pragma: no cover - older jax without typeof shardings
+    return None
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not getattr(mesh, "_any_axis_explicit", False):
+    return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec)), mesh
+
+
+def _axes_size(mesh, axes) -> int:
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def split_last_axis(x: Array, block: int) -> Array:
+  """(..., n) -> (..., n / block, block). Under explicit sharding the last axis's mesh axes
+  move to the n / block axis when they divide it, and are gathered otherwise."""
+  shape = x.shape[:-1] + (x.shape[-1] // block, block)
+  found = _explicit_spec(x)
+  if found is None:
+    return x.reshape(shape)
+  spec, mesh = found
+  last = spec[-1]
+  if last is not None and shape[-2] % _axes_size(mesh, last):
+    last = None
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(
+      *spec[:-1], last, None))
+
+
+def merge_last_axes(x: Array, like: Array) -> Array:
+  """(..., n / block, block) -> like.shape, laid out like ``like`` under explicit sharding."""
+  found = _explicit_spec(like)
+  if found is None:
+    return x.reshape(like.shape)
+  spec, _ = found
+  blocked_spec = _explicit_spec(x)[0]
+  merged = jax.lax.reshape(x, like.shape, out_sharding=jax.sharding.PartitionSpec(
+      *blocked_spec[:-1]))
+  if blocked_spec[-2] != spec[-1]:
+    merged = jax.sharding.reshard(merged, jax.sharding.PartitionSpec(*spec))
+  return merged
+
+
+def block_mean(x: Array, block: int) -> Array:
+  """Mean over consecutive blocks of the last axis: (..., n) -> (..., n / block)."""
+  if block == 1:
+    return x
+  return jnp.mean(split_last_axis(x, block), axis=-1)
+
+
+def _zeros_sharded_like(param, shape: tuple[int, ...]) -> Array:
+  """float32 zeros of ``shape`` laid out like ``param`` on every dimension the mesh divides.
+
+  Keeps the optimizer state of a sharded parameter sharded the same way, including the
+  block-reduced h whose last axis is shorter (a mesh axis that no longer divides it is
+  dropped there). Under jit (tracers carry no placement in auto mode) or for unsharded
+  params this is plain ``jnp.zeros``; jit's ``out_shardings`` then decides.
+  """
+  sharding = getattr(param, "sharding", None)
+  if not (isinstance(param, jax.Array) and not isinstance(param, jax.core.Tracer)
+          and isinstance(sharding, jax.sharding.NamedSharding)):
+    return jnp.zeros(shape, jnp.float32)
+  if tuple(shape) == tuple(param.shape):
+    return jnp.zeros(shape, jnp.float32, device=sharding)
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  spec = tuple(None if axes is not None and dim % _axes_size(sharding.mesh, axes) else axes
+               for dim, axes in zip(shape, spec))
+  return jnp.zeros(shape, jnp.float32, device=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+def _global_norm(tree) -> Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------
+# Block-wise Hessian EMA with its refresh schedule.
+# ----------------------------------------------------------------------------------------
+
+
+class HessianEMAState(NamedTuple):
+  """State of ``hessian_ema``.
+
+  count: updates applied so far (t). h: float32 EMA of the Hessian diagonal, block-reduced
+  per leaf (shape (..., n / block)). interval: current refresh interval. next_refresh: the t
+  of the next refresh. refresh_count: refreshes done. relative_change: r of the last refresh.
+  """
+  count: Array
+  h: Any
+  interval: Array
+  next_refresh: Array
+  refresh_count: Array
+  relative_change: Array
+
+
+def hessian_ema(
+    b2: float = 0.99,
+    block_size: int = 1,
+    hessian_interval: int = 10,
+    adaptive_interval: bool = False,
+    min_interval: int = 2,
+    max_interval: int = 100,
+    r_low: float = 0.002,
+    r_high: float = 0.02,
+) -> optax.GradientTransformationExtraArgs:
+  """Block-wise EMA of the Hessian diagonal, refreshed on a fixed or adaptive schedule.
+
+  On a refresh step (t >= next_refresh; the first is t = 0), before the update is formed:
+
+      h = b2 * h + (1 - b2) * block_mean(hessian_fn(params))
+
+  ``hessian_fn`` runs inside ``jax.lax.cond``, so it costs nothing on other steps. The block
+  mean follows ``hessian_block_size`` (``block_size=1``: full diagonal, i.e. Sophia; Liu et
+  al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer", Alg. 3). Then:
+
+    fixed:    next_refresh = t + hessian_interval
+    adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
+              over all blocks of all leaves: r < r_low -> interval = min(2 interval,
+              max_interval); r > r_high -> interval = max(interval // 2, min_interval);
+              next_refresh = t + interval.   (Sophia-Lambda, SPEC 2.)
+
+  This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
+  current block-reduced h in place of the updates. ``update`` needs ``params`` and
+  ``hessian_fn`` (a function params -> pytree like params) and raises ValueError without.
+  ``block_size`` must be static under ``inject_hyperparams``.
+  """
+  check_beta("b2", b2)
+  check_number("block_size", block_size, low=1, integer=True)
+  check_intervals(hessian_interval, min_interval, max_interval)
+  check_number("r_low", r_low, low=0.0)
+  check_number("r_high", r_high, low=0.0)
+  if is_concrete_number(r_low) and is_concrete_number(r_high) and r_low > r_high:
+    raise ValueError(f"r_low must be <= r_high, got r_low={r_low} > r_high={r_high}")
+  if not is_concrete_number(block_size):
+    raise ValueError(
+        "block_size must be a Python integer >= 1 (it sets the state's shapes; pass it in "
+        "static_args of optax.inject_hyperparams)")
+  block_size = int(block_size)
+
+  def blocks_of(tree):
+    return jax.tree.map(lambda x: hessian_block_size(tuple(x.shape), block_size), tree)
+
+  def init_fn(params):
+    h = jax.tree.map(
+        lambda p: _zeros_sharded_like(
+            p, block_shape(tuple(p.shape), hessian_block_size(tuple(p.shape), block_size))),
+        params)
+    return HessianEMAState(
+        count=jnp.zeros([], jnp.int32),
+        h=h,
+        interval=jnp.asarray(hessian_interval, jnp.int32),
+        next_refresh=jnp.zeros([], jnp.int32),
+        refresh_count=jnp.zeros([], jnp.int32),
+        relative_change=jnp.zeros([], jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, hessian_fn: Optional[HessianFn] = None,
+                **extra_args):
+    del updates, extra_args
+    if params is None:
+      raise ValueError(
+          "params must be passed to update() of a second-order optimizer: "
+          "tx.update(grads, state, params, hessian_fn=fn)")
+    if hessian_fn is None or not callable(hessian_fn):
+      raise ValueError(
+          "hessian_fn must be passed to update() of a second-order optimizer as a function "
+          "params -> pytree like params: tx.update(grads, state, params, hessian_fn=fn)")
+    blocks = blocks_of(params)
+    params_treedef = jax.tree.structure(params)
+    t = state.count
+    do_refresh = t >= state.next_refresh
+
+    def refresh(h_before):
+      estimate = hessian_fn(params)
+      if jax.tree.structure(estimate) != params_treedef:
+        raise ValueError(
+            "hessian_fn(params) must return a pytree with the structure of params; got "
+            f"{jax.tree.structure(estimate)} for params {params_treedef}")
+      h_after = jax.tree.map(
+          lambda h, e, b: b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b),
+          h_before, estimate, blocks)
+      h_after = jax.tree.map(lambda x: x.astype(jnp.float32), h_after)
+      if adaptive_interval:
+        change = _global_norm(jax.tree.map(jnp.subtract, h_after, h_before))
+        r = change / (_global_norm(h_before) + _RELATIVE_CHANGE_EPS)
+      else:
+        r = jnp.zeros([], jnp.float32)
+      return h_after, r.astype(jnp.float32)
+
+    def keep(h_before):
+      return h_before, state.relative_change
+
+    h, r = jax.lax.cond(do_refresh, refresh, keep, state.h)
+    refresh_count = state.refresh_count + do_refresh.astype(jnp.int32)
+    interval = state.interval
+    if adaptive_interval:
+      adapt = do_refresh & (refresh_count >= FIRST_ADAPTIVE_REFRESH)
+      longer = jnp.minimum(2 * interval, max_interval)
+      shorter = jnp.maximum(interval // 2, min_interval)
+      interval = jnp.where(adapt & (r < r_low), longer,
+                           jnp.where(adapt & (r > r_high), shorter, interval))
+    else:
+      interval = jnp.broadcast_to(jnp.asarray(hessian_interval), ())
+    interval = interval.astype(jnp.int32)
+    next_refresh = jnp.where(do_refresh, t + interval, state.next_refresh).astype(jnp.int32)
+    new_state = HessianEMAState(
+        count=optax.safe_increment(t),
+        h=h,
+        interval=interval,
+        next_refresh=next_refresh,
+        refresh_count=refresh_count,
+        relative_change=r,
+    )
+    return h, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Curvature-clipped update.
+# ----------------------------------------------------------------------------------------
+
+
+class ClippedCurvatureState(NamedTuple):
+  """State of ``scale_by_clipped_curvature``: momentum m (float32), the Hessian EMA state,
+  and the denominator constants rho * B and eps of the last update (so ``clip_fraction``
+  can recompute, from the state alone, which coordinates the last update clipped)."""
+  mu: Any
+  hessian: HessianEMAState
+  scale: Array
+  eps: Array
+
+
+def _curvature_ratio(m: Array, h_blk: Array, scale, eps) -> Array:
+  """m / (scale * max(expand(h_blk), 0) + eps), expanding the block-reduced h by a
+  broadcast along a reshaped last axis (never materialised at full size)."""
+  m = m.astype(jnp.float32)
+  block = m.shape[-1] // h_blk.shape[-1] if m.ndim else 1
+  if block == 1:
+    return m / (scale * jnp.maximum(h_blk, 0.0) + eps)
+  denominator = scale * jnp.maximum(h_blk, 0.0)[..., None] + eps
+  return merge_last_axes(split_last_axis(m, block) / denominator, m)
+
+
+def scale_by_clipped_curvature(
+    b1: float = 0.965,
+    rho: float = 0.04,
+    eps: float = 1e-15,
+    batch_tokens: float = 1,
+    hessian: Optional[optax.GradientTransformationExtraArgs] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Sophia's momentum, pre-conditioned by the Hessian EMA and clipped element-wise:
+
+      m = b1 m + (1 - b1) g                                   (no bias correction)
+      u = clip(m / (rho * B * max(expand(h), 0) + eps), 1)    (to [-1, 1])
+
+  with B = ``batch_tokens`` and h from the ``hessian`` sub-transform (``hessian_ema``,
+  refreshed before the division). With B = tokens per step and eps = 1e-15 this is the
+  published SophiaG rule ``ratio = (|m| / (rho*bs*h + 1e-15)).clamp(max=1)`` times sign(m)
+  (Liu et al. 2023, Alg. 3; github.com/Liuhong99/Sophia). The block-reduced h is broadcast
+  along the last axis, never materialised at full size.
+
+  ``update`` takes ``params`` and ``hessian_fn`` (passed on to ``hessian``). The fraction
+  of clipped coordinates is not counted here (a full extra pass over m on every step); use
+  ``clip_fraction(state)``, which recomputes it from m, h, rho * B and eps in the state.
+  """
+  check_beta("b1", b1)
+  check_number("rho", rho, low=0.0, low_open=True)
+  check_number("eps", eps, low=0.0)
+  if batch_tokens is None:
+    raise ValueError(
+        "batch_tokens must be given: the number of tokens per optimizer step over all "
+        "devices and accumulation steps (a finite number in (0, inf))")
+  check_number("batch_tokens", batch_tokens, low=0.0, low_open=True)
+  hessian = hessian_ema() if hessian is None else hessian
+
+  def init_fn(params):
+    return ClippedCurvatureState(
+        mu=jax.tree.map(lambda p: _zeros_sharded_like(p, tuple(p.shape)), params),
+        hessian=hessian.init(params),
+        scale=jnp.zeros([], jnp.float32),
+        eps=jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    h, hessian_state = hessian.update(updates, state.hessian, params, **extra_args)
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    mu = jax.tree.map(lambda m: m.astype(jnp.float32), mu)
+    scale = jnp.asarray(rho * batch_tokens, jnp.float32)
+    eps_ = jnp.asarray(eps, jnp.float32)
+    new_updates = jax.tree.map(
+        lambda m, hb: jnp.clip(_curvature_ratio(m, hb, scale, eps_), -1.0, 1.0), mu, h)
+    return new_updates, ClippedCurvatureState(mu=mu, hessian=hessian_state, scale=scale,
+                                              eps=eps_)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Scales by parameter path.
+# ----------------------------------------------------------------------------------------
+
+
+def scale_by_layer_scale(
+    layer_scale: Union[bool, None, Callable[[Any], Any], Any] = True,
+    rules=None,
+) -> optax.GradientTransformationExtraArgs:
+  """Multiplies each leaf's update by its layer scale lambda_l (Sophia-Lambda, eq. 2):
+
+      u = lambda_l * u,   lambda_l = c * sqrt(d_l / n_l), clamped to [0.1, 10]
+
+  ``layer_scale=True``: ``sophia_lambda_jax.labels.layer_scales`` (c normalises the
+  parameter-count-weighted mean of lambda to 1). ``None``/``False``: identity. A callable
+  ``params -> pytree of floats`` (pass it in static_args of ``inject_hyperparams``) or a
+  pytree of floats replaces the default. Scales come from paths and shapes only, so they are
+  constants of the compiled step. Stateless.
+  """
+  if layer_scale is not None and not isinstance(layer_scale, bool) and not callable(
+      layer_scale):
+    for leaf in jax.tree.leaves(layer_scale):
+      if is_concrete_number(leaf) and not (math.isfinite(float(leaf)) and float(leaf) > 0):
+        raise ValueError(f"layer_scale values must be finite numbers in (0, inf), got {leaf!r}")
+
+  def scales_for(tree):
+    if layer_scale is True:
+      from . import labels  # imported here: labels is only needed when scales are used
+      return labels.layer_scales(tree, rules=rules)
+    if callable(layer_scale):
+      return layer_scale(tree)
+    return layer_scale
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if layer_scale is None or layer_scale is False:
+      return updates, state
+    scales = scales_for(updates if params is None else params)
+    updates = jax.tree.map(lambda u, s: u * jnp.asarray(s, jnp.float32).astype(u.dtype),
+                           updates, scales)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_role_scales(role_scales) -> dict:
+  """Merges ``role_scales`` into the defaults; unknown roles or bad values raise ValueError."""
+  merged = dict(DEFAULT_ROLE_SCALES)
+  if role_scales is None:
+    return merged
+  if not isinstance(role_scales, dict):
+    raise ValueError(f"role_scales must be a dict role -> scale, got {type(role_scales).__name__}")
+  unknown = sorted(set(role_scales) - set(DEFAULT_ROLE_SCALES))
+  if unknown:
+    raise ValueError(
+        f"role_scales has unknown roles {unknown}; valid roles: {sorted(DEFAULT_ROLE_SCALES)}")
+  for role, value in role_scales.items():
+    check_number(f"role_scales[{role!r}]", value, low=0.0, low_open=True)
+  merged.update(role_scales)
+  return merged
+
+
+def scale_by_role(role_scales: Optional[dict] = None,
+                  rules=None) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by a fixed scale of its role (LAVSM eq. 1):
+
+      u = s_role * u,  s = attention 1.8, mlp 1.2, embedding 1.0, norm 0.7, head 1.0, other 1.0
+
+  Roles come from ``sophia_lambda_jax.labels.label_params(params, rules, strict=False)``
+  (paths no rule matches count as "other"). ``role_scales`` overrides some of them. Stateless.
+  """
+  scales = check_role_scales(role_scales)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    from . import labels
+    infos = labels.label_params(updates, rules=rules, strict=False)
+    leaves, treedef = jax.tree.flatten(updates)
+    info_leaves = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))
+    scaled = [u * jnp.asarray(scales.get(info.role, 1.0), u.dtype)
+              for u, info in zip(leaves, info_leaves)]
+    return jax.tree.unflatten(treedef, scaled), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Adam-family moments.
+# ----------------------------------------------------------------------------------------
+
+
+class VarianceClippedMomentsState(NamedTuple):
+  """State of ``scale_by_variance_clipped_moments``: step count, m and v (float32)."""
+  count: Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_variance_clipped_moments(
+    b1: float = 0.9,
+    b2: float = 0.95,
+    variance_clip: float = 0.5,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """LAVSM's variance-stabilised momentum (LAVSM paper, eqs. 2-5), without bias correction:
+
+      m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+      u = m / (min(sqrt(v), variance_clip) + eps)
+  """
+  check_beta("b1", b1)
+  check_beta("b2", b2)
+  check_number("variance_clip", variance_clip, low=0.0, low_open=True)
+  check_number("eps", eps, low=0.0)
+
+  def init_fn(params):
+    zeros = lambda p: _zeros_sharded_like(p, tuple(p.shape))
+    return VarianceClippedMomentsState(count=jnp.zeros([], jnp.int32),
+                                       mu=jax.tree.map(zeros, params),
+                                       nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    new_updates = jax.tree.map(
+        lambda m, v: m / (jnp.minimum(jnp.sqrt(v), variance_clip) + eps), mu, nu)
+    return new_updates, VarianceClippedMomentsState(
+        count=optax.safe_increment(state.count), mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_stable_adam(
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """Adam with StableAdamW's per-tensor update clipping (Wortsman et al. 2023, "Stable and
+  low-precision training for large-scale vision-language models", Alg. 2):
+
+      u_adam = m_hat / (sqrt(v_hat) + eps)            (``optax.scale_by_adam``)
+      u = u_adam / max(1, sqrt(mean(g^2 / max(v_hat, eps^2))))   (mean over the tensor)
+
+  v_hat is the bias-corrected second moment including the current g. State: optax's
+  ``ScaleByAdamState``.
+  """
+  check_beta("b1", b1)
+  check_beta("b2", b2)
+  check_number("eps", eps, low=0.0)
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+  def update_fn(updates, state, params=None):
+    grads = updates
+    adam_updates, state = adam.update(grads, state, params)
+    nu_hat = optax.tree.bias_correction(state.nu, b2, state.count)
+
+    def clip(u, g, v):
+      rms = jnp.sqrt(jnp.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
+      return u / jnp.maximum(1.0, rms)
+
+    return jax.tree.map(clip, adam_updates, grads, nu_hat), state
+
+  return optax.GradientTransformation(adam.init, update_fn)
+
+
+# ----------------------------------------------------------------------------------------
+# Decoupled weight decay.
+# ----------------------------------------------------------------------------------------
+
+
+def default_weight_decay_mask(params):
+  """True for leaves that decay by default: ndim >= 2 and not a norm (by label role).
+
+  Stacked (scanned) norm scales have ndim 2 and are still excluded through their role.
+  """
+  from . import labels
+  infos = labels.label_params(params, strict=False)
+  leaves, treedef = jax.tree.flatten(params)
+  info_leaves = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))
+  return jax.tree.unflatten(
+      treedef, [len(p.shape) >= 2 and info.role != "norm" for p, info in zip(leaves, info_leaves)])
+
+
+def add_decoupled_weight_decay(
+    weight_decay: float = 0.1,
+    mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
+) -> optax.GradientTransformation:
+  """Decoupled weight decay (Loshchilov & Hutter 2019): u = u + wd * theta on masked leaves;
+  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of SPEC 2.
+
+  ``mask=None`` uses ``default_weight_decay_mask`` (ndim >= 2 and not a norm); a pytree of
+  bools or a callable params -> such a pytree overrides it. Reuses
+  ``optax.add_decayed_weights``.
+  """
+  check_number("weight_decay", weight_decay, low=0.0)
+  return optax.add_decayed_weights(
+      weight_decay, mask=default_weight_decay_mask if mask is None else mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading the state for logging.
+# ----------------------------------------------------------------------------------------
+
+
+def _find(state, kind):
+  return [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kind))
+          if isinstance(x, kind)]
+
+
+def hessian_interval_and_count(state):
+  """(current refresh interval, refreshes done) of the first Hessian EMA in an optimizer
+  state (works through chains, inject_hyperparams, MultiSteps, apply_if_finite), or None
+  when the state has none."""
+  found = _find(state, HessianEMAState)
+  if not found:
+    return None
+  return found[0].interval, found[0].refresh_count
+
+
+def clip_fraction(state):
+  """Fraction of coordinates whose ratio |m| / (rho B max(h, 0) + eps) reached the clip (>= 1)
+  on the last update, or None for optimizers without a clipped-curvature state.
+
+  Recomputed from the state (which holds exactly the m and h of the last update): one read
+  of m, so call it on logging steps (inside or outside jit), not necessarily every step.
+  """
+  found = _find(state, ClippedCurvatureState)
+  if not found:
+    return None
+  curvature = found[0]
+  hits, total = jnp.zeros([], jnp.int32), 0
+  for m, h in zip(jax.tree.leaves(curvature.mu), jax.tree.leaves(curvature.hessian.h)):
+    ratio = _curvature_ratio(m, h, curvature.scale, curvature.eps)
+    hits = hits + jnp.sum(jnp.abs(ratio) >= 1.0, dtype=jnp.int32)
+    total += int(np.prod(m.shape))
+  return hits.astype(jnp.float32) / max(total, 1)
