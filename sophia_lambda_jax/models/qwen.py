@@ -1,0 +1,644 @@
+"""Qwen2 decoder-only language model in Flax NNX.
+
+The architecture follows the reference Qwen2 implementation (Qwen2 technical report,
+arXiv:2407.10671; HuggingFace `Qwen2ForCausalLM`):
+
+    h_0   = E[ids]                                        token embedding
+    a_l   = h_{l-1} + o_proj(Attn(rope(q), rope(k), v))   q, k, v = {q,k,v}_proj(rms(h_{l-1}))
+    h_l   = a_l + down(silu(gate(rms(a_l))) * up(rms(a_l)))
+    logits = rms(h_L) @ E^T        (tied; an untied `lm_head` is supported)
+
+with RMSNorm rms(x) = x / sqrt(mean(x^2) + eps) * scale (eps 1e-6), rotary embeddings
+(theta 1e6) applied to the two halves of each head (x1, x2) -> (x1 cos - x2 sin,
+x2 cos + x1 sin), grouped-query attention (num_kv_heads key/value heads shared by
+num_heads / num_kv_heads query heads each), biases on q/k/v only, and a SwiGLU MLP
+without biases.
+
+Parameter paths (`nnx.State.to_pure_dict`, joined with "/") are the ones `slj.labels`
+parses:
+
+    embed/embedding                       (vocab, hidden)
+    layers/<i>/attn/{q,k,v}_proj/{kernel,bias}, layers/<i>/attn/o_proj/kernel
+    layers/<i>/mlp/{gate,up,down}_proj/kernel
+    layers/<i>/input_norm/scale, layers/<i>/post_attn_norm/scale
+    final_norm/scale, lm_head/kernel (untied only)
+
+With `scan_layers=True` the L blocks are one module created with `nnx.vmap` (its
+parameters carry a leading axis of length L) and run by a scan over that axis (the
+`nnx.split` / `nnx.merge` form of `nnx.scan`: one block is traced and compiled, whatever
+L); the integer disappears from the path ("layers/attn/q_proj/kernel", shape
+(L, hidden, heads*head_dim)). Both layouts hold the same numbers: stacking the unrolled
+leaves along a new axis 0 gives the scanned ones. Kernels are stored (in, out), i.e.
+transposed with respect to PyTorch's `nn.Linear.weight`.
+
+`remat` wraps each block in `jax.checkpoint` ("full": keep only the block inputs;
+"dots": also keep the weight-matmul outputs), trading recomputation for activation memory.
+
+Parameters are float32; `compute_dtype="bfloat16"` casts them to bf16 at use (matmuls,
+residual stream) while RMSNorm statistics, rotary angles, softmax and the logits stay in
+float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REMAT_POLICIES = ("none", "full", "dots")
+_INIT_STD = 0.02  # HuggingFace Qwen2 `initializer_range`.
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+  """Shape and numerics of a Qwen2 model.
+
+  Attributes:
+    vocab_size: rows of the token embedding (and columns of the LM head).
+    hidden_size: width of the residual stream.
+    num_layers: number of transformer blocks L.
+    num_heads: query heads per block.
+    num_kv_heads: key/value heads (grouped-query attention); divides num_heads.
+    head_dim: width of one head (even, for the half-split rotary embedding).
+    intermediate_size: SwiGLU width.
+    rope_theta: rotary base.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_embeddings: LM head is the transposed embedding (no `lm_head` parameter).
+    max_seq_len: longest sequence the model is meant for (checked by `generate`).
+    compute_dtype: "float32" or "bfloat16"; parameters stay float32 either way.
+    scan_layers: stack the blocks and run them with a scan (one compiled block, fast
+      compiles of deep models) instead of unrolling them.
+    remat: activation checkpointing of each block: "none"; "full" (recompute the whole
+      block in the backward pass); "dots" (save the outputs of the weight matmuls, i.e.
+      `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, recompute the rest).
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  max_seq_len: int = 2048
+  compute_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "intermediate_size", "max_seq_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"QwenConfig.{name} must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"QwenConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+          f"({self.num_kv_heads}) for grouped-query attention")
+    if self.head_dim % 2:
+      raise ValueError(f"QwenConfig.head_dim must be even for rotary embeddings, got "
+                       f"{self.head_dim}")
+    if not (np.isfinite(self.rope_theta) and self.rope_theta > 0):
+      raise ValueError(f"QwenConfig.rope_theta must be a positive number, got "
+                       f"{self.rope_theta!r}")
+    if not (np.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+      raise ValueError(f"QwenConfig.rms_norm_eps must be a positive number, got "
+                       f"{self.rms_norm_eps!r}")
+    if self.compute_dtype not in _COMPUTE_DTYPES:
+      raise ValueError(f"QwenConfig.compute_dtype must be one of {sorted(_COMPUTE_DTYPES)}, "
+                       f"got {self.compute_dtype!r}")
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(f"QwenConfig.remat must be one of {_REMAT_POLICIES}, got "
+                       f"{self.remat!r}")
+
+  @property
+  def dtype(self):
+    """The jnp dtype of the computation."""
+    return _COMPUTE_DTYPES[self.compute_dtype]
+
+
+# qwen-134m follows the way the Qwen2 family scales: heads of 64, half as many KV heads as
+# query heads, SwiGLU width 3 x hidden (8/3 x hidden rounded up to a multiple of 512), and
+# the full 151,936-token vocabulary with tied embeddings. Its parameter count:
+#   embedding        151,936 * 512                                   =  77,791,232
+#   per block        q  512*512 + 512    = 262,656
+#                    k  512*256 + 256    = 131,328
+#                    v  512*256 + 256    = 131,328
+#                    o  512*512          = 262,144
+#                    gate/up/down 3*512*1536 = 2,359,296
+#                    2 RMSNorm scales 2*512 = 1,024                   =   3,147,776
+#   18 blocks        18 * 3,147,776                                  =  56,659,968
+#   final RMSNorm                                                    =         512
+#   total                                                            = 134,451,712
+PRESETS: dict[str, QwenConfig] = {
+    "qwen-tiny": QwenConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, intermediate_size=192,
+                            max_seq_len=256),
+    "qwen-cpu": QwenConfig(vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4,
+                           num_kv_heads=2, head_dim=32, intermediate_size=384,
+                           max_seq_len=512),
+    "qwen-134m": QwenConfig(vocab_size=151936, hidden_size=512, num_layers=18, num_heads=8,
+                            num_kv_heads=4, head_dim=64, intermediate_size=1536,
+                            max_seq_len=2048),
+    # Qwen/Qwen2.5-0.5B config.json (494,032,768 parameters).
+    "qwen2.5-0.5b": QwenConfig(vocab_size=151936, hidden_size=896, num_layers=24,
+                               num_heads=14, num_kv_heads=2, head_dim=64,
+                               intermediate_size=4864, rope_theta=1e6, rms_norm_eps=1e-6,
+                               tie_embeddings=True, max_seq_len=32768),
+}
+
+
+def get_config(name: str, **overrides) -> QwenConfig:
+  """The preset `name` with `overrides` applied (e.g. `compute_dtype="bfloat16"`)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(QwenConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown QwenConfig field(s) {unknown} in overrides for {name!r}; "
+                     f"expected some of {sorted(fields)}")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32 (as the reference)."""
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def _linear(din, dout, bias, config, rngs):
+  return nnx.Linear(din, dout, use_bias=bias, dtype=config.dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.initializers.normal(_INIT_STD),
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+def rope_angles(positions, head_dim: int, theta: float):
+  """cos, sin of positions * theta^(-2i/head_dim), i < head_dim/2; float32 (..., head_dim/2)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+  """Half-split rotation of x (batch, seq, heads, head_dim) by angles (batch, seq, d/2)."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def _attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d) + mask) v with num_heads/num_kv_heads queries per KV head.
+
+  q: (B, S, H, D); k, v: (B, T, K, D); mask: (B, S, T) bool, True = may attend.
+  Returns (B, S, H*D). Scores and softmax are float32.
+  """
+  batch, seq, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (dim ** -0.5)
+  # A finite fill keeps rows well defined; every row has its own token unmasked anyway.
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(batch, seq, heads * dim)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary embeddings; q/k/v biased, o_proj not."""
+
+  def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
+    hidden, dim = config.hidden_size, config.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        config.num_heads, config.num_kv_heads, dim)
+    self.q_proj = _linear(hidden, config.num_heads * dim, True, config, rngs)
+    self.k_proj = _linear(hidden, config.num_kv_heads * dim, True, config, rngs)
+    self.v_proj = _linear(hidden, config.num_kv_heads * dim, True, config, rngs)
+    self.o_proj = _linear(config.num_heads * dim, hidden, False, config, rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """x (B, S, hidden) -> (B, S, hidden); with `cache` = (k, v, index) also the new (k, v).
+
+    With a cache, the new keys/values are written at slots [index, index + S) of the
+    (B, T, K, D) buffers and the queries attend over all T slots (mask decides which).
+    """
+    batch, seq, _ = x.shape
+    q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_cache = None
+    if cache is not None:
+      k_cache, v_cache, index = cache
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      new_cache = (k, v)
+    return self.o_proj(_attention(q, k, v, mask)), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
+    hidden, inner = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(hidden, inner, False, config, rngs)
+    self.up_proj = _linear(hidden, inner, False, config, rngs)
+    self.down_proj = _linear(inner, hidden, False, config, rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    self.attn = Attention(config, rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache)
+    x = x + h
+    return x + self.mlp(self.post_attn_norm(x)), new_cache
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class KVCache(NamedTuple):
+  """Keys/values of every layer, (L, B, T, num_kv_heads, head_dim), and slots filled."""
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array  # int32 scalar: the next free slot (= tokens seen so far)
+
+
+def init_cache(config: QwenConfig, batch_size: int, max_len: int) -> KVCache:
+  """An empty cache for `batch_size` sequences of at most `max_len` tokens."""
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  zeros = jnp.zeros(shape, config.dtype)
+  return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def _stacked_blocks(config: QwenConfig, rngs: nnx.Rngs) -> Block:
+  """L blocks as one Block whose parameters have a leading axis of length L."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return Block(config, rngs)
+
+  return make(rngs)
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  saveable = (None if policy == "full"
+              else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
+
+
+def _block_fn(graphdef):
+  """Pure (state, x, cos, sin, mask, cache) -> (x, cache) for one block."""
+
+  def run(state, x, cos, sin, mask, cache):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache)
+
+  return run
+
+
+def segment_positions(segment_ids):
+  """Positions restarting at 0 at every change of segment id along the last axis."""
+  seq = segment_ids.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[..., :1], bool),
+       segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
+class Qwen(nnx.Module):
+  """Qwen2 causal language model (see the module docstring for the equations)."""
+
+  def __init__(self, config: QwenConfig, rngs: nnx.Rngs | None = None):
+    if not isinstance(config, QwenConfig):
+      raise ValueError(f"config must be a QwenConfig, got {type(config).__name__}")
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
+                           param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+    if config.scan_layers:
+      self.layers = _stacked_blocks(config, rngs)
+    else:
+      self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    if not config.tie_embeddings:
+      self.lm_head = _linear(config.hidden_size, config.vocab_size, False, config, rngs)
+
+  def __call__(self, input_ids, positions=None, segment_ids=None):
+    """Logits (batch, seq, vocab) float32 of int tokens (batch, seq).
+
+    Args:
+      input_ids: int (batch, seq).
+      positions: int (batch, seq) rotary positions; default 0..seq-1, or restarting at 0
+        at the start of every document when `segment_ids` is given.
+      segment_ids: int (batch, seq) document ids of packed rows: a token attends only to
+        earlier tokens with the same id (documents are contiguous runs of one id).
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must have shape (batch, seq), got {input_ids.shape}")
+    batch, seq = input_ids.shape
+    causal = jnp.tril(jnp.ones((seq, seq), bool))[None]
+    if segment_ids is None:
+      mask = causal
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    else:
+      segment_ids = jnp.asarray(segment_ids)
+      if segment_ids.shape != input_ids.shape:
+        raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids "
+                         f"shape {input_ids.shape}")
+      mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      if positions is None:
+        positions = segment_positions(segment_ids)
+    positions = jnp.asarray(positions)
+    if positions.shape != input_ids.shape:
+      raise ValueError(f"positions shape {positions.shape} must equal input_ids shape "
+                       f"{input_ids.shape}")
+    mask = jnp.broadcast_to(mask, (batch, seq, seq))
+    logits, _ = self._forward(input_ids, positions, mask, None)
+    return logits
+
+  def decode(self, input_ids, cache: KVCache):
+    """Runs `input_ids` (batch, s) as the next s tokens after those in `cache`.
+
+    Returns (logits (batch, s, vocab) float32, updated cache). Token i sits at position
+    cache.index + i and attends to every cached token and to new tokens up to itself.
+    """
+    input_ids = jnp.asarray(input_ids)
+    batch, seq = input_ids.shape
+    slots = cache.k.shape[2]
+    query_pos = cache.index + jnp.arange(seq, dtype=jnp.int32)
+    mask = jnp.arange(slots)[None, :] <= query_pos[:, None]
+    mask = jnp.broadcast_to(mask, (batch, seq, slots))
+    positions = jnp.broadcast_to(query_pos, (batch, seq))
+    logits, (k, v) = self._forward(input_ids, positions, mask, cache)
+    return logits, KVCache(k, v, cache.index + seq)
+
+  def _forward(self, input_ids, positions, mask, cache):
+    config = self.config
+    x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(config.dtype)
+    cos, sin = rope_angles(positions, config.head_dim, config.rope_theta)
+    new_k, new_v = None, None
+    if config.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      block = _remat(_block_fn(graphdef), config.remat)
+      if cache is None:
+        def body(x, layer_state):
+          return block(layer_state, x, cos, sin, mask, None)[0], None
+        x, _ = jax.lax.scan(body, x, state)
+      else:
+        def body(x, layer):
+          layer_state, k, v = layer
+          x, kv = block(layer_state, x, cos, sin, mask, (k, v, cache.index))
+          return x, kv
+        x, (new_k, new_v) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+        if config.remat == "none":
+          x, kv = layer(x, cos, sin, mask, layer_cache)
+        else:
+          graphdef, state = nnx.split(layer)
+          x, kv = _remat(_block_fn(graphdef), config.remat)(
+              state, x, cos, sin, mask, layer_cache)
+        if kv is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
+      if cache is not None:
+        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+    x = self.final_norm(x)
+    if config.tie_embeddings:
+      head = self.embed.embedding[...].astype(config.dtype).T
+    else:
+      head = self.lm_head.kernel[...].astype(config.dtype)
+    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    return logits, (new_k, new_v)
+
+
+# ----------------------------------------------------------------------------- functional
+
+
+def split_params(model: Qwen):
+  """(graphdef_and_rest, params): params a pure nested dict of arrays (integer layer keys).
+
+  `apply(graphdef_and_rest, params, ids)` is then a pure function of params, the form a
+  train step differentiates, shards and checkpoints.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The model keeps nothing but parameters, so `rest` is normally empty; None then keeps
+  # graphdef_and_rest hashable (usable as a static jit argument) and leafless.
+  rest = rest if jax.tree.leaves(rest) else None
+  return (graphdef, rest), nnx.to_pure_dict(params)
+
+
+def apply(graphdef_and_rest, params, input_ids, positions=None, segment_ids=None):
+  """Logits of the model rebuilt from `split_params` output with parameters `params`."""
+  graphdef, rest = graphdef_and_rest
+  model = nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
+  return model(input_ids, positions=positions, segment_ids=segment_ids)
+
+
+def abstract_params(config: QwenConfig) -> dict:
+  """Pure dict of jax.ShapeDtypeStruct with the model's parameter tree (no allocation)."""
+  model = nnx.eval_shape(lambda: Qwen(config, nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def count_params(config: QwenConfig | str) -> int:
+  """Number of parameters, from shapes only (`jax.eval_shape`)."""
+  if isinstance(config, str):
+    config = get_config(config)
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config))))
+
+
+# Logical axes of each parameter by (module, parameter) name; the training script maps
+# these names onto mesh axes ("embed" -> fsdp, say).
+_LOGICAL_AXES = {
+    ("embed", "embedding"): ("vocab", "embed"),
+    ("q_proj", "kernel"): ("embed", "heads"),
+    ("q_proj", "bias"): ("heads",),
+    ("k_proj", "kernel"): ("embed", "kv"),
+    ("k_proj", "bias"): ("kv",),
+    ("v_proj", "kernel"): ("embed", "kv"),
+    ("v_proj", "bias"): ("kv",),
+    ("o_proj", "kernel"): ("heads", "embed"),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("input_norm", "scale"): ("embed",),
+    ("post_attn_norm", "scale"): ("embed",),
+    ("final_norm", "scale"): ("embed",),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+}
+
+
+def logical_axes(config: QwenConfig) -> dict:
+  """Pure dict like the params; each leaf a tuple of logical axis names, one per dim.
+
+  Names: "vocab", "embed", "mlp", "heads" (query heads x head_dim), "kv" (KV heads x
+  head_dim), "layers" (the stacking axis of scanned layers), or None.
+  """
+
+  def axes(path, leaf):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    names = _LOGICAL_AXES[(keys[-2], keys[-1])]
+    if config.scan_layers and keys[0] == "layers":
+      names = ("layers",) + names
+    assert len(names) == len(leaf.shape), (keys, names, leaf.shape)
+    return names
+
+  return jax.tree_util.tree_map_with_path(axes, abstract_params(config))
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _sample(logits, temperature, key, greedy: bool):
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _generate(graphdef, state, prompt, key, temperature, max_new_tokens: int, greedy: bool):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = prompt.shape
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  logits, cache = model.decode(prompt, cache)
+  first = _sample(logits[:, -1], temperature, jax.random.fold_in(key, 0), greedy)
+
+  def step(carry, i):
+    token, cache = carry
+    logits, cache = model.decode(token[:, None], cache)
+    token = _sample(logits[:, -1], temperature, jax.random.fold_in(key, i), greedy)
+    return (token, cache), token
+
+  _, rest = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+def generate(model: Qwen, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             key=None):
+  """Prompt followed by `max_new_tokens` sampled tokens, using a KV cache.
+
+  temperature 0 picks the argmax (greedy); temperature > 0 samples from
+  softmax(logits / temperature) and needs `key` (a jax PRNG key or an int seed).
+  prompt_ids: int (seq,) or (batch, seq); the result has the same rank.
+  """
+  prompt = jnp.asarray(prompt_ids, jnp.int32)
+  if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1:
+    raise ValueError(f"prompt_ids must be a non-empty (seq,) or (batch, seq) array of token "
+                     f"ids, got shape {prompt.shape}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+  if not (np.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+  greedy = temperature == 0
+  if key is None:
+    if not greedy:
+      raise ValueError("key is required when temperature > 0 (sampling)")
+    key = jax.random.key(0)
+  elif isinstance(key, (int, np.integer)):
+    key = jax.random.key(int(key))
+  squeeze = prompt.ndim == 1
+  prompt = prompt[None] if squeeze else prompt
+  total = prompt.shape[1] + int(max_new_tokens)
+  if total > model.config.max_seq_len:
+    raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
+                     f"exceeds the model's max_seq_len {model.config.max_seq_len}")
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, prompt, key, jnp.float32(temperature if not greedy else 1),
+                  max_new_tokens=int(max_new_tokens), greedy=greedy)
+  return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def format_info(name_or_config: str | QwenConfig) -> str:
+  """Parameter count and a per-parameter table of role, depth and Sophia-Lambda scale.
+
+  Rows are ordered by depth (embedding, blocks in order, final norm / head); the scale is
+  `slj.labels.layer_scales` with its defaults (lambda_l = c sqrt(d_l / n_l), clamped).
+  """
+  from sophia_lambda_jax import labels  # the optimizer library; models only read it here
+
+  if isinstance(name_or_config, str):
+    config, title = get_config(name_or_config), name_or_config
+  elif isinstance(name_or_config, QwenConfig):
+    config, title = name_or_config, "custom config"
+  else:
+    raise ValueError(f"format_info expects a preset name or a QwenConfig, got "
+                     f"{type(name_or_config).__name__}")
+  # One row per block and parameter, so show the unrolled layout.
+  config = dataclasses.replace(config, scan_layers=False)
+  params = abstract_params(config)  # shapes only: labels read paths and shapes
+  is_info = lambda x: isinstance(x, labels.ParamInfo)  # noqa: E731
+  infos = jax.tree.leaves(labels.label_params(params), is_leaf=is_info)
+  scales = jax.tree.leaves(labels.layer_scales(params))
+  shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+  entries = sorted(zip(infos, scales, shapes), key=lambda e: (
+      int(np.min(e[0].depth)), [int(p) if p.isdigit() else p for p in e[0].path.split("/")]))
+  rows = [(info.path, info.role, str(np.asarray(info.depth).tolist()),
+           "x".join(str(d) for d in shape), f"{int(np.prod(shape)):,}",
+           f"{float(np.asarray(scale).reshape(-1)[0]):.4f}")
+          for info, scale, shape in entries]
+  total = count_params(config)
+  header = ("path", "role", "depth", "shape", "params", "layer scale")
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+  lines = [
+      f"{title}: {total:,} parameters ({total / 1e6:.1f}M)",
+      f"  vocab {config.vocab_size}, hidden {config.hidden_size}, {config.num_layers} layers, "
+      f"{config.num_heads} heads x {config.head_dim} ({config.num_kv_heads} KV heads), "
+      f"SwiGLU {config.intermediate_size}, "
+      f"{'tied' if config.tie_embeddings else 'untied'} embeddings, "
+      f"rope theta {config.rope_theta:g}, max seq {config.max_seq_len}",
+      "",
+      fmt(header),
+      fmt(tuple("-" * w for w in widths)),
+  ] + [fmt(r) for r in rows]
+  return "\n".join(lines)
