@@ -24,3 +24,17 @@ def test_console_script_entry_point_runs():
       capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr
   assert "slj compare" in result.stdout
+
+
+def test_info_prints_parameter_count_and_layer_table(capsys):
+  from sophia_lambda_jax.models import qwen
+
+  assert cli.main(["info", "--model", "qwen-tiny"]) == 0
+  out = capsys.readouterr().out
+  assert f"{qwen.count_params(qwen.get_config('qwen-tiny')):,}" in out
+  assert "layers/1/attn/q_proj/kernel" in out
+
+
+def test_info_rejects_unknown_model():
+  with pytest.raises(ValueError, match="qwen-134m"):
+    cli.main(["info", "--model", "gpt-9"])
