@@ -274,3 +274,19 @@ def test_estimators_work_under_jit_with_traced_keys():
                jitted[2], eager)
   other = jax.jit(both)(params, quad_params, jax.random.key(12))
   assert not np.allclose(other[2]["a"], jitted[2]["a"])  # the traced key is really used
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 300])
+def test_sample_categorical_matches_the_distribution(vocab):
+  logits = jax.random.normal(jax.random.PRNGKey(vocab), (vocab,)) * 2.0
+  logits = logits.at[vocab // 2].set(-jnp.inf)  # a class of probability zero
+  probs = jax.nn.softmax(logits)
+  draws = 200_000
+  labels = hessian.sample_categorical(
+      jax.random.PRNGKey(7), jnp.broadcast_to(probs, (draws, vocab)))
+  assert labels.shape == (draws,) and labels.dtype == jnp.int32
+  freq = np.bincount(np.asarray(labels), minlength=vocab) / draws
+  assert freq[vocab // 2] == 0.0
+  p = np.asarray(probs, np.float64)
+  tolerance = 5 * np.sqrt(p * (1 - p) / draws) + 1e-6
+  assert np.all(np.abs(freq - p) <= tolerance), np.max(np.abs(freq - p) - tolerance)
