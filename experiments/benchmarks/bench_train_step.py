@@ -1,0 +1,195 @@
+"""Train-step time of Sophia-Lambda against AdamW over full Hessian refresh cycles.
+
+    python -m experiments.benchmarks.bench_train_step [--model qwen-cpu] [--batch-size 8]
+        [--seq-len 256] [--cycles 2] [--repeats 3] [--compute-dtype bfloat16]
+        [--data builtin] [--mesh data=1,fsdp=1]
+
+Both optimizers run the real jitted step of `slj train` (`train.loop.TrainProgram`: forward,
+backward, global-norm clipping, the optimizer update, and for Sophia-Lambda the
+Gauss-Newton-Bartlett estimate that reuses the step's forward pass), on the same model,
+batch and mesh. Sophia-Lambda uses a fixed refresh interval of 10, so a block of 10 * cycles
+steps starting at a refresh holds exactly `cycles` refresh steps and 9 * cycles plain ones.
+After 10 warm-up steps, the two optimizers alternate blocks `repeats` times (a busy machine
+then slows both about equally) and the median block mean is reported, with the mean of
+refresh and plain steps separately. Batches are on the device before timing (the loader is
+benchmarked in bench_loader.py).
+
+Achieved FLOP/s counts the model FLOPs of a step, 6 N + 12 L T d_attn per token (N the
+parameter count with the tied head, L layers, T the sequence length, d_attn = heads x
+head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
+measured FLOP/s of a jitted square matmul in the compute dtype.
+
+Issue 4 goal: sophia_lambda mean step time <= 1.07 x adamw's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sophia_lambda_jax import data as data_lib
+from sophia_lambda_jax.train import mesh as mesh_lib
+from sophia_lambda_jax.train.config import TrainConfig
+from sophia_lambda_jax.train.loop import TrainProgram, _Model
+
+INTERVAL = 10
+
+
+def matmul_flops_per_s(dtype: str, n: int = 1024, repeats: int = 20) -> float:
+  """Best-of FLOP/s of a jitted (n, n) @ (n, n) matmul (2 n^3 FLOPs) in `dtype`."""
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def model_flops_per_step(model_config, batch_size: int, seq_len: int, params: int) -> float:
+  per_token = 6 * params + 12 * model_config.num_layers * seq_len * (
+      model_config.num_heads * model_config.head_dim)
+  return per_token * batch_size * seq_len
+
+
+class _Runner:
+  """One optimizer's compiled step, state and device-resident batches."""
+
+  def __init__(self, config: TrainConfig, mesh, batches):
+    self.model = _Model(config, mesh)
+    self.program = TrainProgram(config, self.model, mesh)
+    t0 = time.perf_counter()
+    self.step_fn = self.program.compile()
+    self.compile_s = time.perf_counter() - t0
+    self.state = self.program.fresh_state()
+    self.batches = [mesh_lib.global_batch(b, self.program.batch_sharding,
+                                          self.program.batch_shape) for b in batches]
+    self.t = 0
+
+  def run(self, n: int) -> tuple[list[float], list[bool]]:
+    """n steps, each timed to completion; returns step times and refresh flags."""
+    times, refreshes = [], []
+    for _ in range(n):
+      batch = self.batches[self.t % len(self.batches)]
+      t0 = time.perf_counter()
+      self.state, metrics = self.step_fn(self.state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+      refreshes.append(bool(metrics.get("refresh", False)))
+      self.t += 1
+    return times, refreshes
+
+
+def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
+              cycles: int = 2, repeats: int = 3, compute_dtype: str = "bfloat16",
+              data: str = "builtin", mesh: str = "data=1,fsdp=1") -> dict:
+  common = dict(model=model, batch_size=batch_size, seq_len=seq_len, steps=1000, data=data,
+                mesh=mesh, compute_dtype=compute_dtype, eval_every=0)
+  configs = {
+      "adamw": TrainConfig(optimizer="adamw", **common),
+      "sophia_lambda": TrainConfig(
+          optimizer="sophia_lambda",
+          optimizer_kwargs={"hessian_interval": INTERVAL, "adaptive_interval": False},
+          **common),
+  }
+  device_mesh = mesh_lib.make_mesh(mesh)
+  probe = _Model(configs["adamw"], device_mesh)
+  loader = data_lib.TokenBatches(data_lib.resolve_data(data), "train", batch_size, seq_len,
+                                 seed=0, vocab_size=probe.config.vocab_size)
+  host_batches = [loader.batch(i) for i in range(4)]
+  runners = {name: _Runner(c, device_mesh, host_batches) for name, c in configs.items()}
+  for runner in runners.values():
+    runner.run(INTERVAL)  # warm-up: the first refresh cycle (steps 0..9)
+
+  block_means = {name: [] for name in runners}
+  times = {name: [] for name in runners}
+  flags = {name: [] for name in runners}
+  for r in range(repeats):
+    order = list(runners) if r % 2 == 0 else list(runners)[::-1]
+    for name in order:
+      t, f = runners[name].run(INTERVAL * cycles)
+      block_means[name].append(float(np.mean(t)))
+      times[name] += t
+      flags[name] += f
+
+  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(probe.abstract_params)))
+  flops_step = model_flops_per_step(probe.config, batch_size, seq_len, params)
+  peak = matmul_flops_per_s(probe.config.dtype)
+  result = {"model": model, "params": params, "batch_size": batch_size, "seq_len": seq_len,
+            "compute_dtype": compute_dtype, "devices": device_mesh.size,
+            "backend": jax.default_backend(), "cycles_per_block": cycles,
+            "repeats": repeats, "matmul_flops_per_s": peak,
+            "model_flops_per_step": flops_step}
+  for name in runners:
+    step_s = statistics.median(block_means[name])
+    entry = {"mean_step_s": step_s, "compile_s": runners[name].compile_s,
+             "tokens_per_s": batch_size * seq_len / step_s,
+             "achieved_flops_per_s": flops_step / step_s,
+             "fraction_of_matmul_flops": flops_step / step_s / peak}
+    refresh = [t for t, f in zip(times[name], flags[name]) if f]
+    plain = [t for t, f in zip(times[name], flags[name]) if not f]
+    if refresh:
+      entry.update(refresh_step_s=float(np.median(refresh)),
+                   plain_step_s=float(np.median(plain)), refresh_steps=len(refresh),
+                   plain_steps=len(plain))
+    result[name] = entry
+  result["sophia_lambda_over_adamw"] = (result["sophia_lambda"]["mean_step_s"]
+                                        / result["adamw"]["mean_step_s"])
+  return result
+
+
+def ratios() -> dict:
+  """For experiments.benchmarks.run_all."""
+  r = benchmark(cycles=1, repeats=3)
+  return {
+      "sophia_lambda / adamw train-step time (refresh cycle)": {
+          "value": r["sophia_lambda_over_adamw"], "goal": "<= 1.07"},
+      "adamw achieved / matmul FLOP/s": {
+          "value": r["adamw"]["fraction_of_matmul_flops"]},
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="qwen-cpu")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--seq-len", type=int, default=256)
+  parser.add_argument("--cycles", type=int, default=2, help="refresh cycles per block")
+  parser.add_argument("--repeats", type=int, default=3, help="alternating blocks per optimizer")
+  parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--data", default="builtin")
+  parser.add_argument("--mesh", default="data=1,fsdp=1")
+  parser.add_argument("--json", help="also write the result to this file")
+  args = parser.parse_args(argv)
+  result = benchmark(args.model, args.batch_size, args.seq_len, args.cycles, args.repeats,
+                     args.compute_dtype, args.data, args.mesh)
+  print(json.dumps(result, indent=2))
+  a, s = result["adamw"], result["sophia_lambda"]
+  print(f"\n{args.model} batch {args.batch_size} x {args.seq_len}, {args.compute_dtype}, "
+        f"{result['devices']} device(s) ({result['backend']})")
+  print(f"adamw          {a['mean_step_s'] * 1e3:8.1f} ms/step  {a['tokens_per_s']:9.0f} tok/s")
+  print(f"sophia_lambda  {s['mean_step_s'] * 1e3:8.1f} ms/step  {s['tokens_per_s']:9.0f} tok/s"
+        f"  (refresh {s['refresh_step_s'] * 1e3:.1f} ms, plain {s['plain_step_s'] * 1e3:.1f} ms)")
+  print(f"sophia_lambda / adamw step time: {result['sophia_lambda_over_adamw']:.3f}x "
+        "(goal <= 1.07)")
+  print(f"achieved / matmul FLOP/s (adamw): {a['fraction_of_matmul_flops']:.3f}x "
+        f"({a['achieved_flops_per_s'] / 1e9:.2f} of {result['matmul_flops_per_s'] / 1e9:.2f} "
+        "GFLOP/s)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

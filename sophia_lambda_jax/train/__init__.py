@@ -1,0 +1,18 @@
+"""Sharded, resumable training of the Qwen model with any optimizer of the library.
+
+    from sophia_lambda_jax import train
+    summary = train.run_training(train.TrainConfig(model="qwen-tiny", optimizer="sophia_lambda",
+                                                   steps=100, out="runs/demo"))
+
+or `slj train --model qwen-tiny --optimizer sophia_lambda --steps 100 --out runs/demo`.
+
+Modules, one job each: `config` (TrainConfig, flags, JSON), `mesh` (device mesh, shardings,
+jax.distributed), `step` (the jitted train/eval step), `checkpoint` (orbax), `metrics`
+(JSONL, TensorBoard, progress), `loop` (run_training, cli_train).
+"""
+
+from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
+from sophia_lambda_jax.train.loop import cli_train, run_training
+from sophia_lambda_jax.train.step import TrainState
+
+__all__ = ["TrainConfig", "TrainState", "config_from_argv", "run_training", "cli_train"]

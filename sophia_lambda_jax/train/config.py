@@ -1,0 +1,390 @@
+"""Training configuration: one dataclass, a JSON file format and command-line flags.
+
+A run is fully described by a `TrainConfig`. It can come from three places, later ones
+overriding earlier ones:
+
+1. the defaults below;
+2. a JSON file (`--config run.json`) holding an object whose keys are field names, e.g.
+   ``{"model": "qwen-tiny", "optimizer": "sophia_lambda", "optimizer_kwargs": {"rho": 0.03},
+   "steps": 500, "mesh": "data=2,fsdp=4"}``; unknown keys are an error;
+3. command-line flags, one per field with dashes (`--batch-size 32`), plus
+   - `--opt.NAME VALUE` or `--NAME VALUE` for any optimizer hyperparameter of SPEC section 1
+     (`--opt.rho 0.03`, `--rho 0.03`, `--hessian-interval 20`); values are parsed as JSON
+     when they parse (numbers, true/false, null, objects) and kept as strings otherwise;
+   - `--model.NAME VALUE` for a model-config override (`--model.num_layers 6`).
+
+The config that a run used is written to `<out>/config.json` in this same format, so
+`slj train --config runs/x/config.json` repeats it.
+
+`batch_tokens` (tokens per optimizer step, which Sophia-G and Sophia-Lambda need) is not a
+field: it is derived as `batch_size * seq_len` (batch_size counts sequences per optimizer
+step over all devices, hosts and accumulation steps), so it can never disagree with the
+batch that is actually used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# SPEC section 1: hyperparameter names shared by the optimizers. `learning_rate` is a field of
+# its own (it becomes a warmup + cosine schedule) and `batch_tokens` is derived, never typed.
+OPTIMIZER_HYPERPARAMETERS = (
+    "b1", "b2", "eps", "weight_decay", "rho", "hessian_interval", "block_size",
+    "adaptive_interval", "min_interval", "max_interval", "r_low", "r_high", "layer_scale",
+    "role_scales", "variance_clip")
+
+# Peak learning rates used when `learning_rate` is None, for a model of hidden size 128
+# (qwen-cpu); `default_learning_rate` scales them as 1/width (the muP rule for hidden
+# matrices under Adam-type updates). Sign-like updates (Lion, the clipped Sophia family)
+# move every coordinate by up to lr, so they get smaller values, as in their papers.
+BASE_LEARNING_RATES = {
+    "adamw": 3e-3,
+    "stable_adamw": 3e-3,
+    "lamvs": 3e-3,
+    "lavsm": 3e-3,
+    "lion": 3e-4,
+    "sophia": 1e-3,
+    "sophia_g": 1e-3,
+    "sophia_h": 1e-3,
+    "sophia_lambda": 1e-3,
+}
+_BASE_WIDTH = 128
+
+# Fields that change the trajectory of a run: resuming a checkpoint with any of them changed
+# is refused (SPEC 5: resume continues identically). The others (out, steps to log, eval and
+# checkpoint cadence, mesh, distributed set-up) may change between restarts.
+RESUME_MUST_MATCH = (
+    "model", "model_overrides", "compute_dtype", "optimizer", "optimizer_kwargs",
+    "learning_rate", "warmup_steps", "final_lr_fraction", "steps", "batch_size", "seq_len",
+    "grad_accum", "grad_clip", "data", "seed")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything one training run needs. Field order is the order of the flags."""
+
+  # Model: a preset of `sophia_lambda_jax.models.qwen.PRESETS` and field overrides.
+  model: str = "qwen-cpu"
+  model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Activation/matmul dtype; parameters and optimizer state stay float32 ("master" copy).
+  compute_dtype: str = "bfloat16"
+
+  # Optimizer: a name of `sophia_lambda_jax.OPTIMIZERS` and its SPEC hyperparameters.
+  optimizer: str = "adamw"
+  optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Peak learning rate; None -> BASE_LEARNING_RATES[optimizer] * 128 / hidden_size.
+  learning_rate: float | None = None
+  # Linear warmup from 0, then cosine decay to final_lr_fraction * peak at `steps`.
+  # None -> steps // 10.
+  warmup_steps: int | None = None
+  final_lr_fraction: float = 0.1
+  # Global-norm gradient clipping threshold (optax.clip_by_global_norm); None disables.
+  grad_clip: float | None = 1.0
+
+  # Run length and batch. batch_size counts sequences per optimizer step over all devices
+  # and hosts; with grad_accum > 1 each step runs grad_accum micro-batches of
+  # batch_size // grad_accum sequences.
+  steps: int = 200
+  batch_size: int = 16
+  seq_len: int = 128
+  grad_accum: int = 1
+
+  # Data: "builtin" or a directory written by `slj tokenize` (see sophia_lambda_jax.data).
+  data: str = "builtin"
+  # Device mesh "data=D,fsdp=F" (D*F devices; "auto" = data=1, fsdp=all devices).
+  mesh: str = "data=1,fsdp=1"
+  # Run directory: metrics.jsonl, summary.json, config.json, checkpoints/.
+  # None -> runs/<model>-<optimizer>-s<seed>.
+  out: str | None = None
+  seed: int = 0
+
+  # Evaluation, logging and checkpoint cadence, in optimizer steps. Evaluation also runs at
+  # the last step; eval_every=0 disables it. checkpoint_every=0 checkpoints only at the end.
+  eval_every: int = 50
+  eval_batches: int = 8
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  # Write TensorBoard event files when tensorboardX (or torch's writer) is installed.
+  tensorboard: bool = True
+
+  # Multi-host: jax.distributed.initialize arguments. When all are None, JAX's own cluster
+  # auto-detection (SLURM, Open MPI, TPU pods, ...) is tried only when a cluster environment
+  # is visible; otherwise the run is single-process.
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self):
+    self.validate()
+
+  # ------------------------------------------------------------------------- validation
+  def validate(self) -> None:
+    """Raise ValueError naming the field for any value that cannot work."""
+    def positive_int(name):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def non_negative_int(name):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches",
+                 "keep_checkpoints", "log_every"):
+      positive_int(name)
+    for name in ("eval_every", "checkpoint_every"):
+      non_negative_int(name)
+    if self.warmup_steps is not None:
+      non_negative_int("warmup_steps")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
+                       f"({self.grad_accum})")
+    if self.learning_rate is not None and not (
+        isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+        and self.learning_rate > 0):
+      raise ValueError(f"learning_rate must be a finite number > 0 or None, "
+                       f"got {self.learning_rate!r}")
+    if self.grad_clip is not None and not (
+        isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+      raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+    if not 0.0 <= self.final_lr_fraction <= 1.0:
+      raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}")
+    if self.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', "
+                       f"got {self.compute_dtype!r}")
+    if not isinstance(self.optimizer_kwargs, dict):
+      raise ValueError(f"optimizer_kwargs must be a dict, got {self.optimizer_kwargs!r}")
+    if not isinstance(self.model_overrides, dict):
+      raise ValueError(f"model_overrides must be a dict, got {self.model_overrides!r}")
+    for name in ("batch_tokens", "learning_rate"):
+      if name in self.optimizer_kwargs:
+        where = ("it is derived as batch_size * seq_len" if name == "batch_tokens" else
+                 "use the learning_rate field (--learning-rate)")
+        raise ValueError(f"optimizer_kwargs must not contain {name!r}: {where}")
+    if "compute_dtype" in self.model_overrides:
+      raise ValueError("model_overrides must not contain 'compute_dtype': use the "
+                       "compute_dtype field (--compute-dtype)")
+    parse_mesh(self.mesh)  # raises on a malformed spec
+
+  # ------------------------------------------------------------------------- derived values
+  @property
+  def batch_tokens(self) -> int:
+    """Tokens per optimizer step over all devices, hosts and accumulation steps."""
+    return self.batch_size * self.seq_len
+
+  @property
+  def micro_batch_size(self) -> int:
+    return self.batch_size // self.grad_accum
+
+  def resolved_warmup_steps(self) -> int:
+    warmup = self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+    return min(warmup, self.steps)
+
+  def resolved_out(self) -> Path:
+    if self.out is not None:
+      return Path(self.out)
+    return Path("runs") / f"{self.model}-{self.optimizer}-s{self.seed}"
+
+  def resolved_learning_rate(self, hidden_size: int) -> float:
+    if self.learning_rate is not None:
+      return float(self.learning_rate)
+    if self.optimizer not in BASE_LEARNING_RATES:
+      raise ValueError(f"no default learning rate for optimizer {self.optimizer!r}; "
+                       f"pass learning_rate (known: {sorted(BASE_LEARNING_RATES)})")
+    return BASE_LEARNING_RATES[self.optimizer] * _BASE_WIDTH / hidden_size
+
+  # ------------------------------------------------------------------------- (de)serialise
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**values)
+
+  @classmethod
+  def from_json(cls, path: str | Path) -> "TrainConfig":
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+      values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+      raise ValueError(f"config file {path} must hold a JSON object of TrainConfig fields")
+    return cls.from_dict(values)
+
+  def to_json(self, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def parse_mesh(spec: str) -> dict[str, int] | None:
+  """"data=2,fsdp=4" -> {"data": 2, "fsdp": 4}; "auto" -> None. Missing axes are 1."""
+  if not isinstance(spec, str):
+    raise ValueError(f"mesh must be a string like 'data=2,fsdp=4', got {spec!r}")
+  if spec.strip() == "auto":
+    return None
+  sizes = {"data": 1, "fsdp": 1}
+  seen = set()
+  for part in spec.split(","):
+    name, sep, value = part.strip().partition("=")
+    name = name.strip()
+    if not sep or name not in sizes or name in seen:
+      raise ValueError(f"mesh {spec!r}: expected 'data=D,fsdp=F' (axes data and fsdp, each "
+                       f"at most once) or 'auto'")
+    try:
+      size = int(value)
+    except ValueError:
+      size = 0
+    if size < 1:
+      raise ValueError(f"mesh {spec!r}: axis {name} needs a positive integer size")
+    sizes[name] = size
+    seen.add(name)
+  return sizes
+
+
+# ----------------------------------------------------------------------------- flags
+_FLAG_HELP = {
+    "model": "model preset (qwen-tiny, qwen-cpu, qwen-134m, qwen2.5-0.5b)",
+    "model_overrides": "JSON object of QwenConfig overrides (or use --model.NAME VALUE)",
+    "compute_dtype": "float32 or bfloat16 activations (params stay float32)",
+    "optimizer": "optimizer name (sophia_lambda_jax.OPTIMIZERS)",
+    "optimizer_kwargs": "JSON object of optimizer hyperparameters (or --opt.NAME VALUE)",
+    "learning_rate": "peak learning rate (default: per-optimizer, scaled 1/width)",
+    "warmup_steps": "linear warmup steps (default steps // 10)",
+    "final_lr_fraction": "cosine decays to this fraction of the peak",
+    "grad_clip": "global-norm clipping threshold ('null' disables)",
+    "steps": "optimizer steps",
+    "batch_size": "sequences per optimizer step, global over devices/hosts/accumulation",
+    "seq_len": "tokens per sequence",
+    "grad_accum": "micro-batches per optimizer step",
+    "data": "'builtin' or a directory prepared by `slj tokenize`",
+    "mesh": "device mesh, e.g. data=2,fsdp=4 or auto",
+    "out": "run directory (resumes from its newest complete checkpoint)",
+    "seed": "seed for init, data order and Hessian-estimator sampling",
+    "eval_every": "validate every N steps and at the end (0: never)",
+    "eval_batches": "validation batches per evaluation",
+    "log_every": "print a line every N steps when not on a terminal",
+    "checkpoint_every": "checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "how many recent checkpoints to keep",
+    "tensorboard": "write TensorBoard events when a writer is installed (true/false)",
+    "coordinator": "jax.distributed coordinator address host:port (multi-host)",
+    "num_processes": "number of processes (multi-host)",
+    "process_id": "this process's index (multi-host)",
+}
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def _flag_type(field: dataclasses.Field):
+  annotation = str(field.type)
+  if annotation.startswith("dict"):
+    return _json_object(field.name)
+  if annotation in ("bool",):
+    return _parse_bool(field.name)
+  if "int" in annotation and "float" not in annotation:
+    return _optional(int) if "None" in annotation else int
+  if "float" in annotation:
+    return _optional(float) if "None" in annotation else float
+  return _optional(str) if "None" in annotation else str
+
+
+def _optional(kind):
+  def parse(text):
+    return None if text.lower() in ("none", "null") else kind(text)
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def _parse_bool(name):
+  def parse(text):
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+      return True
+    if lowered in ("0", "false", "no", "off"):
+      return False
+    raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects true or false")
+  return parse
+
+
+def _json_object(name):
+  def parse(text):
+    value = _parse_value(text)
+    if not isinstance(value, dict):
+      raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects a JSON object")
+    return value
+  return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="slj train", allow_abbrev=False,
+      description="Train one model with one optimizer; resumes from the newest complete "
+                  "checkpoint in --out.",
+      epilog="Optimizer hyperparameters: --opt.NAME VALUE or --NAME VALUE for NAME in "
+             f"{', '.join(OPTIMIZER_HYPERPARAMETERS)}. Model overrides: --model.NAME VALUE. "
+             "batch_tokens is derived (batch_size * seq_len).")
+  parser.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
+  for field in dataclasses.fields(TrainConfig):
+    flag = "--" + field.name.replace("_", "-")
+    aliases = [flag]
+    if field.name == "learning_rate":
+      aliases.append("--lr")
+    parser.add_argument(*aliases, dest=field.name, type=_flag_type(field),
+                        default=argparse.SUPPRESS, help=_FLAG_HELP.get(field.name))
+  return parser
+
+
+def config_from_argv(argv: list[str]) -> TrainConfig:
+  """Parse `slj train` flags (see the module docstring) into a TrainConfig."""
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  optimizer_kwargs: dict[str, Any] = {}
+  model_overrides: dict[str, Any] = {}
+  i = 0
+  while i < len(rest):
+    token = rest[i]
+    if not token.startswith("--"):
+      parser.error(f"unexpected argument {token!r}")
+    name, eq, value = token[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(rest):
+        parser.error(f"{token} needs a value")
+      value = rest[i + 1]
+      i += 1
+    i += 1
+    if name.startswith("model."):
+      model_overrides[name[len("model."):].replace("-", "_")] = _parse_value(value)
+      continue
+    if name.startswith("opt."):
+      name = name[len("opt."):]
+    key = name.replace("-", "_")
+    if key not in OPTIMIZER_HYPERPARAMETERS:
+      parser.error(f"unknown flag --{name}; optimizer hyperparameters are "
+                   f"{', '.join(OPTIMIZER_HYPERPARAMETERS)}")
+    optimizer_kwargs[key] = _parse_value(value)
+
+  values = TrainConfig.from_json(args.config).to_dict() if getattr(args, "config", None) \
+      else {}
+  for key, value in vars(args).items():
+    if key != "config":
+      values[key] = value
+  values["optimizer_kwargs"] = {**values.get("optimizer_kwargs", {}), **optimizer_kwargs}
+  values["model_overrides"] = {**values.get("model_overrides", {}), **model_overrides}
+  return TrainConfig.from_dict(values)

@@ -1,0 +1,147 @@
+"""Run metrics: a JSONL file, optional TensorBoard events, and progress on the console.
+
+`<out>/metrics.jsonl` holds one JSON object per line:
+
+- a train record per optimizer step: {"step", "loss", "lr", "grad_norm", "step_time_s",
+  "tokens_per_s", "refresh"} plus, for the Sophia family, "hessian_interval",
+  "hessian_refreshes" and "clip_fraction" (step is 1-based: the record of step s describes
+  the update that produced parameters after s steps);
+- an eval record every eval_every steps: {"step", "val_loss"}.
+
+On a restart the file is cut back to the restored checkpoint's step, so it never holds two
+records for one step. Only process 0 writes. On a terminal a tqdm bar shows progress and
+ETA; otherwise one plain line is printed every log_every steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+  """Drop records after `last_step` (and a torn last line from a killed process)."""
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and record.get("step", 0) <= last_step:
+      kept.append(line)
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_writer(directory: Path):
+  """A SummaryWriter from tensorboardX or torch when either is installed, else None."""
+  import importlib.util
+
+  for module, needs in (("tensorboardX", "tensorboardX"),
+                        ("torch.utils.tensorboard", "tensorboard")):
+    if importlib.util.find_spec(needs) is None:  # skip importing torch for nothing
+      continue
+    try:
+      writer_cls = __import__(module, fromlist=["SummaryWriter"]).SummaryWriter
+      return writer_cls(str(directory))
+    except Exception:  # not installed, or torch without the tensorboard package
+      continue
+  return None
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+class MetricsLogger:
+  """Writes records (process 0 only) and shows progress."""
+
+  def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool,
+               log_every: int, tensorboard: bool = True, stream=None):
+    self.enabled = enabled
+    self.log_every = log_every
+    self.total_steps = total_steps
+    self.stream = sys.stdout if stream is None else stream
+    self._file = None
+    self._bar = None
+    self._tb = None
+    self._start = time.perf_counter()
+    if not enabled:
+      return
+    path = out_dir / "metrics.jsonl"
+    truncate_metrics(path, start_step)
+    self._file = open(path, "a", buffering=1)
+    if tensorboard:
+      self._tb = _tensorboard_writer(out_dir / "tensorboard")
+    if getattr(self.stream, "isatty", lambda: False)():
+      from tqdm import tqdm
+      # shutil falls back to 80x24 where a terminal reports a size of 0 (tqdm would then
+      # draw nothing).
+      size = shutil.get_terminal_size()
+      self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step",
+                       ncols=size.columns, nrows=size.lines)
+
+  def _write(self, record: dict[str, Any]) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, record["step"])
+
+  def log_step(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._write(record)
+    step = record["step"]
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            refresh=False)
+    elif step % self.log_every == 0 or step == self.total_steps:
+      fields = " ".join(f"{k}={_format(record[k])}" for k in
+                        ("loss", "lr", "grad_norm", "tokens_per_s", "hessian_interval",
+                         "clip_fraction") if record.get(k) is not None)
+      print(f"step {step}/{self.total_steps} {fields}", file=self.stream, flush=True)
+
+  def log_eval(self, step: int, val_loss: float) -> None:
+    if not self.enabled:
+      return
+    self._write({"step": step, "val_loss": val_loss})
+    message = f"step {step}/{self.total_steps} val_loss={val_loss:.4f}"
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, file=self.stream, flush=True)
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._file is not None:
+      self._file.close()
+
+
+def finite_or_none(value: float) -> float | None:
+  """JSON has no NaN: store non-finite numbers as null."""
+  return value if math.isfinite(value) else None

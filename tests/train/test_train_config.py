@@ -1,0 +1,71 @@
+"""TrainConfig: flags, JSON files, derived values and bad input (no compilation)."""
+
+import json
+
+import pytest
+
+from sophia_lambda_jax.train.config import TrainConfig, config_from_argv, parse_mesh
+
+
+def test_flags_fill_fields_and_optimizer_hyperparameters():
+  config = config_from_argv([
+      "--model", "qwen-tiny", "--optimizer", "sophia_lambda", "--steps", "7",
+      "--batch-size", "12", "--seq-len", "48", "--grad-accum", "3", "--mesh", "data=2,fsdp=4",
+      "--opt.rho", "0.03", "--hessian-interval", "20", "--b1=0.9", "--adaptive_interval",
+      "false", "--model.num_layers", "3", "--lr", "0.002", "--grad-clip", "null"])
+  assert config.model == "qwen-tiny" and config.optimizer == "sophia_lambda"
+  assert (config.steps, config.batch_size, config.seq_len, config.grad_accum) == (7, 12, 48, 3)
+  assert config.optimizer_kwargs == {"rho": 0.03, "hessian_interval": 20, "b1": 0.9,
+                                     "adaptive_interval": False}
+  assert config.model_overrides == {"num_layers": 3}
+  assert config.learning_rate == 0.002 and config.grad_clip is None
+  # batch_tokens is derived from the global batch, never typed.
+  assert config.batch_tokens == 12 * 48 and config.micro_batch_size == 4
+
+
+def test_json_config_file_is_overridden_by_flags(tmp_path):
+  path = tmp_path / "run.json"
+  path.write_text(json.dumps({"model": "qwen-tiny", "steps": 50, "optimizer": "lion",
+                              "optimizer_kwargs": {"b1": 0.95}}))
+  config = config_from_argv(["--config", str(path), "--steps", "9", "--opt.b2", "0.98"])
+  assert (config.model, config.optimizer, config.steps) == ("qwen-tiny", "lion", 9)
+  assert config.optimizer_kwargs == {"b1": 0.95, "b2": 0.98}
+  # The written config.json format is the same file format.
+  config.to_json(tmp_path / "again.json")
+  assert TrainConfig.from_json(tmp_path / "again.json") == config
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"steps": 0}, "steps"),
+    ({"batch_size": 10, "grad_accum": 3}, "grad_accum"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"compute_dtype": "float16"}, "compute_dtype"),
+    ({"mesh": "data=2,model=4"}, "mesh"),
+    ({"mesh": "data=0"}, "mesh"),
+    ({"optimizer_kwargs": {"batch_tokens": 4096}}, "batch_tokens"),
+    ({"grad_clip": 0.0}, "grad_clip"),
+    ({"not_a_field": 1}, "not_a_field"),
+])
+def test_bad_values_raise_naming_the_field(values, field):
+  with pytest.raises(ValueError, match=field):
+    TrainConfig.from_dict(values)
+
+
+def test_unknown_flag_and_missing_config_file(tmp_path):
+  with pytest.raises(SystemExit):
+    config_from_argv(["--not-a-hyperparameter", "3"])
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    config_from_argv(["--config", str(tmp_path / "nope.json")])
+
+
+def test_mesh_spec_and_default_learning_rate():
+  assert parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  assert parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
+  assert parse_mesh("auto") is None
+  config = TrainConfig(optimizer="lion")
+  # 1/width scaling of the per-optimizer base rate.
+  assert config.resolved_learning_rate(256) == pytest.approx(
+      config.resolved_learning_rate(128) / 2)
+  assert TrainConfig(learning_rate=0.01).resolved_learning_rate(4096) == 0.01
+  assert TrainConfig(steps=100).resolved_warmup_steps() == 10
