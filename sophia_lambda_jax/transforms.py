@@ -731,6 +731,16 @@ def hessian_interval_and_count(state):
   return found[0].interval, found[0].refresh_count
 
 
+def hessian_relative_change(state):
+  """r = ||h_after - h_before|| / (||h_before|| + 1e-30) of the last refresh of the first
+  Hessian EMA in an optimizer state (0 before the first adaptive refresh, and always 0 with
+  a fixed interval, which does not compute it), or None when the state has none."""
+  found = _find(state, HessianEMAState)
+  if not found:
+    return None
+  return found[0].relative_change
+
+
 def clip_fraction(state):
   """Fraction of coordinates whose ratio |m| / (rho B max(h, 0) + eps) reached the clip (>= 1)
   on the last update, or None for optimizers without a clipped-curvature state.

@@ -476,7 +476,8 @@ def test_adaptive_interval_doubles_then_halves():
   levels[22:] = 2.0  # refreshes happen at 0, 2, 4, 6 (adapt: 4), 10 (8), 18 (16), 34 ...
   hs = constant_hessians(levels * 1e-5)
   grads = [random_flat(1100 + t, scale=1e-2) for t in range(num_steps)]
-  kwargs = dict(b2=0.0, hessian_interval=2, min_interval=2, max_interval=16)
+  kwargs = dict(b2=0.0, hessian_interval=2, adaptive_interval=True, min_interval=2,
+                max_interval=16)
   tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=64, **kwargs)
   params = to_jax(PARAMS0)
   state = tx.init(params)
@@ -505,7 +506,7 @@ def test_adaptive_interval_halves_while_the_ema_warms_up():
   hs = constant_hessians(np.full(num_steps, 1e-5))
   grads = [random_flat(1200 + t, scale=1e-2) for t in range(num_steps)]
   tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=64, hessian_interval=8,
-                         min_interval=2)
+                         min_interval=2, adaptive_interval=True)
   got, state = run_library(tx, grads, PARAMS0, hs)
   want, intervals, refresh_steps = ref_sophia_family(
       PARAMS0, grads, hs, lambda t: 1e-3, b1=0.965, b2=0.99, eps=1e-15, wd=0.1, rho=0.04,

@@ -65,6 +65,8 @@ def optimizer_metrics(opt_state) -> dict[str, jax.Array]:
     interval, count = interval_and_count
     out["hessian_interval"] = jnp.asarray(interval, jnp.int32)
     out["hessian_refreshes"] = jnp.asarray(count, jnp.int32)
+    out["hessian_relative_change"] = jnp.asarray(
+        optimizers.hessian_relative_change(opt_state), jnp.float32)
   fraction = optimizers.clip_fraction(opt_state)
   if fraction is not None:
     out["clip_fraction"] = jnp.asarray(fraction, jnp.float32)
@@ -357,6 +359,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         refresh_flags.append(refreshed)
         record.update(hessian_interval=int(metrics["hessian_interval"]),
                       hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed)
+        if refreshed:
+          record["hessian_relative_change"] = float(metrics["hessian_relative_change"])
       if "clip_fraction" in metrics:
         record["clip_fraction"] = float(metrics["clip_fraction"])
       logger.log_step(record)
