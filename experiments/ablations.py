@@ -1,0 +1,188 @@
+"""Ablations of Sophia-Lambda's own design claims, on the cpu setting.
+
+    python -m experiments.ablations [--seeds N] [--out DIR] [--steps S]
+
+Each family changes one thing against the default Sophia-Lambda (block size 64, layer scale
+on, fixed refresh interval 10, Gauss-Newton-Bartlett estimator), which is the shared
+`baseline` run of every family:
+
+  block_size   block_size in {1, 8, 64, 256} (1 is exactly Sophia's full diagonal); the
+               table also gives the optimizer-state bytes, which is what blocks buy.
+  layer_scale  lambda_l = c * sqrt(d_l / n_l) on (baseline) or off (layer_scale=None).
+  interval     fixed (baseline) or the paper's adaptive rule (adaptive_interval=True) with
+               SPEC's thresholds; the plot shows the interval over training (the
+               `hessian_interval` metric).
+  estimator    GNB (baseline) against Hutchinson. The training script picks the estimator
+               from the optimizer name; when its TrainConfig has a `hessian_estimator`
+               field, Sophia-Lambda itself runs with Hutchinson, otherwise the family adds
+               the nearest available pair, Sophia-G (GNB) against Sophia-H (Hutchinson),
+               and says so in the table.
+
+Every variant uses the same token budget, learning rate (Sophia-Lambda's default) and
+seeds. Results: `<out>/ablations.md`, `<out>/ablations.json`, `<out>/ablations.png`, and the
+run directories, restartable like `slj compare` (finished runs are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from experiments import protocols
+from experiments.protocols import RunSpec
+
+BLOCK_SIZES = (1, 8, 64, 256)
+DEFAULT_BLOCK_SIZE = 64
+FAMILIES = ("block_size", "layer_scale", "interval", "estimator")
+
+
+def _has_estimator_field() -> bool:
+  from sophia_lambda_jax.train import TrainConfig
+
+  return "hessian_estimator" in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def ablation_specs(seeds: int = 1, hutchinson_field: bool | None = None,
+                   **overrides) -> list[RunSpec]:
+  """The runs of every family (the baseline once, shared by all families)."""
+  protocols._check_seeds(seeds)
+  if hutchinson_field is None:
+    hutchinson_field = _has_estimator_field()
+  base = protocols.cpu_fields(**overrides)
+
+  def spec(label, group, optimizer="sophia_lambda", extra_fields=None, **kwargs):
+    fields = dict(base, optimizer=optimizer,
+                  optimizer_kwargs={**base["optimizer_kwargs"], **kwargs},
+                  **(extra_fields or {}))
+    return [RunSpec(label, optimizer, s, fields, "ablation", "ablation", group)
+            for s in range(seeds)]
+
+  specs = spec("baseline", ",".join(FAMILIES), block_size=DEFAULT_BLOCK_SIZE)
+  for b in BLOCK_SIZES:
+    if b != DEFAULT_BLOCK_SIZE:
+      specs += spec(f"block_size_{b}", "block_size", block_size=b)
+  specs += spec("layer_scale_off", "layer_scale", layer_scale=None)
+  specs += spec("adaptive_interval", "interval", adaptive_interval=True)
+  if hutchinson_field:
+    specs += spec("hutchinson", "estimator", extra_fields={"hessian_estimator": "hutchinson"})
+  else:
+    specs += spec("sophia_g_gnb", "estimator", optimizer="sophia")
+    specs += spec("sophia_h_hutchinson", "estimator", optimizer="sophia_h")
+  return specs
+
+
+def _describe(label: str) -> str:
+  return {
+      "baseline": "default (block 64, layer scale, fixed interval 10, GNB)",
+      "layer_scale_off": "layer scale off",
+      "adaptive_interval": "adaptive interval (SPEC thresholds)",
+      "hutchinson": "Hutchinson estimator",
+      "sophia_g_gnb": "Sophia-G (GNB, block 1, no layer scale)",
+      "sophia_h_hutchinson": "Sophia-H (Hutchinson, block 1, no layer scale)",
+  }.get(label, label.replace("block_size_", "block size "))
+
+
+def ablation_report(root: Path) -> dict:
+  """Per family: val loss mean +- std, vs baseline, opt-state bytes, overhead, and the
+  number of Hessian refreshes (from the last metrics record that has it)."""
+  from experiments import tables
+
+  plan, records = tables.load_results(root)
+  aggs = tables.aggregate(records)
+  refreshes = {}
+  for r in records:
+    counts = [m["hessian_refreshes"] for m in r.metrics
+              if isinstance(m.get("hessian_refreshes"), (int, float))]
+    if counts:
+      refreshes.setdefault(r.spec.label, []).append(counts[-1])
+  base = aggs.get("baseline")
+  lines = ["# Sophia-Lambda ablations (cpu setting)", "",
+           "Validation loss: final evaluation, mean ± sample std over seeds. 'vs default' is "
+           "the difference of means (negative = the variant is better)."]
+  out = {}
+  for family in FAMILIES:
+    labels = [l for l, a in aggs.items() if family in a["group"].split(",")]
+    if not labels:
+      continue
+    rows = []
+    for label in labels:
+      a = aggs[label]
+      v = a["final_val_loss"]
+      diff = ("—" if label == "baseline" or base is None or v.mean is None
+              or base["final_val_loss"].mean is None
+              else f"{v.mean - base['final_val_loss'].mean:+.4f}")
+      n_ref = tables.stat(refreshes.get(label, []))
+      oh = a["hessian_overhead"]
+      rows.append([_describe(label), v.fmt(4), diff, a["opt_state_bytes"].fmt(3, 1e-6),
+                   "n/a" if n_ref.mean is None else f"{n_ref.mean:.1f}",
+                   "n/a" if oh.mean is None else f"{100 * oh.mean:.1f}%",
+                   a["tokens_per_s"].fmt(0), f"{a['finished']}/{a['runs']}"])
+    lines += ["", f"## {family}", "", tables._md_table(
+        ["Variant", "Val loss", "vs default", "Opt-state MB", "Hessian refreshes",
+         "Hessian overhead", "tokens/s", "Runs"], rows)]
+    if family == "estimator" and "sophia_g_gnb" in labels:
+      lines += ["", "The training script fixes the estimator by optimizer name, so this "
+                "family compares the estimators on plain Sophia (Sophia-G vs Sophia-H)."]
+    out[family] = {l: tables._jsonable(aggs[l]) for l in labels}
+  markdown = "\n".join(lines) + "\n"
+  return {"families": out, "markdown": markdown}
+
+
+def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
+  from experiments import compare
+
+  p = argparse.ArgumentParser(prog="python -m experiments.ablations",
+                              description="Sophia-Lambda ablations on the cpu setting.")
+  p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--out", default="runs/ablations-cpu")
+  p.add_argument("--steps", type=int, default=None, help="override the cpu protocol's steps")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a TrainConfig field for every run (repeatable)")
+  p.add_argument("--families", default=",".join(FAMILIES),
+                 help=f"comma-separated subset of {','.join(FAMILIES)}")
+  p.add_argument("--retry-failed", action="store_true")
+  p.add_argument("--list", action="store_true", help="print the runs and exit")
+  args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+  overrides = compare._parse_set(args.set)
+  if args.steps is not None:
+    overrides["steps"] = args.steps
+  try:
+    specs = ablation_specs(args.seeds, **overrides)
+  except ValueError as e:
+    p.error(str(e))
+  families = {f.strip() for f in args.families.split(",") if f.strip()}
+  if not families <= set(FAMILIES):
+    p.error(f"--families must be a subset of {list(FAMILIES)}, got {sorted(families)}")
+  specs = [s for s in specs if families & set(s.group.split(","))]
+  root = Path(args.out)
+  if args.list:
+    for s in specs:
+      print(f"{s.run_name} [{s.group}]: {json.dumps(s.fields, sort_keys=True)}")
+    return 0
+  compare.write_plan(root, specs, "ablation")
+  statuses = compare.execute(specs, root, trainer=trainer, retry_failed=args.retry_failed)
+  if not compare._is_main_process():
+    return 0
+  report = ablation_report(root)
+  for name, text in (("ablations.md", report["markdown"]),
+                     ("ablations.json", json.dumps(report["families"], indent=2,
+                                                   sort_keys=True))):
+    tmp = root / (name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, root / name)
+  from experiments import plots, tables
+
+  _, records = tables.load_results(root)
+  png = plots.plot_ablations(records, root / "ablations.png")
+  print(report["markdown"])
+  print(f"[ablations] wrote {root / 'ablations.md'}" + (f" and {png}" if png else ""))
+  return 0 if all(v == "done" for v in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,325 @@
+"""Compare the optimizers under a protocol: `slj compare --protocol cpu`.
+
+    python -m experiments.compare --protocol cpu [--seeds N] [--out DIR]
+    python -m experiments.compare --protocol paper-short --data DIR [--set mesh=data=8,fsdp=1]
+    # multi-host: the same command on every host, with its own --process-id
+    python -m experiments.compare --protocol paper --coordinator HOST0:1234 \
+        --num-processes 2 --process-id 0 --set mesh=data=2,fsdp=8
+
+Every (optimizer, seed[, learning rate]) of the protocol (see `experiments.protocols`) is one
+`sophia_lambda_jax.train.run_training` call writing into its own run directory
+`<out>/<label>/seed<seed>`. The runner is restartable:
+
+  * a run whose `summary.json` exists is finished and is skipped;
+  * a run without one is (re)started, and the training script resumes it from its newest
+    complete checkpoint, so an interrupted compare continues where it stopped;
+  * a run that raised is recorded in `failed.json` next to its metrics and skipped on later
+    invocations unless `--retry-failed` is given (a diverged run diverges again).
+
+At the end the runner writes `<out>/results.json`, `<out>/results.md` (the papers' tables
+with our measurements side by side, see `experiments.tables`) and the loss-curve PNGs
+(`experiments.plots`), and prints the summary table. With the same seeds on the same
+machine a re-run reproduces the same losses (the training script is deterministic given
+its config); times and throughputs are measurements and vary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from experiments import protocols
+from experiments.protocols import RunSpec
+
+SUMMARY = "summary.json"
+FAILED = "failed.json"
+PLAN = "plan.json"
+
+# The function that trains one run; tests replace it with a fake.
+Trainer = Callable[[object], dict]
+
+
+def _default_trainer(config) -> dict:
+  from sophia_lambda_jax.train import run_training
+
+  return run_training(config)
+
+
+def run_status(run_dir: Path) -> str:
+  """'done' (summary.json written), 'failed' (failed.json written), 'partial' (started,
+  not finished: will resume) or 'pending'."""
+  if (run_dir / SUMMARY).is_file():
+    return "done"
+  if (run_dir / FAILED).is_file():
+    return "failed"
+  if run_dir.is_dir() and any(run_dir.iterdir()):
+    return "partial"
+  return "pending"
+
+
+def read_summary(run_dir: Path) -> dict | None:
+  path = Path(run_dir) / SUMMARY
+  if not path.is_file():
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+# Set by main() from --process-id, so that files are written by process 0 only even before
+# the first run has initialised jax.distributed.
+_PROCESS_ID: int | None = None
+
+
+def _is_main_process() -> bool:
+  if _PROCESS_ID is not None:
+    return _PROCESS_ID == 0
+  if "jax" not in sys.modules:
+    return True
+  import jax
+
+  return jax.process_index() == 0
+
+
+def write_plan(root: Path, specs: Sequence[RunSpec], protocol: str, extra: dict | None = None):
+  """Record the specs of this compare in `<root>/plan.json` (tables and plots read it)."""
+  if not _is_main_process():
+    return
+  root.mkdir(parents=True, exist_ok=True)
+  plan = {"protocol": protocol, "runs": [s.to_json() for s in specs], **(extra or {})}
+  tmp = root / (PLAN + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(plan, f, indent=2, sort_keys=True)
+  os.replace(tmp, root / PLAN)
+
+
+def _fmt_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def execute(specs: Sequence[RunSpec], root: Path, *, trainer: Trainer | None = None,
+            retry_failed: bool = False, log=print) -> dict[str, str]:
+  """Train every spec not yet finished, in order; return {run_name: final status}.
+
+  Skips finished runs (summary.json), resumes partial ones (the training script continues
+  from its checkpoints), records exceptions in failed.json and goes on with the next run.
+  """
+  trainer = trainer or _default_trainer
+  root = Path(root)
+  statuses: dict[str, str] = {}
+  todo = []
+  for spec in specs:
+    status = run_status(root / spec.run_name)
+    if status == "failed" and retry_failed:
+      (root / spec.run_name / FAILED).unlink(missing_ok=True)
+      status = run_status(root / spec.run_name)
+    statuses[spec.run_name] = status
+    if status in ("pending", "partial"):
+      todo.append(spec)
+  done = sum(s == "done" for s in statuses.values())
+  log(f"[compare] {len(specs)} runs: {done} finished, {len(todo)} to run"
+      + (f", {sum(s == 'failed' for s in statuses.values())} failed earlier (--retry-failed)"
+         if any(s == "failed" for s in statuses.values()) else ""))
+  started = time.perf_counter()
+  for i, spec in enumerate(todo):
+    run_dir = root / spec.run_name
+    resume = " (resuming)" if statuses[spec.run_name] == "partial" else ""
+    elapsed = time.perf_counter() - started
+    eta = "" if i == 0 else f", ETA {_fmt_duration(elapsed / i * (len(todo) - i))}"
+    log(f"[compare] run {i + 1}/{len(todo)}: {spec.run_name}{resume} "
+        f"({spec.optimizer}, lr {spec.fields.get('learning_rate') or 'default'}, "
+        f"seed {spec.seed}){eta}")
+    t0 = time.perf_counter()
+    try:
+      config = spec.train_config(str(run_dir))
+      summary = trainer(config)
+    except Exception as e:  # one bad run must not stop the comparison; KeyboardInterrupt does
+      statuses[spec.run_name] = "failed"
+      if _is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / FAILED, "w") as f:
+          json.dump({"error": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc()}, f, indent=2)
+      log(f"[compare]   FAILED after {_fmt_duration(time.perf_counter() - t0)}: "
+          f"{type(e).__name__}: {e}")
+      continue
+    statuses[spec.run_name] = "done" if (run_dir / SUMMARY).is_file() else "failed"
+    if statuses[spec.run_name] == "failed" and _is_main_process():
+      with open(run_dir / FAILED, "w") as f:
+        json.dump({"error": "run_training returned without writing summary.json"}, f)
+    val = (summary or {}).get("final_val_loss")
+    val_s = f"{val:.4f}" if isinstance(val, (int, float)) else "n/a"
+    log(f"[compare]   done in {_fmt_duration(time.perf_counter() - t0)}: "
+        f"final val loss {val_s}")
+  log(f"[compare] all runs handled in {_fmt_duration(time.perf_counter() - started)}")
+  return statuses
+
+
+def enable_compilation_cache(directory: Path) -> bool:
+  """Keep compiled train steps on disk (JAX's persistent compilation cache), so the seeds of
+  one configuration, and a restarted compare, compile each step once. The executables are
+  the same, so the numbers are too. Leaves a cache the user configured alone."""
+  import jax
+
+  if jax.config.jax_compilation_cache_dir:
+    return False
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return True
+
+
+def _final_val_loss(root: Path) -> Callable[[RunSpec], float | None]:
+  def get(spec: RunSpec) -> float | None:
+    summary = read_summary(root / spec.run_name)
+    val = None if summary is None else summary.get("final_val_loss")
+    return float(val) if isinstance(val, (int, float)) else None
+  return get
+
+
+def _parse_set(items: Iterable[str]) -> dict:
+  """`--set key=value` pairs: value parsed as JSON when it is JSON, else kept as a string
+  (so `--set mesh=data=8,fsdp=1` and `--set steps=500` both work)."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="slj compare",
+      description="Train every optimizer under a protocol and tabulate the results "
+                  "against the papers' claims. Restartable: finished runs are skipped.")
+  p.add_argument("--protocol", default="cpu", choices=sorted(protocols.PROTOCOLS),
+                 help="cpu (default): qwen-cpu on the built-in corpus; paper / paper-short: "
+                      "qwen-134m on FineWeb shards (GPU); tuned: per-optimizer lr sweep")
+  p.add_argument("--seeds", type=int, default=None,
+                 help="number of seeds 0..N-1 (default: 1; tuned: 3 for the final runs)")
+  p.add_argument("--out", default=None, help="run directory (default: runs/compare-PROTOCOL)")
+  p.add_argument("--optimizers", default=None,
+                 help=f"comma-separated subset of {','.join(protocols.OPTIMIZERS)}")
+  p.add_argument("--data", default=None,
+                 help="prepared token directory (`slj tokenize`); default: 'builtin' for cpu "
+                      f"and tuned, ./{protocols.PAPER_DATA} for paper and paper-short")
+  p.add_argument("--steps", type=int, default=None, help="override the protocol's steps")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override any TrainConfig field for every run, e.g. --set "
+                      "mesh=data=8,fsdp=1 or --set grad_accum=4 (repeatable)")
+  p.add_argument("--coordinator", default=None,
+                 help="multi-host: jax.distributed coordinator address host:port (the same "
+                      "on every host; every host runs the same command)")
+  p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
+  p.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
+  p.add_argument("--retry-failed", action="store_true", help="re-run runs that raised")
+  p.add_argument("--list", action="store_true", help="print the plan and exit")
+  p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+  p.add_argument("--no-compile-cache", action="store_true",
+                 help="do not keep compiled steps in OUT/.compile_cache")
+  return p
+
+
+def _overrides(args) -> dict:
+  overrides = _parse_set(args.set)
+  if args.steps is not None:
+    if args.steps < 1:
+      raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    overrides["steps"] = args.steps
+  if args.data is not None:
+    overrides["data"] = args.data
+  for name in ("coordinator", "num_processes", "process_id"):
+    if getattr(args, name) is not None:
+      overrides[name] = getattr(args, name)
+  if args.protocol in ("paper", "paper-short") and not args.list:
+    data = Path(overrides.get("data", protocols.PAPER_DATA))
+    if not data.is_dir():
+      raise ValueError(
+          f"--protocol {args.protocol} trains on FineWeb token shards and {str(data)!r} is not "
+          f"a directory: run `slj tokenize 'PATH/TO/fineweb/*.parquet' {data}` first, or pass "
+          "--data DIR")
+  return overrides
+
+
+def plan(args) -> list[RunSpec]:
+  """The specs the arguments ask for (for tuned: the sweep; the final phase comes later)."""
+  optimizers = (tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
+                if args.optimizers else protocols.OPTIMIZERS)
+  overrides = _overrides(args)
+  if args.protocol == "tuned":
+    return protocols.tuned_sweep(optimizers, **overrides)
+  seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS[args.protocol]
+  return protocols.get_protocol(args.protocol)(seeds, optimizers, **overrides)
+
+
+def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+  root = Path(args.out or f"runs/compare-{args.protocol}")
+  global _PROCESS_ID
+  _PROCESS_ID = args.process_id
+  try:
+    specs = plan(args)
+  except ValueError as e:
+    parser.error(str(e))
+  if args.list:
+    for spec in specs:
+      print(f"{spec.run_name}: {json.dumps(spec.fields, sort_keys=True)}")
+    if args.protocol == "tuned":
+      print(f"... then the best learning rate of each optimizer with "
+            f"{args.seeds or protocols.DEFAULT_SEEDS['tuned']} seeds")
+    return 0
+
+  print(f"[compare] protocol {args.protocol}: {len(specs)} runs into {root}")
+  write_plan(root, specs, args.protocol)
+  if not args.no_compile_cache and trainer is None:
+    enable_compilation_cache(root / ".compile_cache")
+  statuses = execute(specs, root, trainer=trainer, retry_failed=args.retry_failed)
+
+  if args.protocol == "tuned":
+    try:
+      best = protocols.best_learning_rates(specs, _final_val_loss(root))
+    except ValueError as e:
+      print(f"[compare] {e}", file=sys.stderr)
+      return 1
+    print("[compare] best learning rates: "
+          + ", ".join(f"{o} {lr:.2e}" for o, lr in best.items()))
+    seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS["tuned"]
+    final = protocols.tuned_final(best, seeds, **_overrides(args))
+    # The best lr's seed 0 is listed twice (sweep and final phase): one run directory.
+    write_plan(root, list(specs) + final, "tuned", {"best_learning_rates": best})
+    statuses.update(execute(final, root, trainer=trainer, retry_failed=args.retry_failed))
+
+  if not _is_main_process():
+    return 0
+  from experiments import tables
+
+  report = tables.write_report(root)
+  print()
+  print(report["markdown_summary"])
+  print(f"[compare] wrote {root / 'results.md'} and {root / 'results.json'}")
+  if not args.no_plots:
+    from experiments import plots
+
+    for path in plots.write_plots(root):
+      print(f"[compare] wrote {path}")
+  failed = sorted(k for k, v in statuses.items() if v != "done")
+  if failed:
+    print(f"[compare] {len(failed)} run(s) did not finish: {', '.join(failed)}",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

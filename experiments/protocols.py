@@ -1,0 +1,288 @@
+"""Experiment protocols: which training runs a comparison is made of.
+
+A protocol is a list of `RunSpec`s. Each spec is one training run: a label (the
+configuration; seeds of one label are aggregated into mean +- std), an optimizer, a seed and
+the `sophia_lambda_jax.train.TrainConfig` fields of the run. The compare runner gives every
+spec its own run directory `<out>/<label>/seed<seed>`, so a configuration that two phases
+share (the tuned sweep's seed 0 and the tuned final runs) is trained once.
+
+Protocols (SPEC section 5):
+
+  cpu          qwen-cpu (vocab 8192 compact, hidden 128, 4 layers) on the built-in corpus,
+               every optimizer at the same token budget, each with its own default learning
+               rate: 120 steps of 8 x 128 tokens. Budget: one seed of all eight optimizers
+               in <= 10 min on 2 CPU cores, three seeds in <= 30 min; see CPU_STEPS below
+               for how the size was chosen.
+  paper        the papers' setting: qwen-134m, FineWeb shards, batch 512 x seq 2048,
+               50,000 steps, lr 3e-4 with warmup + cosine, b1 0.9, b2 0.95, wd 0.1, and the
+               same hyperparameters for every optimizer (as the papers did). For GPUs.
+  paper-short  the same hyperparameters at about one GPU-hour for all eight optimizers on
+               one H100-class GPU (batch 64 x 2048, 1,000 steps, 131M tokens per run).
+  tuned        the fair comparison the papers did not make: on the cpu setting, a sweep of
+               five log-spaced learning rates (x1/4 .. x4, factor 2) around each optimizer's
+               default with seed 0, then the best learning rate of each with three seeds
+               (40 sweep runs + 16 more seeds: about an hour on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+# The optimizers compared, in table order (all of `sophia_lambda_jax.OPTIMIZERS`).
+OPTIMIZERS: tuple[str, ...] = (
+    "adamw", "lion", "stable_adamw", "lavsm", "lamvs", "sophia", "sophia_h", "sophia_lambda")
+
+# --- cpu protocol size -------------------------------------------------------------------
+# Tokens per optimizer step = CPU_BATCH * CPU_SEQ = 1,024; CPU_STEPS * 1,024 = 122,880 tokens
+# per run, identical for every optimizer. Measured on the 2-core machine (jax 0.10.2 CPU,
+# float32, 150-step runs): a qwen-cpu train step of 8 x 128 tokens takes ~0.37 s with
+# AdamW and ~0.53 s with Sophia-Lambda (then with the adaptive interval, which refreshed
+# every 2nd step here; its default is now a fixed interval of 10); a run adds ~6-30 s of compilation and ~12 s of start-up, evaluation and
+# checkpoints. All eight optimizers at 150 steps took 176 s for AdamW + Sophia-Lambda alone
+# and 670 CPU-seconds for the eight, too close to 10 minutes; 120 steps with 4 evaluations
+# bring one seed to ~8-9 min. Three seeds reuse the compiled steps (the runner's persistent
+# compilation cache): ~25 min.
+CPU_BATCH = 8
+CPU_SEQ = 128
+CPU_STEPS = 120
+CPU_WARMUP = 12
+CPU_EVAL_EVERY = 30
+CPU_EVAL_BATCHES = 8
+
+# The tuned sweep is centred on each optimizer's default learning rate, the one the training
+# script uses when TrainConfig.learning_rate is None (train.config.BASE_LEARNING_RATES,
+# scaled 1/width); the factors are log-spaced by 2 on either side.
+SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+# The papers' shared hyperparameters ("same hyperparameters" for every optimizer).
+PAPER_OPTIMIZER_KWARGS: dict[str, Any] = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
+PAPER_LR = 3e-4
+# Default token directory of the paper protocols: `slj tokenize 'fineweb/*.parquet' fineweb`.
+PAPER_DATA = "fineweb"
+
+
+class RunSpec(NamedTuple):
+  """One training run of a protocol.
+
+  label: the configuration's name, also its directory (seeds of one label are aggregated).
+  optimizer: an entry of OPTIMIZERS.
+  seed: the TrainConfig seed (model init, data order and Hessian sampling).
+  fields: TrainConfig keyword arguments except `out` and `seed`.
+  protocol: the protocol this run belongs to.
+  phase: "main" (cpu/paper), "sweep" or "final" (tuned), "ablation".
+  group: what a plot/table groups by (the optimizer, or an ablation family).
+  """
+  label: str
+  optimizer: str
+  seed: int
+  fields: dict
+  protocol: str
+  phase: str = "main"
+  group: str = ""
+
+  @property
+  def run_name(self) -> str:
+    """Directory of this run relative to the compare root."""
+    return f"{self.label}/seed{self.seed}"
+
+  def train_config(self, out: str):
+    """The `sophia_lambda_jax.train.TrainConfig` of this run, writing into `out`."""
+    from sophia_lambda_jax.train import TrainConfig  # experiments -> train, at call time
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(self.fields) - names)
+    if unknown:
+      raise ValueError(
+          f"run {self.run_name}: TrainConfig has no field(s) {unknown}; "
+          f"valid fields: {sorted(names)}")
+    return TrainConfig(**self.fields, seed=self.seed, out=str(out))
+
+  def to_json(self) -> dict:
+    return {"label": self.label, "optimizer": self.optimizer, "seed": self.seed,
+            "fields": dict(self.fields), "protocol": self.protocol, "phase": self.phase,
+            "group": self.group or self.optimizer, "run_name": self.run_name}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "RunSpec":
+    return cls(label=d["label"], optimizer=d["optimizer"], seed=int(d["seed"]),
+               fields=dict(d["fields"]), protocol=d["protocol"], phase=d.get("phase", "main"),
+               group=d.get("group", ""))
+
+
+def _check_seeds(seeds: int) -> None:
+  if not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+
+
+def _check_optimizers(optimizers: Sequence[str]) -> tuple[str, ...]:
+  optimizers = tuple(optimizers)
+  unknown = [o for o in optimizers if o not in OPTIMIZERS]
+  if unknown or not optimizers:
+    raise ValueError(f"optimizers must be a non-empty subset of {list(OPTIMIZERS)}, "
+                     f"got {list(optimizers)}")
+  return optimizers
+
+
+def lr_tag(learning_rate: float) -> str:
+  """A directory-safe, exact-enough rendering of a learning rate: 3e-4 -> 'lr3e-04'."""
+  return f"lr{learning_rate:.0e}" if _is_round(learning_rate) else f"lr{learning_rate:.3e}"
+
+
+def _is_round(x: float) -> bool:
+  return float(f"{x:.0e}") == x
+
+
+# --- base settings ---------------------------------------------------------------------
+
+def cpu_fields(**overrides) -> dict:
+  """TrainConfig fields of the cpu setting (documented at CPU_STEPS)."""
+  fields = dict(
+      model="qwen-cpu", data="builtin", steps=CPU_STEPS, batch_size=CPU_BATCH,
+      seq_len=CPU_SEQ, warmup_steps=CPU_WARMUP, eval_every=CPU_EVAL_EVERY,
+      eval_batches=CPU_EVAL_BATCHES, checkpoint_every=CPU_STEPS // 2, keep_checkpoints=1,
+      log_every=25, tensorboard=False, mesh="data=1,fsdp=1", compute_dtype="float32",
+      learning_rate=None, optimizer_kwargs={})
+  fields.update(overrides)
+  return fields
+
+
+def paper_fields(**overrides) -> dict:
+  """TrainConfig fields of the papers' setting (LAVSM paper section 4).
+
+  mesh "auto" shards params and optimizer state over every visible device (fsdp). Memory
+  is dominated by the float32 logits of the 151,936-token vocabulary: 8 sequences x 2048
+  tokens x 151,936 x 4 bytes = 10 GB, about as much again for their gradient, so one
+  80 GB GPU takes micro-batches of 8 sequences: grad_accum 64 for 512 sequences per step.
+  With G devices use grad_accum 64 / G (batch_size / grad_accum must divide by the device
+  count): `--set grad_accum=8` on 8 GPUs.
+  """
+  fields = dict(
+      model="qwen-134m", data=PAPER_DATA, steps=50_000, batch_size=512, seq_len=2048,
+      grad_accum=64, warmup_steps=2_000, eval_every=1_000, eval_batches=50,
+      checkpoint_every=1_000, keep_checkpoints=2, log_every=10, mesh="auto",
+      compute_dtype="bfloat16", learning_rate=PAPER_LR,
+      optimizer_kwargs=dict(PAPER_OPTIMIZER_KWARGS))
+  fields.update(overrides)
+  return fields
+
+
+def paper_short_fields(**overrides) -> dict:
+  """About one GPU-hour for all eight optimizers: 131M tokens per run.
+
+  Arithmetic: qwen-134m costs ~6 * 134M + attention (12 * 18 * 512 * 2048) ~ 1.0 GFLOP per
+  token for forward + backward; at ~35% of an H100's ~990 dense bf16 TFLOP/s that is
+  ~340k tokens/s, so 1,000 steps of 64 x 2048 tokens take ~6.5 min per optimizer, ~55 min
+  for eight (plus compiles and evaluations).
+  """
+  fields = paper_fields(steps=1_000, batch_size=64, grad_accum=8, warmup_steps=100,
+                        eval_every=100, eval_batches=20, checkpoint_every=250)
+  fields.update(overrides)
+  return fields
+
+
+# --- protocols ---------------------------------------------------------------------------
+
+def _per_optimizer(protocol: str, base: dict, seeds: int, optimizers: Sequence[str],
+                   phase: str = "main") -> list[RunSpec]:
+  _check_seeds(seeds)
+  specs = []
+  for opt in _check_optimizers(optimizers):
+    fields = dict(base, optimizer=opt, optimizer_kwargs=dict(base["optimizer_kwargs"]))
+    specs += [RunSpec(opt, opt, s, fields, protocol, phase, opt) for s in range(seeds)]
+  return specs
+
+
+def cpu(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+  """Every optimizer on qwen-cpu / built-in corpus at the same token budget."""
+  return _per_optimizer("cpu", cpu_fields(**overrides), seeds, optimizers)
+
+
+def paper(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+  """The papers' setting, the same hyperparameters for every optimizer."""
+  return _per_optimizer("paper", paper_fields(**overrides), seeds, optimizers)
+
+
+def paper_short(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS,
+                **overrides) -> list[RunSpec]:
+  """The papers' hyperparameters at about one GPU-hour in total."""
+  return _per_optimizer("paper-short", paper_short_fields(**overrides), seeds, optimizers)
+
+
+def default_learning_rate(optimizer: str, model: str = "qwen-cpu") -> float:
+  """The peak learning rate the training script uses for `optimizer` on `model` when none
+  is given (TrainConfig.resolved_learning_rate)."""
+  from sophia_lambda_jax.models.qwen import get_config
+  from sophia_lambda_jax.train import TrainConfig
+
+  _check_optimizers([optimizer])
+  config = TrainConfig(model=model, optimizer=optimizer)
+  return config.resolved_learning_rate(get_config(model).hidden_size)
+
+
+def sweep_learning_rates(optimizer: str, model: str = "qwen-cpu") -> tuple[float, ...]:
+  """The tuned sweep's learning rates of `optimizer`: SWEEP_FACTORS x its default."""
+  centre = default_learning_rate(optimizer, model)
+  return tuple(float(f"{centre * f:.6g}") for f in SWEEP_FACTORS)
+
+
+def _tuned_spec(opt: str, lr: float, seed: int, base: dict, phase: str) -> RunSpec:
+  fields = dict(base, optimizer=opt, learning_rate=lr,
+                optimizer_kwargs=dict(base["optimizer_kwargs"]))
+  return RunSpec(f"{opt}/{lr_tag(lr)}", opt, seed, fields, "tuned", phase, opt)
+
+
+def tuned_sweep(optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+  """Phase 1 of `tuned`: every optimizer at each sweep learning rate, seed 0."""
+  base = cpu_fields(**overrides)
+  return [_tuned_spec(opt, lr, 0, base, "sweep") for opt in _check_optimizers(optimizers)
+          for lr in sweep_learning_rates(opt, base["model"])]
+
+
+def tuned_final(best_learning_rates: dict[str, float], seeds: int = 3,
+                **overrides) -> list[RunSpec]:
+  """Phase 2 of `tuned`: each optimizer at its best sweep learning rate with `seeds` seeds
+  (seed 0 is the sweep's own run, which the runner finds already finished)."""
+  _check_seeds(seeds)
+  _check_optimizers(list(best_learning_rates))
+  base = cpu_fields(**overrides)
+  return [_tuned_spec(opt, lr, s, base, "final")
+          for opt, lr in best_learning_rates.items() for s in range(seeds)]
+
+
+def best_learning_rates(sweep: Sequence[RunSpec],
+                        final_val_loss: Callable[[RunSpec], float | None]) -> dict[str, float]:
+  """Per optimizer, the sweep learning rate with the lowest final validation loss.
+
+  Non-finite or missing losses (a diverged run) never win; an optimizer whose every run
+  diverged raises ValueError naming it.
+  """
+  best: dict[str, tuple[float, float]] = {}
+  for spec in sweep:
+    loss = final_val_loss(spec)
+    if loss is None or not math.isfinite(loss):
+      continue
+    lr = spec.fields["learning_rate"]
+    if spec.optimizer not in best or loss < best[spec.optimizer][0]:
+      best[spec.optimizer] = (loss, lr)
+  missing = sorted({s.optimizer for s in sweep} - set(best))
+  if missing:
+    raise ValueError(f"tuned sweep: no finite validation loss for optimizer(s) {missing}")
+  return {opt: lr for opt, (_, lr) in sorted(best.items(), key=lambda kv: OPTIMIZERS.index(kv[0]))}
+
+
+PROTOCOLS: dict[str, Callable[..., list[RunSpec]]] = {
+    "cpu": cpu,
+    "paper": paper,
+    "paper-short": paper_short,
+    "tuned": tuned_sweep,   # the runner follows it with tuned_final
+}
+
+DEFAULT_SEEDS = {"cpu": 1, "paper": 1, "paper-short": 1, "tuned": 3}
+
+
+def get_protocol(name: str) -> Callable[..., list[RunSpec]]:
+  if name not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
+  return PROTOCOLS[name]

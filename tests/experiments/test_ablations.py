@@ -1,0 +1,62 @@
+"""Sophia-Lambda ablation plan and report (with a fake trainer)."""
+
+import json
+
+import pytest
+
+from experiments import ablations
+
+
+def test_every_family_changes_one_thing_against_the_baseline():
+  specs = ablations.ablation_specs(1, hutchinson_field=False)
+  by_label = {s.label: s for s in specs}
+  base = by_label["baseline"]
+  assert base.optimizer == "sophia_lambda"
+  assert base.fields["optimizer_kwargs"] == {"block_size": 64}
+  assert set(base.group.split(",")) == set(ablations.FAMILIES)
+  assert {s.fields["optimizer_kwargs"].get("block_size") for s in specs
+          if s.group == "block_size"} == {1, 8, 256}
+  assert by_label["layer_scale_off"].fields["optimizer_kwargs"] == {"layer_scale": None}
+  assert by_label["adaptive_interval"].fields["optimizer_kwargs"] == {"adaptive_interval": True}
+  assert {by_label["sophia_g_gnb"].optimizer, by_label["sophia_h_hutchinson"].optimizer} == {
+      "sophia", "sophia_h"}
+  # Same token budget and learning rate everywhere.
+  keys = ("steps", "batch_size", "seq_len", "learning_rate", "model", "data")
+  assert len({tuple(s.fields[k] for k in keys) for s in specs}) == 1
+
+
+def test_hutchinson_variant_when_the_trainer_supports_it():
+  specs = ablations.ablation_specs(2, hutchinson_field=True)
+  hutch = [s for s in specs if s.label == "hutchinson"]
+  assert [s.seed for s in hutch] == [0, 1]
+  assert hutch[0].optimizer == "sophia_lambda"
+  assert hutch[0].fields["hessian_estimator"] == "hutchinson"
+
+
+def test_ablation_main_writes_report_and_png(tmp_path, fake_trainer, capsys):
+  trainer = fake_trainer(interval=True)
+  rc = ablations.main(["--out", str(tmp_path), "--steps", "20"], trainer=trainer)
+  assert rc == 0
+  n_runs = len(ablations.ablation_specs(1, steps=20))
+  assert len(trainer.calls) == n_runs
+  md = (tmp_path / "ablations.md").read_text()
+  for family in ablations.FAMILIES:
+    assert f"## {family}" in md
+  assert "block size 256" in md and "Hessian refreshes" in md
+  assert (tmp_path / "ablations.png").read_bytes()[:4] == b"\x89PNG"
+  families = json.loads((tmp_path / "ablations.json").read_text())
+  assert set(families) == set(ablations.FAMILIES)
+  again = fake_trainer()
+  assert ablations.main(["--out", str(tmp_path), "--steps", "20"], trainer=again) == 0
+  assert again.calls == []
+
+
+def test_family_subset_and_bad_family(tmp_path, fake_trainer, capsys):
+  trainer = fake_trainer()
+  assert ablations.main(["--out", str(tmp_path), "--families", "layer_scale", "--list"],
+                        trainer=trainer) == 0
+  out = capsys.readouterr().out
+  assert "baseline/seed0" in out and "layer_scale_off/seed0" in out
+  assert "block_size_8" not in out
+  with pytest.raises(SystemExit):
+    ablations.main(["--out", str(tmp_path), "--families", "dropout"])

@@ -1,0 +1,160 @@
+"""The compare runner: plan, skip finished runs, resume partial ones, record failures,
+the tuned two-phase protocol, and one real (tiny) training run end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import compare, protocols
+
+
+def _run(tmp_path, trainer, *extra):
+  return compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
+                       "--optimizers", "adamw,lion,sophia_lambda", *extra], trainer=trainer)
+
+
+def test_runs_everything_then_skips_finished_runs(tmp_path, fake_trainer, capsys):
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer) == 0
+  assert sorted(Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls) == [
+      "adamw/seed0", "lion/seed0", "sophia_lambda/seed0"]
+  for name in ("plan.json", "results.json", "results.md"):
+    assert (tmp_path / name).is_file()
+  out = capsys.readouterr().out
+  assert "run 3/3" in out and "| Sophia-Lambda |" in out
+
+  again = fake_trainer()
+  assert _run(tmp_path, again) == 0
+  assert again.calls == []
+  assert "3 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_interrupted_compare_continues_the_missing_runs(tmp_path, fake_trainer):
+  assert _run(tmp_path, fake_trainer(), "--seeds", "2") == 0
+  (tmp_path / "lion/seed1/summary.json").unlink()             # killed before the end
+  (tmp_path / "adamw/seed0/summary.json").unlink()
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer, "--seeds", "2") == 0
+  assert sorted(Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls) == [
+      "adamw/seed0", "lion/seed1"]
+
+
+
+
+def test_status_of_run_directories(tmp_path):
+  d = tmp_path / "x/seed0"
+  assert compare.run_status(d) == "pending"
+  d.mkdir(parents=True)
+  assert compare.run_status(d) == "pending"
+  (d / "metrics.jsonl").write_text("{}\n")
+  assert compare.run_status(d) == "partial"
+  (d / "summary.json").write_text("{}")
+  assert compare.run_status(d) == "done"
+
+
+def test_failed_run_is_recorded_and_not_retried_unless_asked(tmp_path, fake_trainer, capsys):
+  trainer = fake_trainer(fail_for={"lion"})
+  assert _run(tmp_path, trainer) == 1
+  failed = json.loads((tmp_path / "lion/seed0/failed.json").read_text())
+  assert "FloatingPointError" in failed["error"]
+  assert "did not finish: lion/seed0" in capsys.readouterr().err
+  assert "0/1 (1 failed)" in (tmp_path / "results.md").read_text()
+
+  second = fake_trainer()
+  assert _run(tmp_path, second) == 1
+  assert second.calls == []
+  third = fake_trainer()
+  assert _run(tmp_path, third, "--retry-failed") == 0
+  assert [Path(c).name for c in third.calls] == ["seed0"]
+  assert not (tmp_path / "lion/seed0/failed.json").exists()
+
+
+def test_tuned_sweeps_then_runs_the_best_lr_with_three_seeds(tmp_path, fake_trainer):
+  trainer = fake_trainer()
+  rc = compare.main(["--protocol", "tuned", "--out", str(tmp_path), "--no-plots",
+                     "--optimizers", "adamw"], trainer=trainer)
+  assert rc == 0
+  sweep = protocols.sweep_learning_rates("adamw")
+  best = min(sweep, key=lambda lr: abs(__import__("math").log10(lr) + 3))  # fake optimum
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan["best_learning_rates"] == {"adamw": best}
+  tag = protocols.lr_tag(best)
+  # 5 sweep runs + seeds 1 and 2 of the best (its seed 0 is the sweep run).
+  assert len(trainer.calls) == len(sweep) + 2
+  assert {Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls[-2:]} == {
+      f"adamw/{tag}/seed1", f"adamw/{tag}/seed2"}
+  md = (tmp_path / "results.md").read_text()
+  assert "Learning-rate sweep" in md and "(n=3)" in md
+
+
+def test_list_prints_the_plan_without_training(tmp_path, fake_trainer, capsys):
+  trainer = fake_trainer()
+  assert compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--list"],
+                      trainer=trainer) == 0
+  assert trainer.calls == [] and not (tmp_path / "plan.json").exists()
+  assert capsys.readouterr().out.count("/seed0: ") == 8
+
+
+def test_paper_protocol_without_data_is_refused(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit):
+    compare.main(["--protocol", "paper-short", "--out", str(tmp_path)])
+  assert "slj tokenize" in capsys.readouterr().err
+
+
+def test_set_overrides_reach_the_train_config(tmp_path, fake_trainer):
+  seen = []
+
+  def trainer(config):
+    seen.append(config)
+    return fake_trainer()(config)
+
+  assert compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
+                       "--optimizers", "adamw", "--steps", "7", "--set", "mesh=data=1,fsdp=1",
+                       "--set", "grad_clip=0.5"], trainer=trainer) == 0
+  assert (seen[0].steps, seen[0].mesh, seen[0].grad_clip) == (7, "data=1,fsdp=1", 0.5)
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    compare._parse_set(["steps"])
+
+
+def test_real_tiny_training_run_is_skipped_when_finished_and_reproducible(tmp_path):
+  """Real run_training calls (qwen-tiny, 3 steps, a small jsonl corpus): a re-run of the
+  compare does not train again, and the same compare into a fresh directory reproduces the
+  same losses exactly."""
+  from sophia_lambda_jax import data
+
+  corpus = tmp_path / "corpus.jsonl"
+  docs = [" ".join(f"word{(d * 7 + i) % 97} alpha beta{i % 13}" for i in range(60))
+          for d in range(60)]
+  corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+  data_dir = data.prepare(str(corpus), tmp_path / "tokens", val_fraction=0.2, num_workers=1,
+                          progress=False)
+  out = tmp_path / "cmp"
+  args = ["--protocol", "cpu", "--out", str(out), "--optimizers", "sophia_lambda",
+          "--steps", "3", "--data", str(data_dir), "--no-plots",
+          "--set", "model=qwen-tiny", "--set", "batch_size=2", "--set", "seq_len=16",
+          "--set", "eval_batches=1", "--set", "warmup_steps=1", "--set", "tensorboard=false",
+          "--no-compile-cache"]
+  assert compare.main(args) == 0
+  run = out / "sophia_lambda/seed0"
+  summary = json.loads((run / "summary.json").read_text())
+  assert summary["steps"] == 3 and summary["final_val_loss"] > 0
+  first = json.loads((out / "results.json").read_text())["aggregates"]
+
+  def must_not_train(config):
+    raise AssertionError("a finished run was trained again")
+
+  assert compare.main(args, trainer=must_not_train) == 0
+  again = json.loads((out / "results.json").read_text())["aggregates"]
+  assert again["sophia_lambda"]["final_val_loss"] == first["sophia_lambda"]["final_val_loss"]
+
+  fresh = tmp_path / "cmp2"
+  assert compare.main([a if a != str(out) else str(fresh) for a in args]) == 0
+
+  def losses(root):
+    lines = (root / "sophia_lambda/seed0/metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, lines)]
+
+  assert losses(fresh) == losses(out)
+  assert len(losses(out)) == 4        # 3 train records and the final evaluation

@@ -1,0 +1,138 @@
+"""Protocol definitions: every spec is a valid TrainConfig and each protocol keeps the
+promises of SPEC section 5 (same token budget, same hyperparameters, sweep shape)."""
+
+import math
+
+import pytest
+
+import sophia_lambda_jax as slj
+from experiments import protocols
+from sophia_lambda_jax.train import TrainConfig
+
+
+def _tokens(spec):
+  f = spec.fields
+  return f["steps"] * f["batch_size"] * f["seq_len"]
+
+
+def test_compared_optimizers_are_the_library_s():
+  assert set(protocols.OPTIMIZERS) == set(slj.OPTIMIZERS) - {"sophia_g"}
+  assert len(protocols.OPTIMIZERS) == 8
+
+
+@pytest.mark.parametrize("name", sorted(protocols.PROTOCOLS))
+def test_every_spec_builds_a_train_config(name, tmp_path):
+  specs = protocols.get_protocol(name)()
+  assert specs
+  run_names = [s.run_name for s in specs]
+  assert len(set(run_names)) == len(run_names)
+  for spec in specs:
+    config = spec.train_config(tmp_path / spec.run_name)
+    assert isinstance(config, TrainConfig)
+    assert config.optimizer == spec.optimizer and config.seed == spec.seed
+    assert config.out == str(tmp_path / spec.run_name)
+
+
+@pytest.mark.parametrize("name", sorted(protocols.PROTOCOLS))
+def test_optimizer_kwargs_are_accepted_by_every_optimizer(name):
+  for spec in protocols.get_protocol(name)():
+    kwargs = dict(spec.fields["optimizer_kwargs"])
+    if spec.optimizer in ("sophia", "sophia_lambda"):
+      kwargs["batch_tokens"] = spec.fields["batch_size"] * spec.fields["seq_len"]
+    slj.get_optimizer(spec.optimizer, learning_rate=spec.fields["learning_rate"] or 1e-3,
+                      **kwargs)
+
+
+def test_cpu_protocol_is_qwen_cpu_on_builtin_at_one_token_budget():
+  specs = protocols.cpu()
+  assert [s.optimizer for s in specs] == list(protocols.OPTIMIZERS)
+  assert {s.seed for s in specs} == {0}
+  assert {s.fields["model"] for s in specs} == {"qwen-cpu"}
+  assert {s.fields["data"] for s in specs} == {"builtin"}
+  assert len({_tokens(s) for s in specs}) == 1
+  assert all(s.fields["learning_rate"] is None for s in specs)  # each its own default
+
+
+def test_seeds_multiply_runs_and_name_directories():
+  specs = protocols.cpu(seeds=3)
+  assert len(specs) == 24
+  assert {s.run_name for s in specs if s.optimizer == "lion"} == {
+      "lion/seed0", "lion/seed1", "lion/seed2"}
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-short"])
+def test_paper_protocols_use_the_papers_hyperparameters_for_everyone(name):
+  specs = protocols.get_protocol(name)()
+  assert [s.optimizer for s in specs] == list(protocols.OPTIMIZERS)
+  for s in specs:
+    assert s.fields["model"] == "qwen-134m"
+    assert s.fields["seq_len"] == 2048
+    assert s.fields["learning_rate"] == 3e-4
+    assert s.fields["optimizer_kwargs"] == {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
+    assert s.fields["batch_size"] % s.fields["grad_accum"] == 0
+  assert len({_tokens(s) for s in specs}) == 1
+
+
+def test_paper_is_the_lavsm_setting_and_short_is_smaller():
+  full, short = protocols.paper()[0], protocols.paper_short()[0]
+  assert (full.fields["batch_size"], full.fields["steps"]) == (512, 50_000)
+  assert _tokens(short) < _tokens(full) / 100
+
+
+def test_tuned_sweep_is_log_spaced_around_each_default():
+  specs = protocols.tuned_sweep()
+  for opt in protocols.OPTIMIZERS:
+    lrs = sorted(s.fields["learning_rate"] for s in specs if s.optimizer == opt)
+    assert len(lrs) >= 4
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert all(math.isclose(r, ratios[0], rel_tol=1e-4) for r in ratios)
+    centre = protocols.default_learning_rate(opt)
+    assert lrs[0] < centre < lrs[-1]
+    assert math.isclose(math.exp(sum(map(math.log, lrs)) / len(lrs)), centre, rel_tol=1e-4)
+  assert {s.seed for s in specs} == {0} and {s.phase for s in specs} == {"sweep"}
+
+
+def test_tuned_final_reuses_the_sweep_run_as_seed_zero():
+  sweep = protocols.tuned_sweep(["adamw"])
+  lr = sweep[2].fields["learning_rate"]
+  final = protocols.tuned_final({"adamw": lr}, seeds=3)
+  assert [s.seed for s in final] == [0, 1, 2]
+  assert final[0].run_name == sweep[2].run_name
+  assert final[0].fields == sweep[2].fields
+
+
+def test_best_learning_rates_ignores_diverged_runs():
+  sweep = protocols.tuned_sweep(["adamw", "lion"])
+  losses = {s.run_name: float(i) for i, s in enumerate(sweep)}
+  first_adamw = sweep[0].run_name
+  losses[first_adamw] = float("nan")
+  best = protocols.best_learning_rates(sweep, lambda s: losses[s.run_name])
+  assert best["adamw"] == sweep[1].fields["learning_rate"]
+  lion = [s for s in sweep if s.optimizer == "lion"]
+  assert best["lion"] == lion[0].fields["learning_rate"]
+  with pytest.raises(ValueError, match="lion"):
+    protocols.best_learning_rates(sweep, lambda s: None if s.optimizer == "lion" else 1.0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_bad_seed_counts_are_refused(bad):
+  with pytest.raises(ValueError, match="seeds"):
+    protocols.cpu(seeds=bad)
+
+
+def test_unknown_optimizer_and_protocol_are_refused():
+  with pytest.raises(ValueError, match="optimizers"):
+    protocols.cpu(optimizers=["adam"])
+  with pytest.raises(ValueError, match="protocol"):
+    protocols.get_protocol("gpu")
+
+
+def test_unknown_train_config_field_is_named(tmp_path):
+  spec = protocols.cpu(optimizers=["adamw"], no_such_field=1)[0]
+  with pytest.raises(ValueError, match="no_such_field"):
+    spec.train_config(tmp_path)
+
+
+def test_spec_json_round_trip():
+  for spec in protocols.cpu(2, ["sophia"]):
+    assert protocols.RunSpec.from_json(spec.to_json())._replace(group=spec.group) == spec
