@@ -1,4 +1,4 @@
-"""Loss-curve plots of a compare run (matplotlib, Agg backend, PNG).
+"""Loss-curve plots of a compare run (matplotlib figures without pyplot, PNG).
 
     python -m experiments.plots RUN_DIR      # writes RUN_DIR/curves.png (+ ablations.png)
 
@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless: no display is needed, or touched
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no backend is chosen or changed
 import numpy as np  # noqa: E402
 
 from experiments import tables  # noqa: E402
@@ -101,7 +99,7 @@ def _draw(ax, groups, curve_fn, x: str, smooth: bool, colours) -> bool:
 def _colours(labels: Sequence[str]) -> dict[str, tuple]:
   """One colour per label; an optimizer keeps its own colour in every plot when each label
   is one optimizer (its name, or name/lr...)."""
-  cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+  cmap = matplotlib.colormaps.get_cmap("tab10" if len(labels) <= 10 else "tab20")
   opts = [label.split("/")[0] for label in labels]
   if len(set(opts)) == len(opts) and all(o in tables.OPTIMIZERS for o in opts):
     return {label: cmap(tables.OPTIMIZERS.index(o)) for label, o in zip(labels, opts)}
@@ -114,7 +112,8 @@ def plot_curves(records: Sequence[RunRecord], path: Path, title: str = "") -> Pa
   if not groups:
     return None
   colours = _colours(list(groups))
-  fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
+  fig = Figure(figsize=(13, 9), constrained_layout=True)
+  axes = fig.subplots(2, 2)
   panels = [
       (axes[0, 0], tables.train_curve, "step", True, "training loss (EMA 0.9)", "step"),
       (axes[0, 1], tables.val_curve, "step", False, "validation loss", "step"),
@@ -137,7 +136,6 @@ def plot_curves(records: Sequence[RunRecord], path: Path, title: str = "") -> Pa
     fig.suptitle(title)
   path = Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -179,8 +177,8 @@ def plot_ablations(records: Sequence[RunRecord], path: Path) -> Path | None:
   names = list(families)  # first appearance: the baseline lists the families in order
   ncols = 3
   nrows = (len(names) + 1 + ncols - 1) // ncols
-  fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows),
-                           constrained_layout=True, squeeze=False)
+  fig = Figure(figsize=(5 * ncols, 4 * nrows), constrained_layout=True)
+  axes = fig.subplots(nrows, ncols, squeeze=False)
   flat = list(axes.flat)
   for ax, family in zip(flat, names):
     groups = _label_groups(families[family])
@@ -214,7 +212,6 @@ def plot_ablations(records: Sequence[RunRecord], path: Path) -> Path | None:
     extra.axis("off")
   path = Path(path)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 

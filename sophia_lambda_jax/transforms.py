@@ -683,16 +683,19 @@ def scale_by_stable_adam(
 
 
 def default_weight_decay_mask(params):
-  """True for leaves that decay by default: ndim >= 2 and not a norm (by label role).
+  """True for leaves that decay by default: matrices (ndim >= 2 per layer) that are not norms.
 
-  Stacked (scanned) norm scales have ndim 2 and are still excluded through their role.
+  A stacked (scanned) leaf holds one slice per layer along axis 0, so its per-layer ndim is
+  one less: stacked biases (L, n) are vectors and do not decay, as in the unrolled tree.
+  Norm scales are excluded by their label role.
   """
   from . import labels
   infos = labels.label_params(params, strict=False)
   leaves, treedef = jax.tree.flatten(params)
   info_leaves = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))
   return jax.tree.unflatten(
-      treedef, [len(p.shape) >= 2 and info.role != "norm" for p, info in zip(leaves, info_leaves)])
+      treedef, [len(p.shape) - int(info.stacked) >= 2 and info.role != "norm"
+                for p, info in zip(leaves, info_leaves)])
 
 
 def add_decoupled_weight_decay(

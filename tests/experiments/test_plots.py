@@ -35,13 +35,13 @@ def test_four_panels_with_one_line_per_finished_optimizer(fake_compare, monkeypa
   root, _ = fake_compare
   _, records = tables.load_results(root)
   captured = {}
-  real_savefig = plots.plt.Figure.savefig
+  real_savefig = plots.Figure.savefig
 
   def spy(fig, path, **kw):
     captured["axes"] = fig.axes
     return real_savefig(fig, path, **kw)
 
-  monkeypatch.setattr(plots.plt.Figure, "savefig", spy)
+  monkeypatch.setattr(plots.Figure, "savefig", spy)
   plots.plot_curves(records, root / "x.png")
   axes = captured["axes"]
   assert len(axes) == 4
@@ -72,3 +72,14 @@ def test_no_ablation_runs_no_ablation_png(fake_compare):
   _, records = tables.load_results(root)
   assert plots.plot_ablations(records, root / "a.png") is None
   assert not (root / "a.png").exists()
+
+
+def test_importing_the_plots_leaves_the_matplotlib_backend_alone():
+  import subprocess
+  import sys
+
+  code = ("import matplotlib; before = matplotlib.get_backend(); import experiments.plots; "
+          "print(before == matplotlib.get_backend())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={"MPLBACKEND": "svg", "PATH": ""}, check=True)
+  assert out.stdout.strip() == "True"

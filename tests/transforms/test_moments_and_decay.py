@@ -56,9 +56,11 @@ def test_default_weight_decay_mask_unrolled_stacked_and_linen():
                      "input_norm": {"scale": False}}},
       "final_norm": {"scale": False}}
   stacked = {"layers": {"mlp": {"up_proj": {"kernel": jnp.ones((3, 2, 2))}},
+                        "attn": {"q_proj": {"bias": jnp.ones((3, 2))}},  # per-layer vector
                         "post_attn_norm": {"scale": jnp.ones((3, 2))}}}  # 2-D norm: no decay
   assert transforms.default_weight_decay_mask(stacked) == {
-      "layers": {"mlp": {"up_proj": {"kernel": True}}, "post_attn_norm": {"scale": False}}}
+      "layers": {"mlp": {"up_proj": {"kernel": True}}, "attn": {"q_proj": {"bias": False}},
+                 "post_attn_norm": {"scale": False}}}
   linen = {"params": {"layers_0": {"ln_1": {"scale": jnp.ones((3, 2))},
                                    "mlp": {"fc": {"kernel": jnp.ones((2, 2))}}}}}
   mask = transforms.default_weight_decay_mask(linen)["params"]["layers_0"]
