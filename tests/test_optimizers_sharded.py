@@ -40,16 +40,6 @@ def nest(flat):
   return tree
 
 
-def path_str(keypath):
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
 @pytest.fixture(scope="module")
 def mesh():
   devices = jax.devices()
@@ -79,7 +69,7 @@ def check_state_sharding(state, mesh):
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if not hasattr(leaf, "sharding") or leaf.ndim == 0:
       continue
-    path = path_str(keypath)
+    path = slj.labels.path_to_str(keypath)
     owner = next((p for p in LAYOUT if path.endswith(p)), None)
     assert owner is not None, f"state leaf {path} mirrors no parameter"
     want = NamedSharding(mesh, expected_spec(owner, leaf.shape, mesh))
@@ -120,7 +110,7 @@ def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
       lambda k, v: jax.device_put(v, NamedSharding(mesh, LAYOUT[k][1])))
 
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]:
-    path = path_str(keypath)
+    path = slj.labels.path_to_str(keypath)
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, LAYOUT[path][1]), leaf.ndim)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
