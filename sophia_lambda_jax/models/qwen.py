@@ -215,17 +215,45 @@ def _attention(q, k, v, mask):
 
   q: (B, S, H, D); k, v: (B, T, K, D); mask: (B, S, T) bool, True = may attend.
   Returns (B, S, H*D). Scores and softmax are float32.
+
+  The G = H/K query heads that share a KV head are laid out as one (G*S)-row matrix per
+  (batch, KV head), so both products are plain batched matmuls with leading batch dims;
+  XLA:CPU runs the equivalent 5-d einsum ("bskgd,btkd->bkgst") about 2.5x slower,
+  fwd+bwd, on qwen-cpu shapes.
   """
   batch, seq, heads, dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, seq, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (dim ** -0.5)
+  slots, kv_heads = k.shape[1], k.shape[2]
+  groups = heads // kv_heads
+  q = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, kv_heads, groups * seq, dim)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, T, D)
+  scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32)
+  scores = scores.reshape(batch, kv_heads, groups, seq, slots) * (dim ** -0.5)
   # A finite fill keeps rows well defined; every row has its own token unmasked anyway.
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(batch, seq, heads * dim)
+  probs = probs.reshape(batch, kv_heads, groups * seq, slots)
+  out = jnp.einsum("bkqt,bktd->bkqd", probs, v).reshape(batch, kv_heads, groups, seq, dim)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
+
+
+_CAUSAL_QUERY_CHUNKS = 4
+
+
+def _causal_attention(q, k, v, mask):
+  """`_attention` of a sequence with itself (S = T) under a mask inside the causal one.
+
+  Query chunk i of `_CAUSAL_QUERY_CHUNKS` only scores the keys up to its own end, the rest
+  being masked anyway: 3/8 of the score matrix and its softmax are never computed, which
+  makes attention fwd+bwd about 1.5x faster on qwen-cpu shapes (XLA:CPU).
+  """
+  seq = q.shape[1]
+  chunks = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1
+  size = seq // chunks
+  outs = [_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
+                     v[:, :(i + 1) * size], mask[:, i * size:(i + 1) * size, :(i + 1) * size])
+          for i in range(chunks)]
+  return jnp.concatenate(outs, axis=1) if chunks > 1 else outs[0]
 
 
 class Attention(nnx.Module):
@@ -241,24 +269,27 @@ class Attention(nnx.Module):
     self.o_proj = _linear(config.num_heads * dim, hidden, False, config, rngs)
 
   def __call__(self, x, cos, sin, mask, cache=None):
-    """x (B, S, hidden) -> (B, S, hidden); with `cache` = (k, v, index) also the new (k, v).
+    """x (B*S, hidden) -> (B*S, hidden); with `cache` = (k, v, index) also the new (k, v).
 
+    Batch and sequence sizes come from the rotary angles cos, sin (B, S, head_dim/2).
     With a cache, the new keys/values are written at slots [index, index + S) of the
     (B, T, K, D) buffers and the queries attend over all T slots (mask decides which).
     """
-    batch, seq, _ = x.shape
+    batch, seq, _ = cos.shape
     q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache = None
+    new_cache, attend = None, _causal_attention
     if cache is not None:
+      attend = _attention
       k_cache, v_cache, index = cache
       start = (0, index, 0, 0)
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       new_cache = (k, v)
-    return self.o_proj(_attention(q, k, v, mask)), new_cache
+    out = attend(q, k, v, mask).reshape(batch * seq, self.num_heads * self.head_dim)
+    return self.o_proj(out), new_cache
 
 
 class MLP(nnx.Module):
@@ -275,7 +306,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)); x (B*S, hidden)."""
 
   def __init__(self, config: QwenConfig, rngs: nnx.Rngs):
     self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
@@ -417,7 +448,11 @@ class Qwen(nnx.Module):
 
   def _forward(self, input_ids, positions, mask, cache):
     config = self.config
-    x = jnp.take(self.embed.embedding[...], input_ids, axis=0).astype(config.dtype)
+    batch, seq = input_ids.shape
+    # The residual stream is kept as (batch*seq, hidden): XLA:CPU runs the weight matmuls
+    # and their fusions faster on 2-d operands than on (batch, seq, hidden) ones.
+    x = jnp.take(self.embed.embedding[...], input_ids.reshape(-1), axis=0)
+    x = x.astype(config.dtype)
     cos, sin = rope_angles(positions, config.head_dim, config.rope_theta)
     new_k, new_v = None, None
     if config.scan_layers:
@@ -454,7 +489,7 @@ class Qwen(nnx.Module):
     else:
       head = self.lm_head.kernel[...].astype(config.dtype)
     logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
-    return logits, (new_k, new_v)
+    return logits.reshape(batch, seq, -1), (new_k, new_v)
 
 
 # ----------------------------------------------------------------------------- functional
