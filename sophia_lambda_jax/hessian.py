@@ -109,6 +109,45 @@ def gnb_logits_cotangent(logits: jax.Array, key: jax.Array, mask=None) -> jax.Ar
   return (residual * weights[..., None]).astype(logits.dtype)
 
 
+def gnb_cotangent_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
+                                    key: jax.Array) -> jax.Array:
+  """The GNB cotangent of ``gnb_logits_cotangent``, from the training loss's own cotangent.
+
+  A training step that differentiates the token-mean cross-entropy over N tokens already
+  holds dlogits = (softmax(z) - onehot(y)) / N. Then softmax(z) = N * dlogits + onehot(y)
+  (no second softmax over the vocabulary), y_hat is drawn from it with
+  ``sample_categorical`` as ``gnb_logits_cotangent`` does, and
+
+      (softmax(z) - onehot(y_hat)) / N = dlogits + (onehot(y) - onehot(y_hat)) / N.
+
+  For the same key the draw is that of ``gnb_logits_cotangent(z, key)`` up to float
+  rounding of the recovered probabilities. No token mask: every token counts, as in the
+  token-mean loss.
+
+  Args:
+    dlogits: (..., vocab) gradient of the token-mean cross-entropy w.r.t. the logits.
+    labels: (...) int labels y of that loss.
+    key: PRNG key for the label draw.
+
+  Returns:
+    An array with the shape and dtype of ``dlogits``.
+  """
+  dlogits = jnp.asarray(dlogits)
+  labels = jnp.asarray(labels)
+  if dlogits.ndim < 1 or dlogits.shape[:-1] != labels.shape:
+    raise ValueError(
+        f"dlogits must have shape labels.shape + (vocab,), got dlogits {dlogits.shape} and "
+        f"labels {labels.shape}")
+  vocab, tokens = dlogits.shape[-1], max(1, labels.size)
+  d = jax.lax.stop_gradient(dlogits).astype(jnp.float32)
+  onehot_y = jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
+  # Rounding can leave the recovered probability of the label at -1e-8.
+  probs = jnp.maximum(tokens * d + onehot_y, 0.0)
+  y_hat = sample_categorical(key, probs)
+  onehot_hat = jax.nn.one_hot(y_hat, vocab, dtype=jnp.float32)
+  return (d + (onehot_y - onehot_hat) / tokens).astype(dlogits.dtype)
+
+
 def _squared(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda g: g * g, tree)
 

@@ -381,3 +381,4 @@ def get_optimizer(name: str, skip_nonfinite: Union[bool, int] = False,
 hessian_interval_and_count = transforms.hessian_interval_and_count
 clip_fraction = transforms.clip_fraction
 hessian_relative_change = transforms.hessian_relative_change
+hessian_refresh_due = transforms.hessian_refresh_due

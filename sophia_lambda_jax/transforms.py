@@ -734,6 +734,21 @@ def hessian_interval_and_count(state):
   return found[0].interval, found[0].refresh_count
 
 
+def hessian_refresh_due(state):
+  """Whether the next ``update`` of an optimizer state refreshes the Hessian EMA (the
+  t >= next_refresh test of ``hessian_ema``, for its first Hessian EMA), as a bool scalar
+  array usable under jit; None when the state has none.
+
+  A training step can branch on it ahead of ``update`` (e.g. build the curvature estimate
+  together with the gradient); ``update`` still decides for itself, so a step that guesses
+  wrong stays correct, only slower.
+  """
+  found = _find(state, HessianEMAState)
+  if not found:
+    return None
+  return found[0].count >= found[0].next_refresh
+
+
 def hessian_relative_change(state):
   """r = ||h_after - h_before|| / (||h_before|| + 1e-30) of the last refresh of the first
   Hessian EMA in an optimizer state (0 before the first adaptive refresh, and always 0 with

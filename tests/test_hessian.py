@@ -290,3 +290,27 @@ def test_sample_categorical_matches_the_distribution(vocab):
   p = np.asarray(probs, np.float64)
   tolerance = 5 * np.sqrt(p * (1 - p) / draws) + 1e-6
   assert np.all(np.abs(freq - p) <= tolerance), np.max(np.abs(freq - p) - tolerance)
+
+
+def test_cotangent_from_ce_cotangent_equals_the_logits_form():
+  """Recovering softmax(z) from the loss's cotangent draws the same labels (same key) and
+  gives the same GNB cotangent as sampling from the logits."""
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(4, 32, 300)) * 3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 300, size=(4, 32)), jnp.int32)
+  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, labels).mean())(logits)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    want = hessian.gnb_logits_cotangent(logits, key)
+    got = hessian.gnb_cotangent_from_ce_cotangent(dlogits, labels, key)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, atol=1e-8)
+    # Each row is (softmax(z) - onehot(y_hat)) / N, so it sums to 0.
+    np.testing.assert_allclose(np.asarray(got).sum(-1), 0.0, atol=1e-8)
+
+
+def test_cotangent_from_ce_cotangent_rejects_mismatched_labels():
+  with pytest.raises(ValueError, match="dlogits must have shape labels.shape"):
+    hessian.gnb_cotangent_from_ce_cotangent(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32),
+                                            jax.random.key(0))

@@ -14,13 +14,15 @@ One call of `train_step(state, batch)` is one optimizer step:
 For the Sophia family `hessian_fn` is handed to the optimizer, which calls it inside its
 `lax.cond` on refresh steps only, so other steps pay nothing for it:
 
-- GNB (sophia, sophia_lambda): the estimate reuses the step's forward pass. With A = 1 it
-  is `hessian.gauss_newton_bartlett_from_vjp(vjp, logits, key)`: the second cotangent
-  (softmax(z) - onehot(y_hat)) / N with y_hat ~ Categorical(z) pulled back through the same
-  vjp, one extra backward. With A > 1 the GNB gradient must cover the whole step's batch
-  (the optimizer multiplies by batch_tokens = all of the step's tokens), so hessian_fn pulls
-  the last micro-batch's cotangent back through its kept vjp and recomputes the forward of
-  the first A - 1 micro-batches (g_hat = mean_a g_hat_a, then g_hat * g_hat).
+- GNB (sophia, sophia_lambda): the estimate reuses the step's forward pass. The second
+  cotangent (softmax(z) - onehot(y_hat)) / N with y_hat ~ Categorical(z) is built from the
+  loss's own cotangent dz = (softmax(z) - onehot(y)) / N
+  (`hessian.gnb_cotangent_from_ce_cotangent`: no second softmax over the vocabulary) and
+  pulled back through the same vjp: one extra backward. With A > 1 the GNB gradient must
+  cover the whole step's batch (the optimizer multiplies by batch_tokens = all of the
+  step's tokens), so hessian_fn pulls the last micro-batch's cotangent back through its
+  kept vjp and recomputes the forward of the first A - 1 micro-batches
+  (g_hat = mean_a g_hat_a, then g_hat * g_hat).
 - Hutchinson (sophia_h): u * (H u) of the last micro-batch's loss by forward-over-reverse.
 
 Labels and probe vectors come from `fold_in(state.rng, state.step)`: fresh every step,
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from sophia_lambda_jax import hessian as hessian_lib
+from sophia_lambda_jax import transforms
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, input_ids) -> logits
@@ -79,7 +82,7 @@ def _loss_grads_and_vjp(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
   logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
   loss, dlogits = jax.value_and_grad(cross_entropy)(logits, y)
   (grads,) = vjp_fn(dlogits.astype(logits.dtype))
-  return loss, grads, logits, vjp_fn
+  return loss, grads, (dlogits, y, vjp_fn)
 
 
 def _gnb_gradient(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array,
@@ -121,27 +124,33 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
 
     def body(carry, tokens):
       loss_sum, grad_sum = carry
-      loss, grads, _, _ = _loss_grads_and_vjp(apply_fn, params, tokens)
+      loss, grads, _ = _loss_grads_and_vjp(apply_fn, params, tokens)
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                            batch[:-1])
-    loss, grads, logits, vjp_fn = _loss_grads_and_vjp(apply_fn, params, batch[-1])
+    loss, grads, last = _loss_grads_and_vjp(apply_fn, params, batch[-1])
     loss = (loss_sum + loss) / grad_accum
     grads = jax.tree.map(lambda s, g: (s + g) / grad_accum, grad_sum, grads)
-    return loss, grads, logits, vjp_fn
+    return loss, grads, last
 
-  def make_hessian_fn(params, batch, logits, vjp_fn, key):
+  def make_hessian_fn(params, batch, last, key):
+    dlogits, labels, vjp_fn = last
     if estimator == "hutchinson":
       x, y = _split_batch(batch if grad_accum == 1 else batch[-1])
       return hessian_lib.hutchinson(lambda p: cross_entropy(apply_fn(p, x), y), key)
     if grad_accum == 1:
-      return hessian_lib.gauss_newton_bartlett_from_vjp(vjp_fn, logits, key)
+      def hessian_fn(_):
+        (g_hat,) = vjp_fn(hessian_lib.gnb_cotangent_from_ce_cotangent(dlogits, labels, key))
+        return jax.tree.map(jnp.square, g_hat)
+
+      return hessian_fn
 
     def hessian_fn(_):
       keys = jax.random.split(key, grad_accum)
-      (g_last,) = vjp_fn(hessian_lib.gnb_logits_cotangent(logits, keys[-1]))
+      (g_last,) = vjp_fn(
+          hessian_lib.gnb_cotangent_from_ce_cotangent(dlogits, labels, keys[-1]))
 
       def body(g_sum, inputs_and_key):
         inputs, k = inputs_and_key
@@ -153,19 +162,65 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
 
     return hessian_fn
 
-  def train_step(state: TrainState, batch: jax.Array):
+  def recomputed_gnb(params, batch, key):
+    """The GNB hessian_fn of make_hessian_fn, but running the last micro-batch's forward
+    pass itself instead of sharing the step's (used where the step keeps no vjp)."""
+    def hessian_fn(p):
+      x, y = _split_batch(batch if grad_accum == 1 else batch[-1])
+      logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
+      dlogits = jax.grad(cross_entropy)(logits, y)
+      return make_hessian_fn(params, batch, (dlogits, y, vjp_fn), key)(p)
+
+    return hessian_fn
+
+  def plain_loss_and_grads(params, batch):
+    """Mean loss and gradient without keeping any vjp for later."""
+    def loss_fn(p, tokens):
+      x, y = _split_batch(tokens)
+      return cross_entropy(apply_fn(p, x), y)
+    if grad_accum == 1:
+      return jax.value_and_grad(loss_fn)(params, batch)
+
+    def body(carry, tokens):
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, zeros, batch)
+    return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
+
+  def step_with(state, batch, keep_vjp: bool):
     params = state.params
-    loss, grads, logits, vjp_fn = accumulate(params, batch)
+    key = jax.random.fold_in(state.rng, state.step)
+    if keep_vjp or estimator == "hutchinson":
+      loss, grads, last = accumulate(params, batch)
+      hessian_fn = (make_hessian_fn(params, batch, last, key)
+                    if estimator is not None else None)
+    else:
+      loss, grads = plain_loss_and_grads(params, batch)
+      hessian_fn = None if estimator is None else recomputed_gnb(params, batch, key)
     grad_norm = optax.tree.norm(grads)
     if clip is not None:
       grads, _ = clip.update(grads, clip.init(params))
-    if estimator is None:
+    if hessian_fn is None:
       updates, opt_state = tx.update(grads, state.opt_state, params)
     else:
-      key = jax.random.fold_in(state.rng, state.step)
-      hessian_fn = make_hessian_fn(params, batch, logits, vjp_fn, key)
       updates, opt_state = tx.update(grads, state.opt_state, params, hessian_fn=hessian_fn)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), opt_state, loss, grad_norm
+
+  def train_step(state: TrainState, batch: jax.Array):
+    due = (transforms.hessian_refresh_due(state.opt_state) if estimator == "gnb" else None)
+    if due is None:
+      params, opt_state, loss, grad_norm = step_with(state, batch, keep_vjp=False)
+    else:
+      # GNB needs the forward pass's vjp on refresh steps only. Using it inside the
+      # optimizer's cond keeps the backward's residuals alive as cond operands, which made
+      # every step about 7% slower on qwen-cpu; so plain steps run a step that keeps no vjp
+      # (its hessian_fn, which the optimizer would call only if `due` were wrong, runs its
+      # own forward), and refresh steps one that reuses it.
+      params, opt_state, loss, grad_norm = jax.lax.cond(
+          due, lambda: step_with(state, batch, keep_vjp=True),
+          lambda: step_with(state, batch, keep_vjp=False))
     metrics = {"loss": loss, "grad_norm": grad_norm}
     if learning_rate_fn is not None:
       metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)

@@ -100,6 +100,30 @@ def test_adaptive_interval_is_capped_and_floored():
   assert float(states[36].relative_change) == pytest.approx(12 / 25)  # level 25 -> 37
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_refresh_due_predicts_the_next_update(adaptive):
+  """hessian_refresh_due(state) is True exactly when the next update refreshes, through a
+  chain and inject_hyperparams, with fixed and adaptive intervals."""
+  import optax
+  params = {"w": jnp.zeros((2, 4))}
+  tx = optax.chain(optax.identity(), optax.inject_hyperparams(
+      transforms.hessian_ema, static_args=("block_size", "adaptive_interval"))(
+      b2=0.0, hessian_interval=3, adaptive_interval=adaptive, min_interval=1,
+      max_interval=4))
+  state = tx.init(params)
+  step = jax.jit(lambda s, e: tx.update(params, s, params, hessian_fn=lambda _: e)[1])
+  levels = [1.0 + (t % 5) for t in range(20)] if adaptive else [1.0] * 20
+  predicted, refreshed = [], []
+  for e in levels_schedule(levels):
+    predicted.append(bool(transforms.hessian_refresh_due(state)))
+    before = int(transforms.hessian_interval_and_count(state)[1])
+    state = step(state, e)
+    refreshed.append(int(transforms.hessian_interval_and_count(state)[1]) > before)
+  assert predicted == refreshed
+  assert sum(refreshed) >= 5 and not all(refreshed)
+  assert transforms.hessian_refresh_due({"w": jnp.zeros(2)}) is None
+
+
 def test_relative_change_uses_global_norm_over_leaves():
   params = {"a": jnp.zeros((2, 4)), "b": jnp.zeros((3,))}
   tx = transforms.hessian_ema(b2=0.5, hessian_interval=1, adaptive_interval=True)
