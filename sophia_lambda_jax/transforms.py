@@ -302,6 +302,10 @@ class HessianEMAState(NamedTuple):
   relative_change: Array
 
 
+def _refresh_due(state: HessianEMAState) -> Array:
+  return state.count >= state.next_refresh
+
+
 def hessian_ema(
     b2: float = 0.99,
     block_size: int = 1,
@@ -377,7 +381,7 @@ def hessian_ema(
     blocks = blocks_of(params)
     params_treedef = jax.tree.structure(params)
     t = state.count
-    do_refresh = t >= state.next_refresh
+    do_refresh = _refresh_due(state)
 
     def refresh(h_before):
       estimate = hessian_fn(params)
@@ -746,7 +750,7 @@ def hessian_refresh_due(state):
   found = _find(state, HessianEMAState)
   if not found:
     return None
-  return found[0].count >= found[0].next_refresh
+  return _refresh_due(found[0])
 
 
 def hessian_relative_change(state):

@@ -77,12 +77,20 @@ def _split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
   return batch[..., :-1], batch[..., 1:]
 
 
-def _loss_grads_and_vjp(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
+def _forward(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
+  """Loss of one micro-batch and (dlogits, labels, vjp_fn): its cotangent at the logits and
+  the model's vjp, from which the gradient and the GNB gradient are pulled back."""
   x, y = _split_batch(tokens)
   logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
   loss, dlogits = jax.value_and_grad(cross_entropy)(logits, y)
-  (grads,) = vjp_fn(dlogits.astype(logits.dtype))
-  return loss, grads, (dlogits, y, vjp_fn)
+  return loss, (dlogits.astype(logits.dtype), y, vjp_fn)
+
+
+def _loss_grads_and_vjp(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
+  loss, last = _forward(apply_fn, params, tokens)
+  dlogits, _, vjp_fn = last
+  (grads,) = vjp_fn(dlogits)
+  return loss, grads, last
 
 
 def _gnb_gradient(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array,
@@ -166,39 +174,22 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
     """The GNB hessian_fn of make_hessian_fn, but running the last micro-batch's forward
     pass itself instead of sharing the step's (used where the step keeps no vjp)."""
     def hessian_fn(p):
-      x, y = _split_batch(batch if grad_accum == 1 else batch[-1])
-      logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
-      dlogits = jax.grad(cross_entropy)(logits, y)
-      return make_hessian_fn(params, batch, (dlogits, y, vjp_fn), key)(p)
+      _, last = _forward(apply_fn, params, batch if grad_accum == 1 else batch[-1])
+      return make_hessian_fn(params, batch, last, key)(p)
 
     return hessian_fn
-
-  def plain_loss_and_grads(params, batch):
-    """Mean loss and gradient without keeping any vjp for later."""
-    def loss_fn(p, tokens):
-      x, y = _split_batch(tokens)
-      return cross_entropy(apply_fn(p, x), y)
-    if grad_accum == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
-
-    def body(carry, tokens):
-      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, zeros, batch)
-    return loss_sum / grad_accum, jax.tree.map(lambda g: g / grad_accum, grad_sum)
 
   def step_with(state, batch, keep_vjp: bool):
     params = state.params
     key = jax.random.fold_in(state.rng, state.step)
-    if keep_vjp or estimator == "hutchinson":
-      loss, grads, last = accumulate(params, batch)
-      hessian_fn = (make_hessian_fn(params, batch, last, key)
-                    if estimator is not None else None)
+    loss, grads, last = accumulate(params, batch)
+    if estimator is None:
+      hessian_fn = None
+    elif keep_vjp or estimator == "hutchinson":
+      hessian_fn = make_hessian_fn(params, batch, last, key)
     else:
-      loss, grads = plain_loss_and_grads(params, batch)
-      hessian_fn = None if estimator is None else recomputed_gnb(params, batch, key)
+      # `last` unused: the step's residuals end with its own backward.
+      hessian_fn = recomputed_gnb(params, batch, key)
     grad_norm = optax.tree.norm(grads)
     if clip is not None:
       grads, _ = clip.update(grads, clip.init(params))
