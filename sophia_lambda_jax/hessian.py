@@ -38,6 +38,36 @@ HessianFn = Callable[[PyTree], PyTree]
 _SAMPLER_BLOCK = 128
 
 
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+  """(..., vocab) -> (..., vocab / block, block), zero-padded to a multiple of `block`."""
+  vocab = x.shape[-1]
+  padded = -(-vocab // block) * block
+  if padded != vocab:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded - vocab)])
+  return x.reshape(x.shape[:-1] + (padded // block, block))
+
+
+def _inverse_cdf_draw(key: jax.Array, block_mass: jax.Array, block_of: Callable,
+                      vocab: int, block: int) -> jax.Array:
+  """The two-level inverse-CDF draw of `sample_categorical`.
+
+  block_mass: (..., n_blocks) mass of each block of `block` classes; block_of(chosen) the
+  (..., block) masses inside block `chosen` (int (...)). Returns int32 (...) classes.
+  """
+  block_cdf = jnp.cumsum(block_mass, -1)
+  u = jax.random.uniform(key, block_mass.shape[:-1], jnp.float32) * block_cdf[..., -1]
+  n_blocks = block_mass.shape[-1]
+  chosen = jnp.minimum(jnp.sum(block_cdf <= u[..., None], -1), n_blocks - 1)
+  below = jnp.take_along_axis(block_cdf - block_mass, chosen[..., None], -1)[..., 0]
+  inner_cdf = below[..., None] + jnp.cumsum(block_of(chosen), -1)
+  within = jnp.minimum(jnp.sum(inner_cdf <= u[..., None], -1), block - 1)
+  return jnp.minimum(chosen * block + within, vocab - 1).astype(jnp.int32)
+
+
+def _take_block(blocks: jax.Array, chosen: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(blocks, chosen[..., None, None], -2)[..., 0, :]
+
+
 def sample_categorical(key: jax.Array, probs: jax.Array) -> jax.Array:
   """One draw per row from Categorical(probs) over the last axis, by inverse CDF.
 
@@ -56,19 +86,50 @@ def sample_categorical(key: jax.Array, probs: jax.Array) -> jax.Array:
   """
   vocab = probs.shape[-1]
   block = min(_SAMPLER_BLOCK, vocab)
-  padded = -(-vocab // block) * block
-  if padded != vocab:
-    probs = jnp.pad(probs, [(0, 0)] * (probs.ndim - 1) + [(0, padded - vocab)])
-  blocks = probs.reshape(probs.shape[:-1] + (padded // block, block))
-  block_mass = blocks.sum(-1)
-  block_cdf = jnp.cumsum(block_mass, -1)
-  u = jax.random.uniform(key, probs.shape[:-1], jnp.float32) * block_cdf[..., -1]
-  chosen = jnp.minimum(jnp.sum(block_cdf <= u[..., None], -1), padded // block - 1)
-  below = jnp.take_along_axis(block_cdf - block_mass, chosen[..., None], -1)[..., 0]
-  inner = jnp.take_along_axis(blocks, chosen[..., None, None], -2)[..., 0, :]
-  inner_cdf = below[..., None] + jnp.cumsum(inner, -1)
-  within = jnp.minimum(jnp.sum(inner_cdf <= u[..., None], -1), block - 1)
-  return jnp.minimum(chosen * block + within, vocab - 1).astype(jnp.int32)
+  blocks = _blocks(probs, block)
+  return _inverse_cdf_draw(key, blocks.sum(-1), lambda c: _take_block(blocks, c), vocab,
+                           block)
+
+
+def sample_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
+                             key: jax.Array) -> jax.Array:
+  """y_hat ~ Categorical(softmax(z)) per token, from the cross-entropy's cotangent.
+
+  A step that differentiates the token-mean cross-entropy over N tokens holds
+  dlogits = (softmax(z) - onehot(y)) / N, so softmax(z) = N * dlogits + onehot(y). The draw
+  is `sample_categorical`'s on those probabilities (the same labels for the same key, up
+  to float rounding), but it never builds them: the block masses are N times the block sums
+  of dlogits plus 1 in the label's block, and only the chosen block's row is rebuilt. On
+  CPU, writing a (2048, 8192) float32 array costs ~30 ms, the whole draw ~5 ms.
+
+  Args:
+    dlogits: (..., vocab) gradient of the token-mean cross-entropy w.r.t. the logits.
+    labels: (...) int labels y of that loss.
+    key: PRNG key.
+
+  Returns:
+    int32 array of shape ``labels.shape``.
+  """
+  dlogits = jnp.asarray(dlogits)
+  labels = jnp.asarray(labels)
+  if dlogits.ndim < 1 or dlogits.shape[:-1] != labels.shape:
+    raise ValueError(
+        f"dlogits must have shape labels.shape + (vocab,), got dlogits {dlogits.shape} and "
+        f"labels {labels.shape}")
+  vocab, tokens = dlogits.shape[-1], max(1, labels.size)
+  block = min(_SAMPLER_BLOCK, vocab)
+  blocks = _blocks(jax.lax.stop_gradient(dlogits).astype(jnp.float32), block)
+  label_block, label_pos = labels // block, labels % block
+  n_blocks = blocks.shape[-2]
+  block_mass = (tokens * blocks.sum(-1)
+                + (jnp.arange(n_blocks) == label_block[..., None]).astype(jnp.float32))
+
+  def block_of(chosen):
+    at_label = (jnp.arange(block) == label_pos[..., None]) & (chosen == label_block)[..., None]
+    # Rounding can leave the recovered probability of the label at -1e-8.
+    return jnp.maximum(tokens * _take_block(blocks, chosen) + at_label, 0.0)
+
+  return _inverse_cdf_draw(key, jnp.maximum(block_mass, 0.0), block_of, vocab, block)
 
 
 def gnb_logits_cotangent(logits: jax.Array, key: jax.Array, mask=None) -> jax.Array:
@@ -115,8 +176,8 @@ def gnb_cotangent_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
 
   A training step that differentiates the token-mean cross-entropy over N tokens already
   holds dlogits = (softmax(z) - onehot(y)) / N. Then softmax(z) = N * dlogits + onehot(y)
-  (no second softmax over the vocabulary), y_hat is drawn from it with
-  ``sample_categorical`` as ``gnb_logits_cotangent`` does, and
+  (no second softmax over the vocabulary), y_hat is drawn from it by
+  ``sample_from_ce_cotangent`` as ``gnb_logits_cotangent`` draws it, and
 
       (softmax(z) - onehot(y_hat)) / N = dlogits + (onehot(y) - onehot(y_hat)) / N.
 
@@ -132,20 +193,61 @@ def gnb_cotangent_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
   Returns:
     An array with the shape and dtype of ``dlogits``.
   """
-  dlogits = jnp.asarray(dlogits)
-  labels = jnp.asarray(labels)
-  if dlogits.ndim < 1 or dlogits.shape[:-1] != labels.shape:
-    raise ValueError(
-        f"dlogits must have shape labels.shape + (vocab,), got dlogits {dlogits.shape} and "
-        f"labels {labels.shape}")
+  y_hat = sample_from_ce_cotangent(dlogits, labels, key)  # validates the shapes
   vocab, tokens = dlogits.shape[-1], max(1, labels.size)
   d = jax.lax.stop_gradient(dlogits).astype(jnp.float32)
-  onehot_y = jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
-  # Rounding can leave the recovered probability of the label at -1e-8.
-  probs = jnp.maximum(tokens * d + onehot_y, 0.0)
-  y_hat = sample_categorical(key, probs)
-  onehot_hat = jax.nn.one_hot(y_hat, vocab, dtype=jnp.float32)
-  return (d + (onehot_y - onehot_hat) / tokens).astype(dlogits.dtype)
+  correction = (jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
+                - jax.nn.one_hot(y_hat, vocab, dtype=jnp.float32))
+  return (d + correction / tokens).astype(dlogits.dtype)
+
+
+def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array,
+                        head: jax.Array, dhidden: jax.Array, dhead: jax.Array,
+                        key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """GNB cotangents at the inputs of the output layer, without a second pass through it.
+
+  For logits z = hidden @ head (hidden (N, d), head (d, V)) and the token-mean
+  cross-entropy over N tokens with cotangent dz, the step's backward through the head gives
+  dhidden = dz head^T and dhead = hidden^T dz. The GNB cotangent at the logits is
+  dz_hat = dz + (onehot(y) - onehot(y_hat)) / N (``gnb_cotangent_from_ce_cotangent``),
+  which differs from dz in two entries per row, so
+
+      dhidden_hat = dhidden + (head[:, y] - head[:, y_hat])^T / N      (a gather)
+      dhead_hat   = dhead + hidden^T (onehot(y) - onehot(y_hat)) / N   (a scatter-add)
+
+  and pulling (dhidden_hat, dhead_hat) back through the rest of the model gives g_hat.
+  The two (N, V) x d products of a second backward through the head become O(N d) work.
+  y_hat is ``sample_from_ce_cotangent(dlogits, labels, key)``.
+
+  Args:
+    dlogits: (..., V) gradient of the token-mean cross-entropy w.r.t. the logits.
+    labels: (...) int labels y of that loss.
+    hidden: (..., d) the head's input; head: (d, V) its matrix.
+    dhidden, dhead: the cotangents of hidden and head from pulling back dlogits.
+    key: PRNG key for the label draw.
+
+  Returns:
+    (dhidden_hat, dhead_hat) with the shapes and dtypes of (dhidden, dhead).
+  """
+  y_hat = sample_from_ce_cotangent(dlogits, labels, key)  # validates dlogits / labels
+  labels = jnp.asarray(labels)
+  width, vocab = head.shape
+  if hidden.shape != labels.shape + (width,) or dhidden.shape != hidden.shape:
+    raise ValueError(
+        f"hidden and dhidden must have shape labels.shape + (d,) = {labels.shape + (width,)}"
+        f", got {hidden.shape} and {dhidden.shape}")
+  if dhead.shape != head.shape or dlogits.shape[-1] != vocab:
+    raise ValueError(f"head and dhead must have shape (d, vocab) = (d, {dlogits.shape[-1]}),"
+                     f" got {head.shape} and {dhead.shape}")
+  tokens = max(1, labels.size)
+  y, y_hat = labels.reshape(-1), y_hat.reshape(-1)
+  head_rows = jax.lax.stop_gradient(head).T.astype(jnp.float32)  # (V, d)
+  rows = jax.lax.stop_gradient(hidden).reshape(-1, width).astype(jnp.float32) / tokens
+  dhidden_hat = (dhidden.astype(jnp.float32)
+                 + ((head_rows[y] - head_rows[y_hat]) / tokens).reshape(dhidden.shape))
+  dhead_rows = jnp.zeros((vocab, width), jnp.float32).at[y].add(rows).at[y_hat].add(-rows)
+  dhead_hat = dhead.astype(jnp.float32) + dhead_rows.T
+  return dhidden_hat.astype(dhidden.dtype), dhead_hat.astype(dhead.dtype)
 
 
 def _squared(tree: PyTree) -> PyTree:

@@ -314,3 +314,57 @@ def test_cotangent_from_ce_cotangent_rejects_mismatched_labels():
   with pytest.raises(ValueError, match="dlogits must have shape labels.shape"):
     hessian.gnb_cotangent_from_ce_cotangent(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32),
                                             jax.random.key(0))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_head_cotangents_equal_the_pullback_of_the_gnb_logits_cotangent(dtype, tol):
+  """The gather / scatter-add form equals pulling the dense GNB cotangent back through
+  logits = hidden @ head, and draws the labels gnb_cotangent_from_ce_cotangent draws."""
+  rng = np.random.default_rng(5)
+  hidden = jnp.asarray(rng.normal(size=(3, 16, 8)), dtype)
+  head = jnp.asarray(rng.normal(size=(8, 300)), dtype)
+  labels = jnp.asarray(rng.integers(0, 300, size=(3, 16)), jnp.int32)
+  logits_fn = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)  # noqa: E731
+  z, vjp_head = jax.vjp(logits_fn, hidden, head)
+  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, labels).mean())(z)
+  dhidden, dhead = vjp_head(dlogits)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    want = vjp_head(hessian.gnb_cotangent_from_ce_cotangent(dlogits, labels, key))
+    got = hessian.gnb_head_cotangents(dlogits, labels, hidden, head, dhidden, dhead, key)
+    for g, w in zip(got, want):
+      assert g.shape == w.shape and g.dtype == w.dtype == dtype
+      scale = float(jnp.max(jnp.abs(w.astype(jnp.float32))))
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                 atol=tol * scale)
+    # Not the loss's own cotangents: the sampled labels differ from y.
+    assert not np.allclose(np.asarray(got[1], np.float32), np.asarray(dhead, np.float32))
+
+
+def test_head_cotangents_reject_mismatched_shapes():
+  dlogits, labels = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32)
+  hidden, head = jnp.zeros((2, 3, 4)), jnp.zeros((4, 5))
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="hidden and dhidden must have shape"):
+    hessian.gnb_head_cotangents(dlogits, labels, hidden[:, :2], head, hidden[:, :2], head, key)
+  with pytest.raises(ValueError, match="head and dhead must have shape"):
+    hessian.gnb_head_cotangents(dlogits, labels, hidden, head[:, :4], hidden, head[:, :4],
+                                key)
+  with pytest.raises(ValueError, match="dlogits must have shape labels.shape"):
+    hessian.gnb_head_cotangents(dlogits, labels[:, :2], hidden, head, hidden, head, key)
+
+
+@pytest.mark.parametrize("vocab", [7, 128, 300])
+def test_sample_from_ce_cotangent_draws_the_labels_of_the_recovered_probabilities(vocab):
+  rng = np.random.default_rng(vocab)
+  logits = jnp.asarray(rng.normal(size=(64, vocab)) * 3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, vocab, size=(64,)), jnp.int32)
+  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, labels).mean())(logits)
+  for seed in range(3):
+    key = jax.random.key(seed)
+    got = hessian.sample_from_ce_cotangent(dlogits, labels, key)
+    want = hessian.sample_categorical(key, jax.nn.softmax(logits))
+    assert got.dtype == jnp.int32 and got.shape == labels.shape
+    np.testing.assert_array_equal(got, want)

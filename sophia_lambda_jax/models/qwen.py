@@ -405,6 +405,21 @@ class Qwen(nnx.Module):
       segment_ids: int (batch, seq) document ids of packed rows: a token attends only to
         earlier tokens with the same id (documents are contiguous runs of one id).
     """
+    hidden, head = self.features(input_ids, positions, segment_ids)
+    batch, seq, width = hidden.shape
+    logits = jnp.dot(hidden.reshape(batch * seq, width), head,
+                     preferred_element_type=jnp.float32)
+    return logits.reshape(batch, seq, -1)
+
+  def features(self, input_ids, positions=None, segment_ids=None):
+    """(hidden, head) with `__call__(...) == dot(hidden, head)` accumulated in float32.
+
+    hidden: the final-normed hidden states (batch, seq, hidden_size); head: the output
+    matrix (hidden_size, vocab), the embedding's transpose when tied; both in the compute
+    dtype. A train step that differentiates the head product itself uses this form (see
+    `train.step`: its GNB gradient then needs no second pass through the head). Arguments
+    as for `__call__`.
+    """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must have shape (batch, seq), got {input_ids.shape}")
@@ -427,8 +442,8 @@ class Qwen(nnx.Module):
       raise ValueError(f"positions shape {positions.shape} must equal input_ids shape "
                        f"{input_ids.shape}")
     mask = jnp.broadcast_to(mask, (batch, seq, seq))
-    logits, _ = self._forward(input_ids, positions, mask, None)
-    return logits
+    hidden, _ = self._hidden(input_ids, positions, mask, None)
+    return hidden.reshape(batch, seq, -1), self._head()
 
   def decode(self, input_ids, cache: KVCache):
     """Runs `input_ids` (batch, s) as the next s tokens after those in `cache`.
@@ -443,12 +458,18 @@ class Qwen(nnx.Module):
     mask = jnp.arange(slots)[None, :] <= query_pos[:, None]
     mask = jnp.broadcast_to(mask, (batch, seq, slots))
     positions = jnp.broadcast_to(query_pos, (batch, seq))
-    logits, (k, v) = self._forward(input_ids, positions, mask, cache)
-    return logits, KVCache(k, v, cache.index + seq)
+    hidden, (k, v) = self._hidden(input_ids, positions, mask, cache)
+    logits = jnp.dot(hidden, self._head(), preferred_element_type=jnp.float32)
+    return logits.reshape(batch, seq, -1), KVCache(k, v, cache.index + seq)
 
-  def _forward(self, input_ids, positions, mask, cache):
+  def _head(self):
+    if self.config.tie_embeddings:
+      return self.embed.embedding[...].astype(self.config.dtype).T
+    return self.lm_head.kernel[...].astype(self.config.dtype)
+
+  def _hidden(self, input_ids, positions, mask, cache):
+    """Final-normed hidden states (batch * seq, hidden) and the new (k, v) when cached."""
     config = self.config
-    batch, seq = input_ids.shape
     # The residual stream is kept as (batch*seq, hidden): XLA:CPU runs the weight matmuls
     # and their fusions faster on 2-d operands than on (batch, seq, hidden) ones.
     x = jnp.take(self.embed.embedding[...], input_ids.reshape(-1), axis=0)
@@ -483,13 +504,7 @@ class Qwen(nnx.Module):
           vs.append(kv[1])
       if cache is not None:
         new_k, new_v = jnp.stack(ks), jnp.stack(vs)
-    x = self.final_norm(x)
-    if config.tie_embeddings:
-      head = self.embed.embedding[...].astype(config.dtype).T
-    else:
-      head = self.lm_head.kernel[...].astype(config.dtype)
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
-    return logits.reshape(batch, seq, -1), (new_k, new_v)
+    return self.final_norm(x), (new_k, new_v)
 
 
 # ----------------------------------------------------------------------------- functional
@@ -508,11 +523,21 @@ def split_params(model: Qwen):
   return (graphdef, rest), nnx.to_pure_dict(params)
 
 
+def _merge(graphdef_and_rest, params) -> Qwen:
+  graphdef, rest = graphdef_and_rest
+  return nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
+
+
 def apply(graphdef_and_rest, params, input_ids, positions=None, segment_ids=None):
   """Logits of the model rebuilt from `split_params` output with parameters `params`."""
-  graphdef, rest = graphdef_and_rest
-  model = nnx.merge(graphdef, params) if rest is None else nnx.merge(graphdef, params, rest)
-  return model(input_ids, positions=positions, segment_ids=segment_ids)
+  return _merge(graphdef_and_rest, params)(input_ids, positions=positions,
+                                           segment_ids=segment_ids)
+
+
+def features(graphdef_and_rest, params, input_ids, positions=None, segment_ids=None):
+  """`Qwen.features` (hidden, head) of the model rebuilt from `split_params` output."""
+  return _merge(graphdef_and_rest, params).features(input_ids, positions=positions,
+                                                    segment_ids=segment_ids)
 
 
 def abstract_params(config: QwenConfig) -> dict:

@@ -102,7 +102,8 @@ def _peak_memory(compiled) -> int | None:
 
 
 class _Model:
-  """The Qwen model as pure functions: apply, logical axes, and (cached) jitted init/eval.
+  """The Qwen model as pure functions: features, logical axes, and (cached) jitted
+  init/eval.
 
   The jitted parameter init and eval step depend only on the model config, seed and mesh
   layout, not on the optimizer, so they are cached across runs in one process (a
@@ -124,7 +125,7 @@ class _Model:
     self.logical_axes = qwen.logical_axes(self.config)
     self.specs = mesh_lib.param_specs(self.abstract_params, self.logical_axes, mesh)
     self.shardings = mesh_lib.named(mesh, self.specs)
-    self.apply = _apply_fn(self.graphdef, mesh)
+    self.features = _features_fn(self.graphdef, mesh)
 
   def _key(self):
     leaves, treedef = jax.tree.flatten(self.specs, is_leaf=lambda s: isinstance(s, P))
@@ -149,12 +150,12 @@ def _abstract_model(model_config):
   return graphdef, params
 
 
-def _apply_fn(graphdef, mesh):
+def _features_fn(graphdef, mesh):
   from sophia_lambda_jax.models import qwen
 
-  def apply(params, input_ids):
-    return qwen.apply(graphdef, mesh_lib.gather_for_compute(params, mesh), input_ids)
-  return apply
+  def features(params, input_ids):
+    return qwen.features(graphdef, mesh_lib.gather_for_compute(params, mesh), input_ids)
+  return features
 
 
 @functools.lru_cache(maxsize=8)
@@ -170,8 +171,8 @@ def _jitted_param_init(model_config, mesh, treedef, spec_leaves, seed):
 @functools.lru_cache(maxsize=8)
 def _jitted_eval(model_config, mesh, treedef, spec_leaves):
   shardings = mesh_lib.named(mesh, jax.tree.unflatten(treedef, spec_leaves))
-  apply = _apply_fn(_abstract_model(model_config)[0], mesh)
-  return jax.jit(make_eval_step(apply),
+  features = _features_fn(_abstract_model(model_config)[0], mesh)
+  return jax.jit(make_eval_step(features),
                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=mesh_lib.replicated(mesh))
 
@@ -221,7 +222,7 @@ class TrainProgram:
   def train_step(self):
     """The pure step function (see step.py)."""
     return make_train_step(
-        self.model.apply, self.tx, estimator=self.estimator,
+        self.model.features, self.tx, estimator=self.estimator,
         grad_accum=self.config.grad_accum, grad_clip=self.config.grad_clip,
         learning_rate_fn=self.schedule,
         optimizer_metrics=optimizer_metrics if self.estimator else None)

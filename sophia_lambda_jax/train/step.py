@@ -1,39 +1,45 @@
 """The train step: loss, gradients, curvature estimate, clipping and the optimizer update.
 
-One call of `train_step(state, batch)` is one optimizer step:
+The model comes split at its output layer, `features_fn(params, x) -> (hidden, head)` with
+logits z = hidden @ head, so the step differentiates the head product itself. One call of
+`train_step(state, batch)` is one optimizer step:
 
     for each of A micro-batches (x_a, y_a)  (A = grad_accum, a lax.scan):
-        logits_a, vjp_a = jax.vjp(lambda p: apply(p, x_a), params)      one forward
-        loss_a, dz_a    = value_and_grad(token-mean CE)(logits_a, y_a)
-        g_a             = vjp_a(dz_a)                                   one backward
+        (h_a, W), vjp_a = jax.vjp(lambda p: features_fn(p, x_a), params)   one forward
+        loss_a, dz_a    = value_and_grad(token-mean CE)(h_a W, y_a)
+        g_a             = vjp_a(dz_a W^T, h_a^T dz_a)                     one backward
     g = mean_a g_a ;  loss = mean_a loss_a
     g = clip_by_global_norm(g, grad_clip)
     updates, opt_state = tx.update(g, opt_state, params, hessian_fn=...)
     params = params + updates
 
-For the Sophia family `hessian_fn` is handed to the optimizer, which calls it inside its
-`lax.cond` on refresh steps only, so other steps pay nothing for it:
+For the Sophia family the optimizer receives the curvature through `hessian_fn`:
 
-- GNB (sophia, sophia_lambda): the estimate reuses the step's forward pass. The second
-  cotangent (softmax(z) - onehot(y_hat)) / N with y_hat ~ Categorical(z) is built from the
-  loss's own cotangent dz = (softmax(z) - onehot(y)) / N
-  (`hessian.gnb_cotangent_from_ce_cotangent`: no second softmax over the vocabulary) and
-  pulled back through the same vjp: one extra backward. With A > 1 the GNB gradient must
-  cover the whole step's batch (the optimizer multiplies by batch_tokens = all of the
-  step's tokens), so hessian_fn pulls the last micro-batch's cotangent back through its
-  kept vjp and recomputes the forward of the first A - 1 micro-batches
-  (g_hat = mean_a g_hat_a, then g_hat * g_hat).
-- Hutchinson (sophia_h): u * (H u) of the last micro-batch's loss by forward-over-reverse.
+- GNB (sophia, sophia_lambda): the step branches on `transforms.hessian_refresh_due`
+  (the optimizer's own refresh test), so plain steps pay nothing for the estimate and
+  refresh steps form it from the step's forward pass. Its logits cotangent
+  (softmax(z) - onehot(y_hat)) / N, y_hat ~ Categorical(z), differs from the loss's
+  dz = (softmax(z) - onehot(y)) / N in two entries per token, so its cotangents at the
+  head's inputs are the step's plus a gather and a scatter-add
+  (`hessian.gnb_head_cotangents`; y_hat drawn from dz by `hessian.sample_from_ce_cotangent`,
+  no second softmax), pulled back through the same vjp: one extra backward through the
+  layers below the head, none through the head. With A > 1 the GNB gradient must cover the
+  whole step's batch (the optimizer multiplies by batch_tokens = all of the step's
+  tokens), so the last micro-batch's vjp is reused and the forward of the first A - 1 is
+  recomputed (g_hat = mean_a g_hat_a, then g_hat * g_hat).
+- Hutchinson (sophia_h): u * (H u) of the last micro-batch's loss by forward-over-reverse,
+  called inside the optimizer's cond on refresh steps only.
 
 Labels and probe vectors come from `fold_in(state.rng, state.step)`: fresh every step,
 identical on restart and independent of the mesh (jax's partitionable threefry).
 
-Parameters are float32 ("master" weights); the model computes in its compute dtype and
-returns float32 logits, so the loss, gradients and optimizer state are float32.
+Parameters are float32 ("master" weights); the model computes in its compute dtype and the
+head product accumulates in float32, so the loss, gradients and optimizer state are float32.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -44,7 +50,9 @@ from sophia_lambda_jax import hessian as hessian_lib
 from sophia_lambda_jax import transforms
 
 PyTree = Any
-ApplyFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, input_ids) -> logits
+# (params, input_ids (..., seq)) -> (hidden (..., seq, d), head (d, vocab)), in the
+# model's compute dtype; the logits are hidden @ head (`logits`). E.g. `models.qwen.features`.
+FeaturesFn = Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]
 
 # Which curvature estimator each second-order optimizer uses (SPEC 2).
 ESTIMATORS = {"sophia": "gnb", "sophia_g": "gnb", "sophia_lambda": "gnb",
@@ -65,6 +73,13 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
+def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+  """hidden @ head accumulated in float32: (..., d) x (d, vocab) -> (..., vocab)."""
+  flat = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), head,
+                 preferred_element_type=jnp.float32)
+  return flat.reshape(hidden.shape[:-1] + head.shape[-1:])
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Token-mean cross-entropy in float32: mean_t [logsumexp(z_t) - z_t[y_t]]."""
   losses = optax.softmax_cross_entropy_with_integer_labels(
@@ -77,31 +92,43 @@ def _split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
   return batch[..., :-1], batch[..., 1:]
 
 
-def _forward(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
-  """Loss of one micro-batch and (dlogits, labels, vjp_fn): its cotangent at the logits and
-  the model's vjp, from which the gradient and the GNB gradient are pulled back."""
+class _Pullback(NamedTuple):
+  """One micro-batch's forward and its backward through the head: what its gradient and
+  its GNB gradient are pulled back from."""
+  dlogits: jax.Array
+  labels: jax.Array
+  hidden: jax.Array
+  head: jax.Array
+  dhidden: jax.Array
+  dhead: jax.Array
+  vjp_features: Callable
+
+  def gradient(self) -> PyTree:
+    (grads,) = self.vjp_features((self.dhidden, self.dhead))
+    return grads
+
+  def gnb_gradient(self, key: jax.Array) -> PyTree:
+    (g_hat,) = self.vjp_features(hessian_lib.gnb_head_cotangents(
+        self.dlogits, self.labels, self.hidden, self.head, self.dhidden, self.dhead, key))
+    return g_hat
+
+
+def _forward(features_fn: FeaturesFn, params: PyTree, tokens: jax.Array):
+  """Loss of one micro-batch and its `_Pullback`."""
   x, y = _split_batch(tokens)
-  logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, x), params)
-  loss, dlogits = jax.value_and_grad(cross_entropy)(logits, y)
-  return loss, (dlogits.astype(logits.dtype), y, vjp_fn)
+  (hidden, head), vjp_features = jax.vjp(lambda p: features_fn(p, x), params)
+  z, vjp_head = jax.vjp(logits, hidden, head)
+  loss, dlogits = jax.value_and_grad(cross_entropy)(z, y)
+  dhidden, dhead = vjp_head(dlogits)
+  return loss, _Pullback(dlogits, y, hidden, head, dhidden, dhead, vjp_features)
 
 
-def _loss_grads_and_vjp(apply_fn: ApplyFn, params: PyTree, tokens: jax.Array):
-  loss, last = _forward(apply_fn, params, tokens)
-  dlogits, _, vjp_fn = last
-  (grads,) = vjp_fn(dlogits)
-  return loss, grads, last
+def _loss_grads_and_pullback(features_fn: FeaturesFn, params: PyTree, tokens: jax.Array):
+  loss, pullback = _forward(features_fn, params, tokens)
+  return loss, pullback.gradient(), pullback
 
 
-def _gnb_gradient(apply_fn: ApplyFn, params: PyTree, inputs: jax.Array,
-                  key: jax.Array) -> PyTree:
-  """g_hat of one micro-batch with its own forward pass (used for A > 1 only)."""
-  logits, vjp_fn = jax.vjp(lambda p: apply_fn(p, inputs), params)
-  (g_hat,) = vjp_fn(hessian_lib.gnb_logits_cotangent(logits, key))
-  return g_hat
-
-
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs, *,
+def make_train_step(features_fn: FeaturesFn, tx: optax.GradientTransformationExtraArgs, *,
                     estimator: str | None, grad_accum: int = 1,
                     grad_clip: float | None = 1.0,
                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
@@ -109,7 +136,8 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
   """Build `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
   Args:
-    apply_fn: (params, input_ids) -> float32 logits (batch, seq, vocab).
+    features_fn: (params, input_ids) -> (hidden, head), the model split at its output
+      layer (logits = hidden @ head); see `FeaturesFn`.
     tx: the optimizer; when `estimator` is set it must accept `hessian_fn`.
     estimator: None (first-order), "gnb" or "hutchinson".
     grad_accum: A; `batch` then has shape (A, micro_batch, seq + 1).
@@ -126,70 +154,78 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
   clip = optax.clip_by_global_norm(grad_clip) if grad_clip is not None else None
 
   def accumulate(params, batch):
-    """Mean loss and gradient over the micro-batches; the last one's vjp is kept."""
+    """Mean loss and gradient over the micro-batches; the last one's pullback is kept."""
     if grad_accum == 1:
-      return _loss_grads_and_vjp(apply_fn, params, batch)
+      return _loss_grads_and_pullback(features_fn, params, batch)
 
     def body(carry, tokens):
       loss_sum, grad_sum = carry
-      loss, grads, _ = _loss_grads_and_vjp(apply_fn, params, tokens)
+      loss, grads, _ = _loss_grads_and_pullback(features_fn, params, tokens)
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                            batch[:-1])
-    loss, grads, last = _loss_grads_and_vjp(apply_fn, params, batch[-1])
+    loss, grads, last = _loss_grads_and_pullback(features_fn, params, batch[-1])
     loss = (loss_sum + loss) / grad_accum
     grads = jax.tree.map(lambda s, g: (s + g) / grad_accum, grad_sum, grads)
     return loss, grads, last
 
-  def make_hessian_fn(params, batch, last, key):
-    dlogits, labels, vjp_fn = last
-    if estimator == "hutchinson":
-      x, y = _split_batch(batch if grad_accum == 1 else batch[-1])
-      return hessian_lib.hutchinson(lambda p: cross_entropy(apply_fn(p, x), y), key)
+  def gnb_estimate(params, batch, last: _Pullback, key):
+    """g_hat * g_hat over the step's whole batch, reusing the last micro-batch's pullback
+    and recomputing the forward of the others (A > 1)."""
     if grad_accum == 1:
-      def hessian_fn(_):
-        (g_hat,) = vjp_fn(hessian_lib.gnb_cotangent_from_ce_cotangent(dlogits, labels, key))
-        return jax.tree.map(jnp.square, g_hat)
+      return jax.tree.map(jnp.square, last.gnb_gradient(key))
+    keys = jax.random.split(key, grad_accum)
 
-      return hessian_fn
+    def body(g_sum, tokens_and_key):
+      tokens, k = tokens_and_key
+      g_hat = _forward(features_fn, params, tokens)[1].gnb_gradient(k)
+      return jax.tree.map(jnp.add, g_sum, g_hat), None
 
-    def hessian_fn(_):
-      keys = jax.random.split(key, grad_accum)
-      (g_last,) = vjp_fn(
-          hessian_lib.gnb_cotangent_from_ce_cotangent(dlogits, labels, keys[-1]))
+    g_sum, _ = jax.lax.scan(body, last.gnb_gradient(keys[-1]), (batch[:-1], keys[:-1]))
+    return jax.tree.map(lambda g: jnp.square(g / grad_accum), g_sum)
 
-      def body(g_sum, inputs_and_key):
-        inputs, k = inputs_and_key
-        return jax.tree.map(jnp.add, g_sum, _gnb_gradient(apply_fn, params, inputs, k)), None
+  def last_micro_batch(batch):
+    return batch if grad_accum == 1 else batch[-1]
 
-      inputs = _split_batch(batch[:-1])[0]
-      g_sum, _ = jax.lax.scan(body, g_last, (inputs, keys[:-1]))
-      return jax.tree.map(lambda g: jnp.square(g / grad_accum), g_sum)
-
-    return hessian_fn
+  def gradients_and_gnb(params, batch, key, refresh: bool):
+    """Loss, gradient and, on refresh steps, the GNB estimate from the same forward pass
+    (zeros on other steps, where the optimizer does not read it)."""
+    loss, grads, last = accumulate(params, batch)
+    if refresh:
+      return loss, grads, gnb_estimate(params, batch, last, key)
+    return loss, grads, jax.tree.map(jnp.zeros_like, params)
 
   def recomputed_gnb(params, batch, key):
-    """The GNB hessian_fn of make_hessian_fn, but running the last micro-batch's forward
-    pass itself instead of sharing the step's (used where the step keeps no vjp)."""
-    def hessian_fn(p):
-      _, last = _forward(apply_fn, params, batch if grad_accum == 1 else batch[-1])
-      return make_hessian_fn(params, batch, last, key)(p)
-
+    """A GNB hessian_fn that runs the last micro-batch's forward pass itself."""
+    def hessian_fn(_):
+      _, last = _forward(features_fn, params, last_micro_batch(batch))
+      return gnb_estimate(params, batch, last, key)
     return hessian_fn
 
-  def step_with(state, batch, keep_vjp: bool):
+  def train_step(state: TrainState, batch: jax.Array):
     params = state.params
     key = jax.random.fold_in(state.rng, state.step)
-    loss, grads, last = accumulate(params, batch)
     if estimator is None:
+      loss, grads, _ = accumulate(params, batch)
       hessian_fn = None
-    elif keep_vjp or estimator == "hutchinson":
-      hessian_fn = make_hessian_fn(params, batch, last, key)
+    elif estimator == "hutchinson":
+      loss, grads, _ = accumulate(params, batch)
+      x, y = _split_batch(last_micro_batch(batch))
+      hessian_fn = hessian_lib.hutchinson(
+          lambda p: cross_entropy(logits(*features_fn(p, x)), y), key)
     else:
-      # `last` unused: the step's residuals end with its own backward.
-      hessian_fn = recomputed_gnb(params, batch, key)
+      # The estimate is formed in the step's own branch on the optimizer's refresh test,
+      # not inside the optimizer's cond: as operands of that cond the backward's residuals
+      # made every step ~7% slower on qwen-cpu. Should the optimizer ever refresh when
+      # `due` is False, it gets a recomputed estimate, never the zeros.
+      due = transforms.hessian_refresh_due(state.opt_state)
+      loss, grads, estimate = jax.lax.cond(
+          due, functools.partial(gradients_and_gnb, refresh=True),
+          functools.partial(gradients_and_gnb, refresh=False), params, batch, key)
+      hessian_fn = lambda p: jax.lax.cond(  # noqa: E731
+          due, lambda _: estimate, recomputed_gnb(params, batch, key), p)
     grad_norm = optax.tree.norm(grads)
     if clip is not None:
       grads, _ = clip.update(grads, clip.init(params))
@@ -197,21 +233,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
       updates, opt_state = tx.update(grads, state.opt_state, params)
     else:
       updates, opt_state = tx.update(grads, state.opt_state, params, hessian_fn=hessian_fn)
-    return optax.apply_updates(params, updates), opt_state, loss, grad_norm
-
-  def train_step(state: TrainState, batch: jax.Array):
-    due = (transforms.hessian_refresh_due(state.opt_state) if estimator == "gnb" else None)
-    if due is None:
-      params, opt_state, loss, grad_norm = step_with(state, batch, keep_vjp=False)
-    else:
-      # GNB needs the forward pass's vjp on refresh steps only. Using it inside the
-      # optimizer's cond keeps the backward's residuals alive as cond operands, which made
-      # every step about 7% slower on qwen-cpu; so plain steps run a step that keeps no vjp
-      # (its hessian_fn, which the optimizer would call only if `due` were wrong, runs its
-      # own forward), and refresh steps one that reuses it.
-      params, opt_state, loss, grad_norm = jax.lax.cond(
-          due, lambda: step_with(state, batch, keep_vjp=True),
-          lambda: step_with(state, batch, keep_vjp=False))
+    params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm}
     if learning_rate_fn is not None:
       metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
@@ -228,9 +250,9 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformationExtraArgs
   return train_step
 
 
-def make_eval_step(apply_fn: ApplyFn):
+def make_eval_step(features_fn: FeaturesFn):
   """`eval_step(params, batch) -> token-mean validation loss` (not yet jitted)."""
   def eval_step(params, batch):
     x, y = _split_batch(batch)
-    return cross_entropy(apply_fn(params, x), y)
+    return cross_entropy(logits(*features_fn(params, x)), y)
   return eval_step

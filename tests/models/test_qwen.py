@@ -157,6 +157,22 @@ def test_apply_is_pure_and_matches_module(tiny):
   np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(logits), atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_features_are_the_logits_split_at_the_head(tie):
+  """features() -> (hidden, head) with logits = hidden @ head; head is the output matrix,
+  the embedding's transpose when tied (the train step differentiates this product)."""
+  config = dataclasses.replace(TINY, tie_embeddings=tie)
+  graphdef, params = qwen.split_params(qwen.Qwen(config, rngs=nnx.Rngs(0)))
+  params = _perturbed(params)
+  ids = _ids(2, 12)
+  hidden, head = qwen.features(graphdef, params, ids)
+  assert hidden.shape == (2, 12, config.hidden_size) and hidden.dtype == config.dtype
+  want_head = params["embed"]["embedding"].T if tie else params["lm_head"]["kernel"]
+  np.testing.assert_array_equal(head, want_head)
+  np.testing.assert_allclose(jnp.einsum("bsd,dv->bsv", hidden, head),
+                             qwen.apply(graphdef, params, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_causal(tiny):
   graphdef, params = tiny
   ids = _ids(1, 12)

@@ -1,5 +1,5 @@
-"""train/step.py: the GNB refresh shares the step's forward pass, plain steps keep no vjp,
-and the step is the same whichever branch a (wrong) refresh guess picks."""
+"""train/step.py: the GNB refresh shares the step's forward pass and equals the stand-alone
+estimate, and the step is the same whichever branch a (wrong) refresh guess picks."""
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,12 @@ from sophia_lambda_jax.train import step as step_lib
 VOCAB, DIM, BATCH, SEQ = 11, 6, 4, 5
 
 
+def features_fn(params, ids):
+  return jnp.tanh(params["embed"][ids]), params["head"]
+
+
 def apply_fn(params, ids):
-  return jnp.tanh(params["embed"][ids]) @ params["head"]
+  return step_lib.logits(*features_fn(params, ids))
 
 
 def init(tx, seed=0):
@@ -34,7 +38,7 @@ def batches(grad_accum, n):
 def run(grad_accum, steps=5):
   tx = slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ * grad_accum,
                   hessian_interval=2)
-  train_step = jax.jit(step_lib.make_train_step(apply_fn, tx, estimator="gnb",
+  train_step = jax.jit(step_lib.make_train_step(features_fn, tx, estimator="gnb",
                                                 grad_accum=grad_accum))
   state, losses = init(tx), []
   for batch in batches(grad_accum, steps):
@@ -46,8 +50,8 @@ def run(grad_accum, steps=5):
 @pytest.mark.parametrize("grad_accum", [1, 2])
 @pytest.mark.parametrize("guess", [True, False])
 def test_a_wrong_refresh_guess_changes_nothing(monkeypatch, grad_accum, guess):
-  """Forcing the step's branch (always the vjp-sharing one, or always the one that keeps
-  no vjp and lets the optimizer's hessian_fn run its own forward) gives the same run."""
+  """Forcing the step's branch (always the one that forms the estimate, or always the one
+  that does not, so the optimizer's hessian_fn runs its own forward) gives the same run."""
   want_state, want_losses = run(grad_accum)
   monkeypatch.setattr(transforms, "hessian_refresh_due", lambda state: jnp.asarray(guess))
   got_state, got_losses = run(grad_accum)
@@ -65,7 +69,7 @@ def test_refresh_step_estimate_is_gnb_of_the_step_batch():
   tx = slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ, b2=0.9, hessian_interval=2)
   state = init(tx)
   batch = batches(1, 1)[0]
-  new_state, metrics = jax.jit(step_lib.make_train_step(apply_fn, tx, estimator="gnb"))(
+  new_state, metrics = jax.jit(step_lib.make_train_step(features_fn, tx, estimator="gnb"))(
       state, batch)
   key = jax.random.fold_in(state.rng, 0)
   want = hessian.gauss_newton_bartlett(lambda p: apply_fn(p, batch[:, :-1]), key)(
