@@ -241,12 +241,15 @@ def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array
                      f" got {head.shape} and {dhead.shape}")
   tokens = max(1, labels.size)
   y, y_hat = labels.reshape(-1), y_hat.reshape(-1)
-  head_rows = jax.lax.stop_gradient(head).T.astype(jnp.float32)  # (V, d)
-  rows = jax.lax.stop_gradient(hidden).reshape(-1, width).astype(jnp.float32) / tokens
+  head = jax.lax.stop_gradient(head)
+  column = lambda i: jnp.take(head, i, axis=1).astype(jnp.float32)  # noqa: E731  (d, N)
   dhidden_hat = (dhidden.astype(jnp.float32)
-                 + ((head_rows[y] - head_rows[y_hat]) / tokens).reshape(dhidden.shape))
-  dhead_rows = jnp.zeros((vocab, width), jnp.float32).at[y].add(rows).at[y_hat].add(-rows)
-  dhead_hat = dhead.astype(jnp.float32) + dhead_rows.T
+                 + ((column(y) - column(y_hat)).T / tokens).reshape(dhidden.shape))
+  # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t.
+  rows = jax.lax.stop_gradient(hidden).reshape(-1, width).astype(jnp.float32) / tokens
+  update = jax.ops.segment_sum(jnp.concatenate([rows, -rows]),
+                               jnp.concatenate([y, y_hat]), num_segments=vocab)  # (V, d)
+  dhead_hat = dhead.astype(jnp.float32) + update.T
   return dhidden_hat.astype(dhidden.dtype), dhead_hat.astype(dhead.dtype)
 
 
