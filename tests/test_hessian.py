@@ -276,6 +276,12 @@ def test_estimators_work_under_jit_with_traced_keys():
   assert not np.allclose(other[2]["a"], jitted[2]["a"])  # the traced key is really used
 
 
+def _ce_cotangent(logits, labels):
+  """d/dz of the token-mean cross-entropy: what a training step holds after its loss."""
+  return jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+      z, labels).mean())(logits)
+
+
 @pytest.mark.parametrize("vocab", [5, 128, 300])
 def test_sample_categorical_matches_the_distribution(vocab):
   logits = jax.random.normal(jax.random.PRNGKey(vocab), (vocab,)) * 2.0
@@ -298,8 +304,7 @@ def test_cotangent_from_ce_cotangent_equals_the_logits_form():
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(4, 32, 300)) * 3, jnp.float32)
   labels = jnp.asarray(rng.integers(0, 300, size=(4, 32)), jnp.int32)
-  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
-      z, labels).mean())(logits)
+  dlogits = _ce_cotangent(logits, labels)
   for seed in range(3):
     key = jax.random.key(seed)
     want = hessian.gnb_logits_cotangent(logits, key)
@@ -326,8 +331,7 @@ def test_head_cotangents_equal_the_pullback_of_the_gnb_logits_cotangent(dtype, t
   labels = jnp.asarray(rng.integers(0, 300, size=(3, 16)), jnp.int32)
   logits_fn = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)  # noqa: E731
   z, vjp_head = jax.vjp(logits_fn, hidden, head)
-  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
-      z, labels).mean())(z)
+  dlogits = _ce_cotangent(z, labels)
   dhidden, dhead = vjp_head(dlogits)
   for seed in range(3):
     key = jax.random.key(seed)
@@ -360,8 +364,7 @@ def test_sample_from_ce_cotangent_draws_the_labels_of_the_recovered_probabilitie
   rng = np.random.default_rng(vocab)
   logits = jnp.asarray(rng.normal(size=(64, vocab)) * 3, jnp.float32)
   labels = jnp.asarray(rng.integers(0, vocab, size=(64,)), jnp.int32)
-  dlogits = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(
-      z, labels).mean())(logits)
+  dlogits = _ce_cotangent(logits, labels)
   for seed in range(3):
     key = jax.random.key(seed)
     got = hessian.sample_from_ce_cotangent(dlogits, labels, key)
