@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from experiments import protocols
-from experiments.protocols import RunSpec
+from sophia_lambda_jax.compare import protocols
+from sophia_lambda_jax.compare.protocols import RunSpec
 
 BLOCK_SIZES = (1, 8, 64, 256)
 DEFAULT_BLOCK_SIZE = 64
@@ -90,7 +90,7 @@ def _describe(label: str) -> str:
 def ablation_report(root: Path) -> dict:
   """Per family: val loss mean +- std, vs baseline, opt-state bytes, overhead, and the
   number of Hessian refreshes (from the last metrics record that has it)."""
-  from experiments import tables
+  from sophia_lambda_jax.compare import tables
 
   plan, records = tables.load_results(root)
   aggs = tables.aggregate(records)
@@ -134,7 +134,7 @@ def ablation_report(root: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
-  from experiments import compare
+  from sophia_lambda_jax.compare import runner
 
   p = argparse.ArgumentParser(prog="python -m experiments.ablations",
                               description="Sophia-Lambda ablations on the cpu setting.")
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
   p.add_argument("--retry-failed", action="store_true")
   p.add_argument("--list", action="store_true", help="print the runs and exit")
   args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-  overrides = compare._parse_set(args.set)
+  overrides = runner._parse_set(args.set)
   if args.steps is not None:
     overrides["steps"] = args.steps
   try:
@@ -164,9 +164,9 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
     for s in specs:
       print(f"{s.run_name} [{s.group}]: {json.dumps(s.fields, sort_keys=True)}")
     return 0
-  compare.write_plan(root, specs, "ablation")
-  statuses = compare.execute(specs, root, trainer=trainer, retry_failed=args.retry_failed)
-  if not compare._is_main_process():
+  runner.write_plan(root, specs, "ablation")
+  statuses = runner.execute(specs, root, trainer=trainer, retry_failed=args.retry_failed)
+  if not runner._is_main_process():
     return 0
   report = ablation_report(root)
   for name, text in (("ablations.md", report["markdown"]),
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
     tmp = root / (name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, root / name)
-  from experiments import plots, tables
+  from sophia_lambda_jax.compare import plots, tables
 
   _, records = tables.load_results(root)
   png = plots.plot_ablations(records, root / "ablations.png")

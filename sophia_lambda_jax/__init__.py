@@ -14,30 +14,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-_OPTIMIZER_NAMES = (
-    "adamw",
-    "lion",
-    "stable_adamw",
-    "lavsm",
-    "lamvs",
-    "sophia",
-    "sophia_h",
-    "sophia_lambda",
-    "get_optimizer",
-    "OPTIMIZERS",
-)
-_SUBMODULES = ("transforms", "optimizers", "hessian", "labels", "models", "data", "train")
+_SUBMODULES = ("transforms", "optimizers", "hessian", "labels", "models", "data", "train",
+               "compare")
 
-__all__ = list(_OPTIMIZER_NAMES) + list(_SUBMODULES)
+__all__ = list(_SUBMODULES)
 
 
 def __getattr__(name):
-  if name in _OPTIMIZER_NAMES:
-    return getattr(importlib.import_module(".optimizers", __name__), name)
   if name in _SUBMODULES:
     return importlib.import_module(f".{name}", __name__)
+  optimizers = importlib.import_module(".optimizers", __name__)
+  if name in optimizers.__all__:
+    return getattr(optimizers, name)
   raise AttributeError(f"module 'sophia_lambda_jax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + __all__)
+  optimizers = importlib.import_module(".optimizers", __name__)
+  return sorted(set(globals()) | set(__all__) | set(optimizers.__all__))

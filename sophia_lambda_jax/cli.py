@@ -39,9 +39,9 @@ def _train(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-  from experiments import compare
+  from sophia_lambda_jax.compare import runner
 
-  return compare.main(argv)
+  return runner.main(argv)
 
 
 COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare}

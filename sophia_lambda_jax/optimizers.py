@@ -9,7 +9,9 @@
 Every optimizer keeps its moments and Hessian EMA in float32 whatever the parameter dtype
 (``transforms.with_float32_state``) and returns updates in the parameter dtype.
 
-Second-order optimizers (``SECOND_ORDER``) need ``params`` and ``hessian_fn`` (params ->
+The registry ``OPTIMIZERS`` (name -> ``OptimizerSpec``) is the one place that knows each
+optimizer: its factory, aliases, display name, source, default learning rate and Hessian
+estimator; ``register`` adds one. Second-order optimizers (``OPTIMIZERS[name].second_order``) need ``params`` and ``hessian_fn`` (params ->
 pytree like params, a fresh Hessian-diagonal estimate, e.g. ``slj.hessian.
 gauss_newton_bartlett``) in ``update``; ``hessian_fn`` runs only on refresh steps.
 
@@ -34,19 +36,16 @@ row the update is applied anyway, so a persistently broken run still surfaces.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any, Callable, Optional, Union
+import types
+from typing import Any, Callable, Mapping, Optional, Union
 
 import optax
 
 from . import transforms
 
 ScalarOrSchedule = Union[float, Callable[[Any], Any]]
-
-OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "stable_adamw", "lavsm", "lamvs", "sophia",
-                               "sophia_h", "sophia_lambda")
-SECOND_ORDER: tuple[str, ...] = ("sophia", "sophia_h", "sophia_lambda")
-ALIASES = {"sophia_g": "sophia"}
 
 NONFINITE_MAX_CONSECUTIVE = 10
 
@@ -329,47 +328,105 @@ def sophia_lambda(
       layer_scale=layer_scale)
 
 
-_FACTORIES = {
-    "adamw": adamw,
-    "lion": lion,
-    "stable_adamw": stable_adamw,
-    "lavsm": lavsm,
-    "lamvs": lamvs,
-    "sophia": sophia,
-    "sophia_h": sophia_h,
-    "sophia_lambda": sophia_lambda,
-}
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """Everything the library, the trainer and the comparison tables know about one optimizer.
+
+  name: the registry key (``get_optimizer(name)``); aliases: other names that resolve to it.
+  factory: the function building the ``optax`` transformation.
+  display_name: the name tables and plots print.
+  source: where the update rule comes from (paper, or "reconstruction").
+  base_learning_rate: the trainer's peak learning rate for a model of hidden size 128 when
+    none is given (scaled 1/width, ``train.config.TrainConfig.resolved_learning_rate``).
+  hessian_estimator: None for first-order optimizers; "gnb" or "hutchinson": the curvature
+    estimate the trainer hands to ``update`` as ``hessian_fn``.
+  needs_batch_tokens: the update multiplies the curvature by ``batch_tokens`` (GNB).
+  """
+  name: str
+  factory: Callable[..., optax.GradientTransformationExtraArgs]
+  display_name: str
+  source: str
+  base_learning_rate: float
+  hessian_estimator: Optional[str] = None
+  needs_batch_tokens: bool = False
+  aliases: tuple[str, ...] = ()
+
+  @property
+  def second_order(self) -> bool:
+    return self.hessian_estimator is not None
+
+  def hyperparameters(self) -> tuple[str, ...]:
+    """The keyword arguments the factory accepts."""
+    return tuple(inspect.signature(self.factory).parameters)
+
+
+HESSIAN_ESTIMATORS = ("gnb", "hutchinson")
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+# Read-only, in registration order (the order of tables and plots): name -> OptimizerSpec.
+# ``list(OPTIMIZERS)`` is the list of names; ``OPTIMIZERS["sophia"].display_name``.
+OPTIMIZERS: Mapping[str, OptimizerSpec] = types.MappingProxyType(_REGISTRY)
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+  """Adds ``spec`` to the registry: ``get_optimizer``, ``slj train``, ``slj compare`` and the
+  tables then know it. A name or alias already taken raises ValueError."""
+  if not isinstance(spec, OptimizerSpec):
+    raise ValueError(f"register expects an OptimizerSpec, got {type(spec).__name__}")
+  if spec.hessian_estimator not in (None,) + HESSIAN_ESTIMATORS:
+    raise ValueError(f"OptimizerSpec {spec.name!r}: hessian_estimator must be None or one "
+                     f"of {HESSIAN_ESTIMATORS}, got {spec.hessian_estimator!r}")
+  for key in (spec.name,) + spec.aliases:
+    if key in _REGISTRY or key in _ALIASES:
+      raise ValueError(f"optimizer name {key!r} is already registered")
+  _REGISTRY[spec.name] = spec
+  _ALIASES.update({alias: spec.name for alias in spec.aliases})
+  return spec
+
+
+def unregister(name: str) -> None:
+  """Removes a registered optimizer and its aliases (for tests and notebooks)."""
+  spec = _REGISTRY.pop(resolve(name).name)
+  for alias in spec.aliases:
+    _ALIASES.pop(alias, None)
+
+
+def resolve(name: str) -> OptimizerSpec:
+  """The registry record of ``name`` or one of its aliases; unknown names raise ValueError."""
+  spec = _REGISTRY.get(_ALIASES.get(name, name)) if isinstance(name, str) else None
+  if spec is None:
+    raise ValueError(f"unknown optimizer {name!r}; valid names: "
+                     f"{', '.join(list(_REGISTRY) + list(_ALIASES))}")
+  return spec
 
 
 def canonical_name(name: str) -> str:
   """Registry name for ``name`` (aliases resolved); unknown names raise ValueError."""
-  key = ALIASES.get(name, name)
-  if key not in _FACTORIES:
-    raise ValueError(
-        f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS + tuple(ALIASES))}")
-  return key
+  return resolve(name).name
 
 
 def hyperparameter_names(name: str) -> tuple[str, ...]:
   """The hyperparameters ``get_optimizer(name, ...)`` accepts."""
-  return tuple(inspect.signature(_FACTORIES[canonical_name(name)]).parameters)
+  return resolve(name).hyperparameters()
 
 
 def get_optimizer(name: str, skip_nonfinite: Union[bool, int] = False,
                   **hyperparams) -> optax.GradientTransformationExtraArgs:
-  """Builds optimizer ``name`` (one of ``OPTIMIZERS`` or an alias) with ``hyperparams``.
+  """Builds optimizer ``name`` (a key of ``OPTIMIZERS`` or an alias) with ``hyperparams``.
 
   Unknown names or hyperparameters and invalid values raise ValueError naming them.
   ``skip_nonfinite=True`` (or an int: the number of consecutive bad steps tolerated, default
   ``NONFINITE_MAX_CONSECUTIVE``) wraps the optimizer in ``optax.apply_if_finite``.
   """
-  key = canonical_name(name)
-  valid = hyperparameter_names(key)
+  spec = resolve(name)
+  valid = spec.hyperparameters()
   unknown = sorted(set(hyperparams) - set(valid))
   if unknown:
     raise ValueError(
         f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {list(valid)}")
-  tx = _FACTORIES[key](**hyperparams)
+  tx = spec.factory(**hyperparams)
   if skip_nonfinite:
     max_errors = NONFINITE_MAX_CONSECUTIVE if skip_nonfinite is True else int(skip_nonfinite)
     if max_errors < 1:
@@ -378,7 +435,32 @@ def get_optimizer(name: str, skip_nonfinite: Union[bool, int] = False,
   return tx
 
 
+# Base learning rates: sign-like updates (Lion, the clipped Sophia family) move every
+# coordinate by up to lr, so they get smaller values than the Adam family, as in their papers.
+register(OptimizerSpec("adamw", adamw, "AdamW", "Loshchilov & Hutter 2019", 3e-3))
+register(OptimizerSpec("lion", lion, "Lion", "Chen et al. 2023", 3e-4))
+register(OptimizerSpec("stable_adamw", stable_adamw, "StableAdamW", "Wortsman et al. 2023",
+                       3e-3))
+register(OptimizerSpec("lavsm", lavsm, "LAVSM", "LAVSM paper, eqs. 1-5", 3e-3))
+register(OptimizerSpec("lamvs", lamvs, "LAMVS", "reconstruction (the papers only name it)",
+                       3e-3))
+register(OptimizerSpec("sophia", sophia, "Sophia (Sophia-G)", "Liu et al. 2023, Alg. 3 (GNB)", 1e-3,
+                       hessian_estimator="gnb", needs_batch_tokens=True,
+                       aliases=("sophia_g",)))
+register(OptimizerSpec("sophia_h", sophia_h, "Sophia-H", "Liu et al. 2023, Alg. 3 (Hutchinson)",
+                       1e-3, hessian_estimator="hutchinson"))
+register(OptimizerSpec("sophia_lambda", sophia_lambda, "Sophia-Lambda",
+                       "Sophia-Lambda paper, eqs. 1-2", 1e-3, hessian_estimator="gnb",
+                       needs_batch_tokens=True))
+
+
 hessian_interval_and_count = transforms.hessian_interval_and_count
 clip_fraction = transforms.clip_fraction
 hessian_relative_change = transforms.hessian_relative_change
 hessian_refresh_due = transforms.hessian_refresh_due
+
+# What ``sophia_lambda_jax`` re-exports at the top level: the registry and every factory.
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "register", "unregister", "resolve",
+           "get_optimizer", "hessian_interval_and_count", "clip_fraction",
+           "hessian_relative_change", "hessian_refresh_due"] + [
+               spec.factory.__name__ for spec in _REGISTRY.values()]

@@ -79,10 +79,10 @@ def check_state_sharding(state, mesh):
   return checked
 
 
-@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS))
 def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
   kwargs = {"batch_tokens": 256} if name in ("sophia", "sophia_lambda") else {}
-  if name in optimizers.SECOND_ORDER:
+  if optimizers.OPTIMIZERS[name].second_order:
     kwargs["hessian_interval"] = 2
   tx = slj.get_optimizer(name, learning_rate=1e-2, **kwargs)
   params_np = arrays(0, 1.0)

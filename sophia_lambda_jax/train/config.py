@@ -31,29 +31,23 @@ import math
 from pathlib import Path
 from typing import Any
 
-# SPEC section 1: hyperparameter names shared by the optimizers. `learning_rate` is a field of
-# its own (it becomes a warmup + cosine schedule) and `batch_tokens` is derived, never typed.
-OPTIMIZER_HYPERPARAMETERS = (
-    "b1", "b2", "eps", "weight_decay", "rho", "hessian_interval", "block_size",
-    "adaptive_interval", "min_interval", "max_interval", "r_low", "r_high", "layer_scale",
-    "role_scales", "variance_clip")
-
-# Peak learning rates used when `learning_rate` is None, for a model of hidden size 128
-# (qwen-cpu); `default_learning_rate` scales them as 1/width (the muP rule for hidden
-# matrices under Adam-type updates). Sign-like updates (Lion, the clipped Sophia family)
-# move every coordinate by up to lr, so they get smaller values, as in their papers.
-BASE_LEARNING_RATES = {
-    "adamw": 3e-3,
-    "stable_adamw": 3e-3,
-    "lamvs": 3e-3,
-    "lavsm": 3e-3,
-    "lion": 3e-4,
-    "sophia": 1e-3,
-    "sophia_g": 1e-3,
-    "sophia_h": 1e-3,
-    "sophia_lambda": 1e-3,
-}
+# Peak learning rates for `learning_rate=None` are each optimizer's
+# `OptimizerSpec.base_learning_rate`, set for a model of hidden size 128 (qwen-cpu) and scaled
+# as 1/width (the muP rule for hidden matrices under Adam-type updates).
 _BASE_WIDTH = 128
+# Hyperparameters that are not `--opt.*` flags: `learning_rate` is a field of its own (it
+# becomes a warmup + cosine schedule), `batch_tokens` is derived, `mask` is not JSON.
+_NOT_OPTIMIZER_FLAGS = ("learning_rate", "batch_tokens", "mask")
+
+
+def optimizer_hyperparameters() -> tuple[str, ...]:
+  """Every hyperparameter name that some registered optimizer accepts (`--opt.NAME`)."""
+  from sophia_lambda_jax import optimizers
+
+  names = dict.fromkeys(name for spec in optimizers.OPTIMIZERS.values()
+                        for name in spec.hyperparameters())
+  return tuple(n for n in names if n not in _NOT_OPTIMIZER_FLAGS)
+
 
 # Fields that change the trajectory of a run: resuming a checkpoint with any of them changed
 # is refused (SPEC 5: resume continues identically). The others (out, steps to log, eval and
@@ -77,7 +71,7 @@ class TrainConfig:
   # Optimizer: a name of `sophia_lambda_jax.OPTIMIZERS` and its SPEC hyperparameters.
   optimizer: str = "adamw"
   optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-  # Peak learning rate; None -> BASE_LEARNING_RATES[optimizer] * 128 / hidden_size.
+  # Peak learning rate; None -> the optimizer's base_learning_rate * 128 / hidden_size.
   learning_rate: float | None = None
   # Linear warmup from 0, then cosine decay to final_lr_fraction * peak at `steps`.
   # None -> steps // 10.
@@ -195,10 +189,10 @@ class TrainConfig:
   def resolved_learning_rate(self, hidden_size: int) -> float:
     if self.learning_rate is not None:
       return float(self.learning_rate)
-    if self.optimizer not in BASE_LEARNING_RATES:
-      raise ValueError(f"no default learning rate for optimizer {self.optimizer!r}; "
-                       f"pass learning_rate (known: {sorted(BASE_LEARNING_RATES)})")
-    return BASE_LEARNING_RATES[self.optimizer] * _BASE_WIDTH / hidden_size
+    from sophia_lambda_jax import optimizers
+
+    spec = optimizers.resolve(self.optimizer)
+    return spec.base_learning_rate * _BASE_WIDTH / hidden_size
 
   # ------------------------------------------------------------------------- (de)serialise
   def to_dict(self) -> dict[str, Any]:
@@ -338,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Train one model with one optimizer; resumes from the newest complete "
                   "checkpoint in --out.",
       epilog="Optimizer hyperparameters: --opt.NAME VALUE or --NAME VALUE for NAME in "
-             f"{', '.join(OPTIMIZER_HYPERPARAMETERS)}. Model overrides: --model.NAME VALUE. "
+             f"{', '.join(optimizer_hyperparameters())}. Model overrides: --model.NAME VALUE. "
              "batch_tokens is derived (batch_size * seq_len).")
   parser.add_argument("--config", help="JSON file of TrainConfig fields (flags override it)")
   for field in dataclasses.fields(TrainConfig):
@@ -375,9 +369,9 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
     if name.startswith("opt."):
       name = name[len("opt."):]
     key = name.replace("-", "_")
-    if key not in OPTIMIZER_HYPERPARAMETERS:
+    if key not in optimizer_hyperparameters():
       parser.error(f"unknown flag --{name}; optimizer hyperparameters are "
-                   f"{', '.join(OPTIMIZER_HYPERPARAMETERS)}")
+                   f"{', '.join(optimizer_hyperparameters())}")
     optimizer_kwargs[key] = _parse_value(value)
 
   values = TrainConfig.from_json(args.config).to_dict() if getattr(args, "config", None) \

@@ -32,10 +32,7 @@ from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import MetricsLogger, finite_or_none, read_metrics
-from sophia_lambda_jax.train.step import ESTIMATORS, TrainState, make_eval_step, make_train_step
-
-# Optimizers whose update multiplies the curvature by batch_tokens (SPEC 2: GNB).
-NEEDS_BATCH_TOKENS = ("sophia", "sophia_g", "sophia_lambda")
+from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
 def learning_rate_schedule(config: TrainConfig, peak: float) -> optax.Schedule:
@@ -50,7 +47,7 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule):
   from sophia_lambda_jax import optimizers
 
   kwargs = dict(config.optimizer_kwargs)
-  if config.optimizer in NEEDS_BATCH_TOKENS:
+  if optimizers.resolve(config.optimizer).needs_batch_tokens:
     kwargs["batch_tokens"] = config.batch_tokens
   return optimizers.get_optimizer(config.optimizer, learning_rate=schedule, **kwargs)
 
@@ -189,7 +186,9 @@ class TrainProgram:
     self.peak_lr = config.resolved_learning_rate(model.config.hidden_size)
     self.schedule = learning_rate_schedule(config, self.peak_lr)
     self.tx = build_optimizer(config, self.schedule)
-    self.estimator = ESTIMATORS.get(config.optimizer)
+    from sophia_lambda_jax import optimizers
+
+    self.estimator = optimizers.resolve(config.optimizer).hessian_estimator
 
     # Shardings: params from their logical axes, optimizer state following the params.
     self.abstract_opt = jax.eval_shape(self.tx.init, model.abstract_params)

@@ -54,9 +54,6 @@ PyTree = Any
 # model's compute dtype; the logits are hidden @ head (`logits`). E.g. `models.qwen.features`.
 FeaturesFn = Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]
 
-# Which curvature estimator each second-order optimizer uses (SPEC 2).
-ESTIMATORS = {"sophia": "gnb", "sophia_g": "gnb", "sophia_lambda": "gnb",
-              "sophia_h": "hutchinson"}
 
 
 class TrainState(NamedTuple):

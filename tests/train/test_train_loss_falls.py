@@ -8,7 +8,7 @@ from sophia_lambda_jax import OPTIMIZERS, train
 from train_helpers import losses
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_loss_falls_in_50_steps(optimizer, token_data, tmp_path):
   config = train.TrainConfig(
       model="qwen-tiny", optimizer=optimizer, steps=50, batch_size=8, seq_len=32,

@@ -1,12 +1,12 @@
 """Compare the optimizers under a protocol: `slj compare --protocol cpu`.
 
-    python -m experiments.compare --protocol cpu [--seeds N] [--out DIR]
-    python -m experiments.compare --protocol paper-short --data DIR [--set mesh=data=8,fsdp=1]
+    python -m sophia_lambda_jax.compare.runner --protocol cpu [--seeds N] [--out DIR]
+    python -m sophia_lambda_jax.compare.runner --protocol paper-short --data DIR [--set mesh=data=8,fsdp=1]
     # multi-host: the same command on every host, with its own --process-id
-    python -m experiments.compare --protocol paper --coordinator HOST0:1234 \
+    python -m sophia_lambda_jax.compare.runner --protocol paper --coordinator HOST0:1234 \
         --num-processes 2 --process-id 0 --set mesh=data=2,fsdp=8
 
-Every (optimizer, seed[, learning rate]) of the protocol (see `experiments.protocols`) is one
+Every (optimizer, seed[, learning rate]) of the protocol (see `sophia_lambda_jax.compare.protocols`) is one
 `sophia_lambda_jax.train.run_training` call writing into its own run directory
 `<out>/<label>/seed<seed>`. The runner is restartable:
 
@@ -17,8 +17,8 @@ Every (optimizer, seed[, learning rate]) of the protocol (see `experiments.proto
     invocations unless `--retry-failed` is given (a diverged run diverges again).
 
 At the end the runner writes `<out>/results.json`, `<out>/results.md` (the papers' tables
-with our measurements side by side, see `experiments.tables`) and the loss-curve PNGs
-(`experiments.plots`), and prints the summary table. With the same seeds on the same
+with our measurements side by side, see `sophia_lambda_jax.compare.tables`) and the loss-curve PNGs
+(`sophia_lambda_jax.compare.plots`), and prints the summary table. With the same seeds on the same
 machine a re-run reproduces the same losses (the training script is deterministic given
 its config); times and throughputs are measurements and vary.
 """
@@ -34,8 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from experiments import protocols
-from experiments.protocols import RunSpec
+from sophia_lambda_jax.compare import protocols
+from sophia_lambda_jax.compare.protocols import RunSpec
 
 SUMMARY = "summary.json"
 FAILED = "failed.json"
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="number of seeds 0..N-1 (default: 1; tuned: 3 for the final runs)")
   p.add_argument("--out", default=None, help="run directory (default: runs/compare-PROTOCOL)")
   p.add_argument("--optimizers", default=None,
-                 help=f"comma-separated subset of {','.join(protocols.OPTIMIZERS)}")
+                 help="comma-separated optimizer names (default: every registered one)")
   p.add_argument("--data", default=None,
                  help="prepared token directory (`slj tokenize`); default: 'builtin' for cpu "
                       f"and tuned, ./{protocols.PAPER_DATA} for paper and paper-short")
@@ -254,7 +254,7 @@ def _overrides(args) -> dict:
 def plan(args) -> list[RunSpec]:
   """The specs the arguments ask for (for tuned: the sweep; the final phase comes later)."""
   optimizers = (tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
-                if args.optimizers else protocols.OPTIMIZERS)
+                if args.optimizers else None)
   overrides = _overrides(args)
   if args.protocol == "tuned":
     return protocols.tuned_sweep(optimizers, **overrides)
@@ -302,14 +302,14 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
 
   if not _is_main_process():
     return 0
-  from experiments import tables
+  from sophia_lambda_jax.compare import tables
 
   report = tables.write_report(root)
   print()
   print(report["markdown_summary"])
   print(f"[compare] wrote {root / 'results.md'} and {root / 'results.json'}")
   if not args.no_plots:
-    from experiments import plots
+    from sophia_lambda_jax.compare import plots
 
     for path in plots.write_plots(root):
       print(f"[compare] wrote {path}")

@@ -7,9 +7,9 @@ import statistics
 
 import pytest
 
-from experiments import paper_claims, tables
+from sophia_lambda_jax.compare import paper_claims, tables
 
-from conftest import STEP_TIMES, fake_loss
+from compare_fakes import STEP_TIMES, fake_loss
 
 
 def _val(opt, seed):
@@ -88,9 +88,9 @@ def test_paper_tables_show_claim_ours_and_protocol(fake_compare):
 
 
 def test_ordering_verdict_when_every_row_is_measured(tmp_path, fake_trainer):
-  from experiments import compare
+  from sophia_lambda_jax.compare import runner
 
-  assert compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots"],
+  assert runner.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots"],
                       trainer=fake_trainer()) == 0
   sections = {sec.splitlines()[0]: sec for sec in
               (tmp_path / "results.md").read_text().split("### ")[1:]}

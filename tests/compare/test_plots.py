@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import ablations, compare, plots, tables
+from sophia_lambda_jax.compare import plots, runner, tables
+from experiments import ablations
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -59,8 +60,8 @@ def test_four_panels_with_one_line_per_finished_optimizer(fake_compare, monkeypa
 
 def test_ablation_panels_and_interval(tmp_path, fake_trainer):
   specs = ablations.ablation_specs(1, hutchinson_field=False, steps=20)
-  compare.write_plan(tmp_path, specs, "ablation")
-  compare.execute(specs, tmp_path, trainer=fake_trainer(interval=True), log=lambda *_: None)
+  runner.write_plan(tmp_path, specs, "ablation")
+  runner.execute(specs, tmp_path, trainer=fake_trainer(interval=True), log=lambda *_: None)
   _, records = tables.load_results(tmp_path)
   path = plots.plot_ablations(records, tmp_path / "ablations.png")
   assert path is not None and _png_size(path)[0] > 1000
@@ -78,7 +79,7 @@ def test_importing_the_plots_leaves_the_matplotlib_backend_alone():
   import subprocess
   import sys
 
-  code = ("import matplotlib; before = matplotlib.get_backend(); import experiments.plots; "
+  code = ("import matplotlib; before = matplotlib.get_backend(); import sophia_lambda_jax.compare.plots; "
           "print(before == matplotlib.get_backend())")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={"MPLBACKEND": "svg", "PATH": ""}, check=True)

@@ -1,8 +1,8 @@
 """Tables of a compare run: the papers' Table 1s with our measurements beside the claims.
 
-    python -m experiments.tables RUN_DIR      # (re)writes RUN_DIR/results.{json,md}
+    python -m sophia_lambda_jax.compare.tables RUN_DIR      # (re)writes RUN_DIR/results.{json,md}
 
-Input: a compare root (see `experiments.compare`) holding `plan.json` and one directory per
+Input: a compare root (see `sophia_lambda_jax.compare.compare`) holding `plan.json` and one directory per
 run with the training script's `summary.json`, `config.json` and `metrics.jsonl`.
 
 Every table row has three parts: the paper's claim, our measurement as mean +- sample std
@@ -35,22 +35,25 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
-from experiments import paper_claims
-from experiments.protocols import OPTIMIZERS, RunSpec
+from sophia_lambda_jax.compare import paper_claims
+from sophia_lambda_jax.compare.protocols import RunSpec
+from sophia_lambda_jax.optimizers import OPTIMIZERS
 
 PLAN = "plan.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 
-# Human names of the optimizers, as the papers write them.
-DISPLAY_NAMES = {
-    "adamw": "AdamW", "lion": "Lion", "stable_adamw": "StableAdamW", "lavsm": "LAVSM",
-    "lamvs": "LAMVS", "sophia": "Sophia (Sophia-G)", "sophia_h": "Sophia-H",
-    "sophia_lambda": "Sophia-Lambda",
-}
 
-# Keys of a metrics record that give the seconds since the run started (first one present).
-_ELAPSED_KEYS = ("elapsed_s", "wall_s", "wall_time_s", "time_s", "elapsed")
+
+def display_name(optimizer: str) -> str:
+  """The optimizer's name as the papers write it (its registry display name)."""
+  return OPTIMIZERS[optimizer].display_name if optimizer in OPTIMIZERS else optimizer
+
+
+def optimizer_rank(optimizer: str) -> int:
+  """Table order: registration order, unknown names last."""
+  names = list(OPTIMIZERS)
+  return names.index(optimizer) if optimizer in names else len(names)
 
 
 class RunRecord(NamedTuple):
@@ -163,29 +166,17 @@ def load_results(root: Path) -> tuple[dict, list[RunRecord]]:
 
 # ------------------------------------------------------------------------------ curves
 
-def elapsed_seconds(record: dict) -> float | None:
-  for key in _ELAPSED_KEYS:
-    value = record.get(key)
-    if isinstance(value, (int, float)):
-      return float(value)
-  return None
-
-
 def _is_train(r: dict) -> bool:
   return ("loss" in r and "step" in r and "val_loss" not in r
           and isinstance(r["loss"], (int, float)))
 
 
 def elapsed_by_step(metrics: Sequence[dict]) -> dict[int, float]:
-  """Seconds of training up to each step: the records' own elapsed time when they carry
-  one, else the cumulative sum of the train records' `step_time_s` (training time, without
-  evaluations and checkpoints; a restarted run adds up the time of both processes)."""
+  """Seconds of training up to each step: the cumulative sum of the train records'
+  `step_time_s` (training time, without evaluations and checkpoints; a restarted run adds
+  up the time of both processes)."""
   out, total = {}, 0.0
   for r in sorted((r for r in metrics if _is_train(r)), key=lambda r: r["step"]):
-    own = elapsed_seconds(r)
-    if own is not None:
-      out[int(r["step"])] = own
-      continue
     dt = r.get("step_time_s")
     if not isinstance(dt, (int, float)):
       return {}
@@ -209,9 +200,7 @@ def val_curve(metrics: Sequence[dict]) -> list[tuple[int, float, float | None]]:
   for r in metrics:
     if "val_loss" in r and "step" in r and isinstance(r["val_loss"], (int, float)):
       step = int(r["step"])
-      seconds = elapsed_seconds(r)
-      if seconds is None:
-        seconds = 0.0 if (step == 0 and times) else times.get(step)
+      seconds = 0.0 if (step == 0 and times) else times.get(step)
       out.append((step, float(r["val_loss"]), seconds))
   return out
 
@@ -301,7 +290,7 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> dict
 def _order(labels: Iterable[str], aggs: dict[str, dict]) -> list[str]:
   def key(label):
     opt = aggs[label]["optimizer"]
-    return (OPTIMIZERS.index(opt) if opt in OPTIMIZERS else len(OPTIMIZERS), label)
+    return (optimizer_rank(opt), label)
   return sorted(labels, key=key)
 
 
@@ -410,7 +399,7 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
     else:
       vs_s = f"{vs['diff']:+.3f} ± {vs['se']:.3f} ({vs['verdict']})"
     lr = a["learning_rate"]
-    name = DISPLAY_NAMES.get(a["optimizer"], a["optimizer"])
+    name = display_name(a["optimizer"])
     if label not in (a["optimizer"],) and not label.startswith(a["optimizer"] + "/"):
       name = f"{name} [{label}]"
     ttt = a.get("time_to_target_s", Stat(None, None, 0))
@@ -444,9 +433,9 @@ def sweep_table(records: Sequence[RunRecord]) -> str | None:
     by_opt.setdefault(r.spec.optimizer, {})[r.spec.fields["learning_rate"]] = cell
   # Sweeps are relative to each optimizer's default, so rows list their own lrs.
   rows = []
-  for opt in [o for o in OPTIMIZERS if o in by_opt]:
+  for opt in sorted(by_opt, key=optimizer_rank):
     cells = by_opt[opt]
-    rows.append([DISPLAY_NAMES[opt], ", ".join(f"{lr:.2e}: {cells[lr]}" for lr in lrs
+    rows.append([display_name(opt), ", ".join(f"{lr:.2e}: {cells[lr]}" for lr in lrs
                                                if lr in cells)])
   return "### Learning-rate sweep (seed 0, final validation loss)\n\n" + _md_table(
       ["Optimizer", "lr: val loss"], rows) + "\n"
@@ -491,7 +480,7 @@ def build_report(root: Path, target: float | None = None) -> dict:
     sections += [sw]
   if plan.get("best_learning_rates"):
     sections += ["Best learning rates: " + ", ".join(
-        f"{DISPLAY_NAMES.get(o, o)} {lr:.2e}" for o, lr in plan["best_learning_rates"].items())
+        f"{display_name(o)} {lr:.2e}" for o, lr in plan["best_learning_rates"].items())
         + "\n"]
   claims = ("Other paper claims: Hessian estimation adds "
             f"{100 * paper_claims.SOPHIA_LAMBDA_HESSIAN_OVERHEAD:.0f}% compute (ours: the "
@@ -528,7 +517,7 @@ def write_report(root: Path, target: float | None = None) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
 
-  p = argparse.ArgumentParser(prog="python -m experiments.tables",
+  p = argparse.ArgumentParser(prog="python -m sophia_lambda_jax.compare.tables",
                               description="Write results.{json,md} of a compare run.")
   p.add_argument("root", help="the --out directory of `slj compare`")
   p.add_argument("--target", type=float, default=None,

@@ -1,6 +1,6 @@
 """Loss-curve plots of a compare run (matplotlib figures without pyplot, PNG).
 
-    python -m experiments.plots RUN_DIR      # writes RUN_DIR/curves.png (+ ablations.png)
+    python -m sophia_lambda_jax.compare.plots RUN_DIR      # writes RUN_DIR/curves.png (+ ablations.png)
 
 `curves.png`: four panels, training and validation loss against optimizer step and against
 training wall-clock seconds (the sum of the logged step times: compilation, evaluations and
@@ -24,8 +24,8 @@ import matplotlib
 from matplotlib.figure import Figure  # no pyplot: no backend is chosen or changed
 import numpy as np  # noqa: E402
 
-from experiments import tables  # noqa: E402
-from experiments.tables import RunRecord  # noqa: E402
+from sophia_lambda_jax.compare import tables  # noqa: E402
+from sophia_lambda_jax.compare.tables import RunRecord  # noqa: E402
 
 SMOOTHING = 0.9
 WALL_LABEL = "training wall-clock (s, sum of step times)"
@@ -71,7 +71,7 @@ def _label_groups(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
 
 def _display(label: str, records: Sequence[RunRecord]) -> str:
   opt = records[0].spec.optimizer
-  name = tables.DISPLAY_NAMES.get(opt, opt)
+  name = tables.display_name(opt)
   if label == opt:
     return name
   if label.startswith(opt + "/"):
@@ -102,7 +102,7 @@ def _colours(labels: Sequence[str]) -> dict[str, tuple]:
   cmap = matplotlib.colormaps.get_cmap("tab10" if len(labels) <= 10 else "tab20")
   opts = [label.split("/")[0] for label in labels]
   if len(set(opts)) == len(opts) and all(o in tables.OPTIMIZERS for o in opts):
-    return {label: cmap(tables.OPTIMIZERS.index(o)) for label, o in zip(labels, opts)}
+    return {label: cmap(tables.optimizer_rank(o) % cmap.N) for label, o in zip(labels, opts)}
   return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
 
@@ -237,7 +237,7 @@ def write_plots(root: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
 
-  p = argparse.ArgumentParser(prog="python -m experiments.plots",
+  p = argparse.ArgumentParser(prog="python -m sophia_lambda_jax.compare.plots",
                               description="Write the loss-curve PNGs of a compare run.")
   p.add_argument("root", help="the --out directory of `slj compare` or of the ablations")
   args = p.parse_args(argv)

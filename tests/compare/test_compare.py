@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments import compare, protocols
+from sophia_lambda_jax.compare import protocols, runner
 
 
 def _run(tmp_path, trainer, *extra):
-  return compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
+  return runner.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
                        "--optimizers", "adamw,lion,sophia_lambda", *extra], trainer=trainer)
 
 
@@ -44,13 +44,13 @@ def test_interrupted_compare_continues_the_missing_runs(tmp_path, fake_trainer):
 
 def test_status_of_run_directories(tmp_path):
   d = tmp_path / "x/seed0"
-  assert compare.run_status(d) == "pending"
+  assert runner.run_status(d) == "pending"
   d.mkdir(parents=True)
-  assert compare.run_status(d) == "pending"
+  assert runner.run_status(d) == "pending"
   (d / "metrics.jsonl").write_text("{}\n")
-  assert compare.run_status(d) == "partial"
+  assert runner.run_status(d) == "partial"
   (d / "summary.json").write_text("{}")
-  assert compare.run_status(d) == "done"
+  assert runner.run_status(d) == "done"
 
 
 def test_failed_run_is_recorded_and_not_retried_unless_asked(tmp_path, fake_trainer, capsys):
@@ -72,7 +72,7 @@ def test_failed_run_is_recorded_and_not_retried_unless_asked(tmp_path, fake_trai
 
 def test_tuned_sweeps_then_runs_the_best_lr_with_three_seeds(tmp_path, fake_trainer):
   trainer = fake_trainer()
-  rc = compare.main(["--protocol", "tuned", "--out", str(tmp_path), "--no-plots",
+  rc = runner.main(["--protocol", "tuned", "--out", str(tmp_path), "--no-plots",
                      "--optimizers", "adamw"], trainer=trainer)
   assert rc == 0
   sweep = protocols.sweep_learning_rates("adamw")
@@ -90,7 +90,7 @@ def test_tuned_sweeps_then_runs_the_best_lr_with_three_seeds(tmp_path, fake_trai
 
 def test_list_prints_the_plan_without_training(tmp_path, fake_trainer, capsys):
   trainer = fake_trainer()
-  assert compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--list"],
+  assert runner.main(["--protocol", "cpu", "--out", str(tmp_path), "--list"],
                       trainer=trainer) == 0
   assert trainer.calls == [] and not (tmp_path / "plan.json").exists()
   assert capsys.readouterr().out.count("/seed0: ") == 8
@@ -99,7 +99,7 @@ def test_list_prints_the_plan_without_training(tmp_path, fake_trainer, capsys):
 def test_paper_protocol_without_data_is_refused(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(SystemExit):
-    compare.main(["--protocol", "paper-short", "--out", str(tmp_path)])
+    runner.main(["--protocol", "paper-short", "--out", str(tmp_path)])
   assert "slj tokenize" in capsys.readouterr().err
 
 
@@ -110,12 +110,12 @@ def test_set_overrides_reach_the_train_config(tmp_path, fake_trainer):
     seen.append(config)
     return fake_trainer()(config)
 
-  assert compare.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
+  assert runner.main(["--protocol", "cpu", "--out", str(tmp_path), "--no-plots",
                        "--optimizers", "adamw", "--steps", "7", "--set", "mesh=data=1,fsdp=1",
                        "--set", "grad_clip=0.5"], trainer=trainer) == 0
   assert (seen[0].steps, seen[0].mesh, seen[0].grad_clip) == (7, "data=1,fsdp=1", 0.5)
   with pytest.raises(ValueError, match="KEY=VALUE"):
-    compare._parse_set(["steps"])
+    runner._parse_set(["steps"])
 
 
 def test_real_tiny_training_run_is_skipped_when_finished_and_reproducible(tmp_path):
@@ -136,7 +136,7 @@ def test_real_tiny_training_run_is_skipped_when_finished_and_reproducible(tmp_pa
           "--set", "model=qwen-tiny", "--set", "batch_size=2", "--set", "seq_len=16",
           "--set", "eval_batches=1", "--set", "warmup_steps=1", "--set", "tensorboard=false",
           "--no-compile-cache"]
-  assert compare.main(args) == 0
+  assert runner.main(args) == 0
   run = out / "sophia_lambda/seed0"
   summary = json.loads((run / "summary.json").read_text())
   assert summary["steps"] == 3 and summary["final_val_loss"] > 0
@@ -145,12 +145,12 @@ def test_real_tiny_training_run_is_skipped_when_finished_and_reproducible(tmp_pa
   def must_not_train(config):
     raise AssertionError("a finished run was trained again")
 
-  assert compare.main(args, trainer=must_not_train) == 0
+  assert runner.main(args, trainer=must_not_train) == 0
   again = json.loads((out / "results.json").read_text())["aggregates"]
   assert again["sophia_lambda"]["final_val_loss"] == first["sophia_lambda"]["final_val_loss"]
 
   fresh = tmp_path / "cmp2"
-  assert compare.main([a if a != str(out) else str(fresh) for a in args]) == 0
+  assert runner.main([a if a != str(out) else str(fresh) for a in args]) == 0
 
   def losses(root):
     lines = (root / "sophia_lambda/seed0/metrics.jsonl").read_text().splitlines()

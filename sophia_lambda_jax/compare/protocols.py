@@ -30,10 +30,6 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
-# The optimizers compared, in table order (all of `sophia_lambda_jax.OPTIMIZERS`).
-OPTIMIZERS: tuple[str, ...] = (
-    "adamw", "lion", "stable_adamw", "lavsm", "lamvs", "sophia", "sophia_h", "sophia_lambda")
-
 # --- cpu protocol size -------------------------------------------------------------------
 # Tokens per optimizer step = CPU_BATCH * CPU_SEQ = 1,024; CPU_STEPS * 1,024 = 122,880 tokens
 # per run, identical for every optimizer. Measured on the 2-core machine (jax 0.10.2 CPU,
@@ -52,7 +48,7 @@ CPU_EVAL_EVERY = 30
 CPU_EVAL_BATCHES = 8
 
 # The tuned sweep is centred on each optimizer's default learning rate, the one the training
-# script uses when TrainConfig.learning_rate is None (train.config.BASE_LEARNING_RATES,
+# script uses when TrainConfig.learning_rate is None (the registry's base_learning_rate,
 # scaled 1/width); the factors are log-spaced by 2 on either side.
 SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -67,7 +63,7 @@ class RunSpec(NamedTuple):
   """One training run of a protocol.
 
   label: the configuration's name, also its directory (seeds of one label are aggregated).
-  optimizer: an entry of OPTIMIZERS.
+  optimizer: a registered optimizer name (`sophia_lambda_jax.OPTIMIZERS`).
   seed: the TrainConfig seed (model init, data order and Hessian sampling).
   fields: TrainConfig keyword arguments except `out` and `seed`.
   protocol: the protocol this run belongs to.
@@ -116,13 +112,19 @@ def _check_seeds(seeds: int) -> None:
     raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
 
 
-def _check_optimizers(optimizers: Sequence[str]) -> tuple[str, ...]:
+def check_optimizers(optimizers: Sequence[str] | None) -> tuple[str, ...]:
+  """The registered names of `optimizers` (aliases resolved); None -> every registered one."""
+  from sophia_lambda_jax.optimizers import OPTIMIZERS, resolve
+
+  if optimizers is None:
+    return tuple(OPTIMIZERS)
   optimizers = tuple(optimizers)
-  unknown = [o for o in optimizers if o not in OPTIMIZERS]
-  if unknown or not optimizers:
-    raise ValueError(f"optimizers must be a non-empty subset of {list(OPTIMIZERS)}, "
-                     f"got {list(optimizers)}")
-  return optimizers
+  if not optimizers:
+    raise ValueError(f"optimizers must be a non-empty subset of {list(OPTIMIZERS)}, got []")
+  try:
+    return tuple(resolve(o).name for o in optimizers)
+  except ValueError as e:
+    raise ValueError(f"optimizers: {e}") from None
 
 
 def lr_tag(learning_rate: float) -> str:
@@ -188,23 +190,23 @@ def _per_optimizer(protocol: str, base: dict, seeds: int, optimizers: Sequence[s
                    phase: str = "main") -> list[RunSpec]:
   _check_seeds(seeds)
   specs = []
-  for opt in _check_optimizers(optimizers):
+  for opt in check_optimizers(optimizers):
     fields = dict(base, optimizer=opt, optimizer_kwargs=dict(base["optimizer_kwargs"]))
     specs += [RunSpec(opt, opt, s, fields, protocol, phase, opt) for s in range(seeds)]
   return specs
 
 
-def cpu(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+def cpu(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
   """Every optimizer on qwen-cpu / built-in corpus at the same token budget."""
   return _per_optimizer("cpu", cpu_fields(**overrides), seeds, optimizers)
 
 
-def paper(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+def paper(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
   """The papers' setting, the same hyperparameters for every optimizer."""
   return _per_optimizer("paper", paper_fields(**overrides), seeds, optimizers)
 
 
-def paper_short(seeds: int = 1, optimizers: Sequence[str] = OPTIMIZERS,
+def paper_short(seeds: int = 1, optimizers: Sequence[str] | None = None,
                 **overrides) -> list[RunSpec]:
   """The papers' hyperparameters at about one GPU-hour in total."""
   return _per_optimizer("paper-short", paper_short_fields(**overrides), seeds, optimizers)
@@ -216,7 +218,7 @@ def default_learning_rate(optimizer: str, model: str = "qwen-cpu") -> float:
   from sophia_lambda_jax.models.qwen import get_config
   from sophia_lambda_jax.train import TrainConfig
 
-  _check_optimizers([optimizer])
+  check_optimizers([optimizer])
   config = TrainConfig(model=model, optimizer=optimizer)
   return config.resolved_learning_rate(get_config(model).hidden_size)
 
@@ -233,10 +235,10 @@ def _tuned_spec(opt: str, lr: float, seed: int, base: dict, phase: str) -> RunSp
   return RunSpec(f"{opt}/{lr_tag(lr)}", opt, seed, fields, "tuned", phase, opt)
 
 
-def tuned_sweep(optimizers: Sequence[str] = OPTIMIZERS, **overrides) -> list[RunSpec]:
+def tuned_sweep(optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
   """Phase 1 of `tuned`: every optimizer at each sweep learning rate, seed 0."""
   base = cpu_fields(**overrides)
-  return [_tuned_spec(opt, lr, 0, base, "sweep") for opt in _check_optimizers(optimizers)
+  return [_tuned_spec(opt, lr, 0, base, "sweep") for opt in check_optimizers(optimizers)
           for lr in sweep_learning_rates(opt, base["model"])]
 
 
@@ -245,7 +247,7 @@ def tuned_final(best_learning_rates: dict[str, float], seeds: int = 3,
   """Phase 2 of `tuned`: each optimizer at its best sweep learning rate with `seeds` seeds
   (seed 0 is the sweep's own run, which the runner finds already finished)."""
   _check_seeds(seeds)
-  _check_optimizers(list(best_learning_rates))
+  check_optimizers(list(best_learning_rates))
   base = cpu_fields(**overrides)
   return [_tuned_spec(opt, lr, s, base, "final")
           for opt, lr in best_learning_rates.items() for s in range(seeds)]
@@ -269,7 +271,9 @@ def best_learning_rates(sweep: Sequence[RunSpec],
   missing = sorted({s.optimizer for s in sweep} - set(best))
   if missing:
     raise ValueError(f"tuned sweep: no finite validation loss for optimizer(s) {missing}")
-  return {opt: lr for opt, (_, lr) in sorted(best.items(), key=lambda kv: OPTIMIZERS.index(kv[0]))}
+  order = {name: i for i, name in enumerate(check_optimizers(None))}
+  return {opt: lr for opt, (_, lr) in sorted(best.items(),
+                                             key=lambda kv: order.get(kv[0], len(order)))}
 
 
 PROTOCOLS: dict[str, Callable[..., list[RunSpec]]] = {

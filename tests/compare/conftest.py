@@ -1,0 +1,1 @@
+from compare_fakes import fake_compare, fake_trainer  # noqa: F401  (fixtures)
