@@ -23,6 +23,7 @@ import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,11 @@ def check_number(
 ) -> None:
   """Raises ValueError naming ``name`` unless ``value`` lies in the stated range.
 
-  Values that are not concrete numbers (traced arrays, schedules) pass unchecked.
+  Values that are not concrete numbers (traced arrays, schedules) pass unchecked; strings
+  and bools are refused (``"3e-4"`` would otherwise fail only inside ``update``).
   """
+  if isinstance(value, (str, bytes, bool)):
+    raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
   if not is_concrete_number(value):
     return
   lo_bracket = "(" if low_open else "["
@@ -142,6 +146,15 @@ def check_intervals(hessian_interval, min_interval, max_interval) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def check_shapes_like_params(name: str, tree, params) -> None:
+  """Raises ValueError unless ``tree`` has the structure and exact leaf shapes of ``params``
+  (a broadcastable but wrong shape would otherwise pass silently)."""
+  try:
+    chex.assert_trees_all_equal_shapes(tree, params)
+  except (AssertionError, ValueError) as e:
+    raise ValueError(f"{name} must have the structure and shapes of params: {e}") from None
+
+
 def _to_float32(tree):
   return jax.tree.map(
       lambda x: x.astype(jnp.float32)
@@ -165,6 +178,8 @@ def with_float32_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     reference = updates if params is None else params
+    if params is not None:
+      check_shapes_like_params("updates (gradients)", updates, params)
     updates, state = inner.update(_to_float32(updates), state, params, **extra_args)
     updates = jax.tree.map(
         lambda u, r: u if u is None else u.astype(r.dtype), updates, reference,
@@ -291,8 +306,10 @@ class HessianEMAState(NamedTuple):
   """State of ``hessian_ema``.
 
   count: updates applied so far (t). h: float32 EMA of the Hessian diagonal, block-reduced
-  per leaf (shape (..., n / block)). interval: current refresh interval. next_refresh: the t
-  of the next refresh. refresh_count: refreshes done. relative_change: r of the last refresh.
+  per leaf (shape (..., n / block)), without bias correction. interval: current refresh
+  interval. next_refresh: the t of the next refresh. refresh_count: refreshes done (k).
+  relative_change: r of the last refresh. correction: the factor the EMA is read with,
+  1 / (1 - b2^k) with bias correction and 1 without.
   """
   count: Array
   h: Any
@@ -300,6 +317,7 @@ class HessianEMAState(NamedTuple):
   next_refresh: Array
   refresh_count: Array
   relative_change: Array
+  correction: Array
 
 
 def _refresh_due(state: HessianEMAState) -> Array:
@@ -315,12 +333,19 @@ def hessian_ema(
     max_interval: int = 100,
     r_low: float = 0.002,
     r_high: float = 0.02,
+    bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Block-wise EMA of the Hessian diagonal, refreshed on a fixed or adaptive schedule.
 
   On a refresh step (t >= next_refresh; the first is t = 0), before the update is formed:
 
-      h = b2 * h + (1 - b2) * block_mean(hessian_fn(params))
+      h = b2 * h + (1 - b2) * block_mean(hessian_fn(params));  k = k + 1
+
+  and the EMA is read as h_hat = h / (1 - b2^k) with ``bias_correction`` (k = refreshes so
+  far, as Adam corrects its moments per update; Kingma & Ba 2015, sec. 3), else as h. h
+  starts at 0, so without the correction it holds (1 - b2^k) of its steady value after k
+  refreshes (10 % after 10 refreshes with b2 = 0.99). The official SophiaG code has no
+  correction; it is an option here (see docs/design.md for the default).
 
   ``hessian_fn`` runs inside ``jax.lax.cond``, so it costs nothing on other steps. The block
   mean follows ``hessian_block_size`` (``block_size=1``: full diagonal, i.e. Sophia; Liu et
@@ -328,12 +353,12 @@ def hessian_ema(
 
     fixed:    next_refresh = t + hessian_interval
     adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
-              over all blocks of all leaves: r < r_low -> interval = min(2 interval,
+              over all blocks of all leaves (of h_hat with bias correction): r < r_low -> interval = min(2 interval,
               max_interval); r > r_high -> interval = max(interval // 2, min_interval);
               next_refresh = t + interval.   (Sophia-Lambda, SPEC 2.)
 
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
-  current block-reduced h in place of the updates. ``update`` needs ``params`` and
+  current block-reduced h (h_hat with bias correction) in place of the updates. ``update`` needs ``params`` and
   ``hessian_fn`` (a function params -> pytree like params) and raises ValueError without.
   ``block_size`` must be static under ``inject_hyperparams``.
   """
@@ -365,7 +390,15 @@ def hessian_ema(
         next_refresh=jnp.zeros([], jnp.int32),
         refresh_count=jnp.zeros([], jnp.int32),
         relative_change=jnp.zeros([], jnp.float32),
+        correction=jnp.ones([], jnp.float32),
     )
+
+  def correction_after(refresh_count):
+    if not bias_correction:
+      return jnp.ones([], jnp.float32)
+    # k = 0 only before the first refresh, when h is 0 whatever it is multiplied by.
+    debias = 1.0 - jnp.asarray(b2, jnp.float32) ** refresh_count.astype(jnp.float32)
+    return jnp.where(refresh_count > 0, 1.0 / jnp.maximum(debias, 1e-30), 1.0)
 
   def update_fn(updates, state, params=None, hessian_fn: Optional[HessianFn] = None,
                 **extra_args):
@@ -389,13 +422,17 @@ def hessian_ema(
         raise ValueError(
             "hessian_fn(params) must return a pytree with the structure of params; got "
             f"{jax.tree.structure(estimate)} for params {params_treedef}")
+      check_shapes_like_params("hessian_fn(params)", estimate, params)
       h_after = jax.tree.map(
           lambda h, e, b: b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b),
           h_before, estimate, blocks)
       h_after = jax.tree.map(lambda x: x.astype(jnp.float32), h_after)
       if adaptive_interval:
-        change = _global_norm(jax.tree.map(jnp.subtract, h_after, h_before))
-        r = change / (_global_norm(h_before) + _RELATIVE_CHANGE_EPS)
+        before = state.correction
+        after = correction_after(state.refresh_count + 1)
+        change = _global_norm(jax.tree.map(lambda a, b: after * a - before * b,
+                                           h_after, h_before))
+        r = change / (before * _global_norm(h_before) + _RELATIVE_CHANGE_EPS)
       else:
         r = jnp.zeros([], jnp.float32)
       return h_after, r.astype(jnp.float32)
@@ -416,6 +453,7 @@ def hessian_ema(
       interval = jnp.broadcast_to(jnp.asarray(hessian_interval), ())
     interval = interval.astype(jnp.int32)
     next_refresh = jnp.where(do_refresh, t + interval, state.next_refresh).astype(jnp.int32)
+    correction = correction_after(refresh_count)
     new_state = HessianEMAState(
         count=optax.safe_increment(t),
         h=h,
@@ -423,8 +461,9 @@ def hessian_ema(
         next_refresh=next_refresh,
         refresh_count=refresh_count,
         relative_change=r,
+        correction=correction,
     )
-    return h, new_state
+    return (jax.tree.map(lambda x: correction * x, h) if bias_correction else h), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -763,9 +802,14 @@ def hessian_relative_change(state):
   return found[0].relative_change
 
 
-def clip_fraction(state):
-  """Fraction of coordinates whose ratio |m| / (rho B max(h, 0) + eps) reached the clip (>= 1)
-  on the last update, or None for optimizers without a clipped-curvature state.
+def clip_fraction(state, groups=None):
+  """Fraction of coordinates whose ratio |m| / (rho B max(h_hat, 0) + eps) reached the clip
+  (>= 1) on the last update, or None for optimizers without a clipped-curvature state.
+  1 - clip_fraction is the fraction the Hessian acts on (the "win rate" of the official
+  SophiaG code); Liu et al. 2023 choose rho so that it is 10-50 %.
+
+  ``groups``: optional pytree like params of hashable labels (e.g. each leaf's role); the
+  result is then a dict label -> fraction over that label's coordinates.
 
   Recomputed from the state (which holds exactly the m and h of the last update): one read
   of m, so call it on logging steps (inside or outside jit), not necessarily every step.
@@ -774,9 +818,15 @@ def clip_fraction(state):
   if not found:
     return None
   curvature = found[0]
-  hits, total = jnp.zeros([], jnp.int32), 0
-  for m, h in zip(jax.tree.leaves(curvature.mu), jax.tree.leaves(curvature.hessian.h)):
-    ratio = _curvature_ratio(m, h, curvature.scale, curvature.eps)
-    hits = hits + jnp.sum(jnp.abs(ratio) >= 1.0, dtype=jnp.int32)
-    total += int(np.prod(m.shape))
-  return hits.astype(jnp.float32) / max(total, 1)
+  scale = curvature.scale * curvature.hessian.correction
+  mu_leaves, treedef = jax.tree.flatten(curvature.mu)
+  labels = [None] * len(mu_leaves) if groups is None else treedef.flatten_up_to(groups)
+  hits: dict[Any, Array] = {}
+  totals: dict[Any, int] = {}
+  for label, m, h in zip(labels, mu_leaves, jax.tree.leaves(curvature.hessian.h)):
+    ratio = _curvature_ratio(m, h, scale, curvature.eps)
+    hits[label] = hits.get(label, 0) + jnp.sum(jnp.abs(ratio) >= 1.0, dtype=jnp.int32)
+    totals[label] = totals.get(label, 0) + int(np.prod(m.shape))
+  fractions = {label: jnp.asarray(hits[label], jnp.float32) / max(totals[label], 1)
+               for label in hits}
+  return fractions.get(None, jnp.zeros([], jnp.float32)) if groups is None else fractions

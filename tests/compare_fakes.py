@@ -42,6 +42,12 @@ def write_fake_run(run_dir: Path, spec: RunSpec, steps: int = 20, eval_every: in
     if interval:
       rec.update(hessian_interval=10 * (1 + step // 10), hessian_refreshes=step // 10,
                  refresh=step % 10 == 0)
+    if opt.startswith("sophia"):
+      # Unclipped 20 % (embedding 10 %, mlp 40 %) in the second half, 99 % clipped before.
+      late = step > steps / 2
+      rec.update({"clip_fraction": 0.8 if late else 0.99,
+                  "clip_fraction/embedding": 0.9 if late else 0.99,
+                  "clip_fraction/mlp": 0.6 if late else 0.99})
     lines.append(rec)
     if step % eval_every == 0:
       val = fake_loss(opt, seed, step, steps, shift)

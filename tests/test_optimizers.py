@@ -168,8 +168,10 @@ def ref_layer_scales():
 
 def ref_sophia_family(params, grads_seq, hessian_seq, lr, *, b1, b2, eps, wd, rho, batch,
                       block_size=1, interval=10, adaptive=False, min_interval=2,
-                      max_interval=100, r_low=0.002, r_high=0.02, scales=None, mask=decays):
-  """Sophia-G / -H / -Lambda; returns (params history, interval history, refresh steps)."""
+                      max_interval=100, r_low=0.002, r_high=0.02, scales=None, mask=decays,
+                      bias_correction=False):
+  """Sophia-G / -H / -Lambda; returns (params history, interval history, refresh steps).
+  With bias_correction, h is read as h / (1 - b2^k) after k refreshes (r included)."""
   p = {k: v.copy() for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in p.items()}
 
@@ -187,17 +189,21 @@ def ref_sophia_family(params, grads_seq, hessian_seq, lr, *, b1, b2, eps, wd, rh
     b = block_of(k)
     return np.repeat(hb, b, axis=-1) if b > 1 else hb
 
+  def corrected(hk, k):
+    return hk / (1 - b2 ** k) if bias_correction and k > 0 else hk
+
   h = {k: reduce(k, np.zeros_like(v)) for k, v in p.items()}
   next_refresh, refreshes, history, intervals, refresh_steps = 0, 0, [], [], []
   for t, g in enumerate(grads_seq):
     if t == next_refresh:
-      before = {k: x.copy() for k, x in h.items()}
+      before = {k: corrected(x, refreshes) for k, x in h.items()}
       for k in p:
         h[k] = b2 * h[k] + (1 - b2) * reduce(k, hessian_seq[t][k])
       refreshes += 1
       refresh_steps.append(t)
       if adaptive and refreshes >= 4:
-        change = math.sqrt(sum(np.sum((h[k] - before[k]) ** 2) for k in p))
+        after = {k: corrected(x, refreshes) for k, x in h.items()}
+        change = math.sqrt(sum(np.sum((after[k] - before[k]) ** 2) for k in p))
         norm = math.sqrt(sum(np.sum(before[k] ** 2) for k in p))
         r = change / (norm + 1e-30)
         if r < r_low:
@@ -208,7 +214,8 @@ def ref_sophia_family(params, grads_seq, hessian_seq, lr, *, b1, b2, eps, wd, rh
     intervals.append(interval)
     for k in p:
       m[k] = b1 * m[k] + (1 - b1) * g[k]
-      u = np.clip(m[k] / (rho * batch * np.maximum(expand(k, h[k]), 0) + eps), -1, 1)
+      h_read = corrected(h[k], refreshes)
+      u = np.clip(m[k] / (rho * batch * np.maximum(expand(k, h_read), 0) + eps), -1, 1)
       if scales is not None:
         u = scales[k] * u
       p[k] = p[k] - lr(t) * (u + (wd * p[k] if mask(k) else 0.0))
@@ -429,6 +436,51 @@ def test_sophia_lambda_matches_reference(block_size):
   assert shapes["layers/1/mlp/up_proj/kernel"] == {1: (8, 24), 8: (8, 3), 64: (8, 1)}[block_size]
 
 
+@pytest.mark.parametrize("name,adaptive", [("sophia", False), ("sophia_h", False),
+                                           ("sophia_lambda", False), ("sophia_lambda", True)])
+def test_bias_correction_matches_float64_reference(name, adaptive):
+  """h_hat = h / (1 - b2^k) after k refreshes, in the update, in r and in clip_fraction."""
+  hs = hessians(950, SOPHIA_STEPS, scale=1e-3)
+  batch = {"sophia_h": 1}.get(name, 256)
+  kwargs = dict(learning_rate=lr_schedule, hessian_interval=2, bias_correction=True)
+  if name != "sophia_h":
+    kwargs["batch_tokens"] = batch
+  if name == "sophia_lambda":
+    kwargs.update(block_size=8, adaptive_interval=adaptive, min_interval=1, r_high=0.5)
+  tx = slj.get_optimizer(name, **kwargs)
+  got, state = run_library(tx, SOPHIA_GRADS, PARAMS0, hs)
+  rho, eps = (0.01, 1e-12) if name == "sophia_h" else (0.04, 1e-15)
+  want, intervals, _ = ref_sophia_family(
+      PARAMS0, SOPHIA_GRADS, hs, lr_schedule, b1=0.965, b2=0.99, eps=eps, wd=0.1, rho=rho,
+      batch=batch, block_size=8 if name == "sophia_lambda" else 1, interval=2,
+      adaptive=adaptive, min_interval=1, r_high=0.5, bias_correction=True,
+      scales=ref_layer_scales() if name == "sophia_lambda" else None)
+  assert_histories_close(got, want)
+  if adaptive:
+    assert int(slj.optimizers.hessian_interval_and_count(state)[0]) == intervals[-1]
+  # Without the correction the first updates differ (h would be 1 % of the estimate).
+  uncorrected, _ = run_library(slj.get_optimizer(name, **dict(kwargs, bias_correction=False)),
+                               SOPHIA_GRADS, PARAMS0, hs)
+  assert not np.allclose(flat(uncorrected[0])["layers/0/attn/q_proj/kernel"],
+                         flat(got[0])["layers/0/attn/q_proj/kernel"])
+
+
+def test_bias_correction_clip_fraction_reads_the_corrected_h():
+  """A constant estimate: with the correction h_hat equals it from the first refresh on,
+  so the recomputed clip fraction equals the one of an EMA that started at the estimate."""
+  params = to_jax(PARAMS0)
+  est = jax.tree.map(lambda p: jnp.full_like(p, 1e-4), params)
+  g = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  tx = slj.sophia(learning_rate=0.01, batch_tokens=1, rho=1.0, bias_correction=True)
+  _, state = tx.update(g, tx.init(params), params, hessian_fn=lambda _: est)
+  # |m| = (1 - b1) 1e-3 = 3.5e-5 < rho B h_hat = 1e-4: nothing clipped; without the
+  # correction h = 1e-6 and every coordinate clips.
+  assert float(slj.optimizers.clip_fraction(state)) == 0.0
+  plain = slj.sophia(learning_rate=0.01, batch_tokens=1, rho=1.0)
+  _, plain_state = plain.update(g, plain.init(params), params, hessian_fn=lambda _: est)
+  assert float(slj.optimizers.clip_fraction(plain_state)) == 1.0
+
+
 def test_sophia_lambda_block_size_1_is_sophia():
   hs = hessians(900, 4, scale=1e-5)
   a = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, block_size=1, layer_scale=None,
@@ -547,12 +599,14 @@ def test_hessian_fn_runs_only_on_refresh_steps():
 # ------------------------------------------------------------------------------------------
 
 
-def test_inject_hyperparams_learning_rate_changed_at_run_time():
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_inject_hyperparams_learning_rate_changed_at_run_time(bias_correction):
   factory = optax.inject_hyperparams(slj.sophia_lambda, static_args=("block_size",))
   # rho as a (constant) schedule: any numeric hyperparameter can be scheduled this way.
   tx = factory(learning_rate=0.01, batch_tokens=64, weight_decay=0.0,
-               rho=lambda count: 0.04 + 0.0 * count)
-  reference = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, weight_decay=0.0)
+               rho=lambda count: 0.04 + 0.0 * count, bias_correction=bias_correction)
+  reference = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, weight_decay=0.0,
+                                bias_correction=bias_correction)
   params = to_jax(PARAMS0)
   state, ref_state = tx.init(params), reference.init(params)
   hfn = lambda p: jax.tree.map(lambda x: jnp.full_like(x, 1e-5), p)
@@ -561,8 +615,10 @@ def test_inject_hyperparams_learning_rate_changed_at_run_time():
   grads = to_jax(SOPHIA_GRADS[0])
   u, state = step(grads, state)
   u_ref, ref_state = ref_step(grads, ref_state)
+  # 1 / (1 - b2^k) with b2 a traced float32 rounds differently from the constant-folded one.
+  rtol = 1e-5 if bias_correction else 1e-6
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=rtol)
   state.hyperparams["learning_rate"] = jnp.asarray(0.03)
   u, state = step(grads, state)
   u_ref, ref_state = ref_step(grads, ref_state)

@@ -79,11 +79,14 @@ def check_state_sharding(state, mesh):
   return checked
 
 
-@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS))
+@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS) + ["sophia_lambda+bias_correction"])
 def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
+  name, _, option = name.partition("+")
   kwargs = {"batch_tokens": 256} if name in ("sophia", "sophia_lambda") else {}
   if optimizers.OPTIMIZERS[name].second_order:
     kwargs["hessian_interval"] = 2
+  if option:
+    kwargs[option] = True
   tx = slj.get_optimizer(name, learning_rate=1e-2, **kwargs)
   params_np = arrays(0, 1.0)
   grads_np = [arrays(10 + t, 1e-2) for t in range(3)]

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from sophia_lambda_jax.compare import tables  # noqa: E402
 from sophia_lambda_jax.compare.tables import RunRecord  # noqa: E402
+from sophia_lambda_jax.train.metrics import UNCLIPPED_BAND  # noqa: E402
 
 SMOOTHING = 0.9
 WALL_LABEL = "training wall-clock (s, sum of step times)"
@@ -152,6 +153,40 @@ def _zoom(ax) -> None:
   ax.set_ylim(lo - pad, hi + pad)
 
 
+# --------------------------------------------------------------------------- clipping
+
+def clip_curve(metrics: Sequence[dict], key: str = "clip_fraction"
+               ) -> list[tuple[int, float, None]]:
+  """(step, clip fraction, None) of the training records that log `key`."""
+  return [(int(r["step"]), float(r[key]), None) for r in metrics
+          if isinstance(r.get(key), (int, float)) and "step" in r and "loss" in r]
+
+
+def plot_clip_fraction(records: Sequence[RunRecord], path: Path, title: str = ""
+                       ) -> Path | None:
+  """Clip fraction against step for every configuration that logs one (the Sophia family),
+  mean over seeds, with the 10-50 % unclipped band (clip fraction 0.5-0.9) shaded."""
+  groups = {label: rs for label, rs in _label_groups(records).items()
+            if any(clip_curve(r.metrics) for r in rs)}
+  if not groups:
+    return None
+  fig = Figure(figsize=(7, 4.5), constrained_layout=True)
+  ax = fig.subplots()
+  low, high = UNCLIPPED_BAND
+  ax.axhspan(1 - high, 1 - low, color="0.85", label=f"{100 * low:.0f}-{100 * high:.0f} % unclipped")
+  _draw(ax, groups, clip_curve, "step", True, _colours(list(groups)))
+  ax.set_ylim(0, 1.01)
+  ax.set_xlabel("step")
+  ax.set_ylabel("clip fraction (EMA 0.9)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  path = Path(path)
+  fig.savefig(path, dpi=110)
+  return path
+
+
 # --------------------------------------------------------------------------- ablations
 
 def interval_curve(metrics: Sequence[dict]) -> list[tuple[int, float]]:
@@ -216,7 +251,8 @@ def plot_ablations(records: Sequence[RunRecord], path: Path) -> Path | None:
 
 
 def write_plots(root: Path) -> list[Path]:
-  """Write curves.png (and ablations.png when there are ablation runs) into `root`."""
+  """Write curves.png, clip_fraction.png (when a run logs clipping) and ablations.png (when
+  there are ablation runs) into `root`."""
   root = Path(root)
   plan, records = tables.load_results(root)
   protocol = plan.get("protocol", "")
@@ -225,6 +261,9 @@ def write_plots(root: Path) -> list[Path]:
   if main:
     p = plot_curves(main, root / "curves.png", f"protocol {protocol}")
     written += [p] if p else []
+  p = plot_clip_fraction(main or records, root / "clip_fraction.png",
+                         f"protocol {protocol}: Sophia family clipping")
+  written += [p] if p else []
   sweep = [r for r in records if r.spec.phase == "sweep"]
   if sweep:
     p = plot_curves(sweep, root / "sweep_curves.png", f"protocol {protocol}: lr sweep")

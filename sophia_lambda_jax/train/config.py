@@ -54,7 +54,7 @@ def optimizer_hyperparameters() -> tuple[str, ...]:
 # checkpoint cadence, mesh, distributed set-up) may change between restarts.
 RESUME_MUST_MATCH = (
     "model", "model_overrides", "compute_dtype", "optimizer", "optimizer_kwargs",
-    "learning_rate", "warmup_steps", "final_lr_fraction", "steps", "batch_size", "seq_len",
+    "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps", "batch_size", "seq_len",
     "grad_accum", "grad_clip", "data", "seed")
 
 
@@ -68,9 +68,13 @@ class TrainConfig:
   # Activation/matmul dtype; parameters and optimizer state stay float32 ("master" copy).
   compute_dtype: str = "bfloat16"
 
-  # Optimizer: a name of `sophia_lambda_jax.OPTIMIZERS` and its SPEC hyperparameters.
+  # Optimizer: a name of `sophia_lambda_jax.OPTIMIZERS` and its hyperparameters.
   optimizer: str = "adamw"
   optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Curvature estimator of a second-order optimizer: None -> the optimizer's own (GNB for
+  # Sophia-G and Sophia-Lambda, Hutchinson for Sophia-H); "hutchinson" swaps a GNB
+  # optimizer's estimator (its batch_tokens factor B becomes 1, as in Sophia-H).
+  hessian_estimator: str | None = None
   # Peak learning rate; None -> the optimizer's base_learning_rate * 128 / hidden_size.
   learning_rate: float | None = None
   # Linear warmup from 0, then cosine decay to final_lr_fraction * peak at `steps`.
@@ -166,6 +170,7 @@ class TrainConfig:
       raise ValueError("model_overrides must not contain 'compute_dtype': use the "
                        "compute_dtype field (--compute-dtype)")
     parse_mesh(self.mesh)  # raises on a malformed spec
+    self.resolved_hessian_estimator()  # raises on an unknown optimizer or estimator
 
   # ------------------------------------------------------------------------- derived values
   @property
@@ -185,6 +190,25 @@ class TrainConfig:
     if self.out is not None:
       return Path(self.out)
     return Path("runs") / f"{self.model}-{self.optimizer}-s{self.seed}"
+
+  def resolved_hessian_estimator(self) -> str | None:
+    """The curvature estimator the train step builds: None for first-order optimizers."""
+    from sophia_lambda_jax import optimizers
+
+    try:
+      spec = optimizers.resolve(self.optimizer)
+    except ValueError as e:
+      raise ValueError(f"optimizer: {e}") from None
+    if self.hessian_estimator is None:
+      return spec.hessian_estimator
+    if not spec.second_order:
+      raise ValueError(f"hessian_estimator applies to second-order optimizers only; "
+                       f"{self.optimizer!r} takes no Hessian estimate")
+    allowed = ("gnb", "hutchinson") if spec.needs_batch_tokens else (spec.hessian_estimator,)
+    if self.hessian_estimator not in allowed:
+      raise ValueError(f"hessian_estimator for {self.optimizer!r} must be one of "
+                       f"{list(allowed)} or null, got {self.hessian_estimator!r}")
+    return self.hessian_estimator
 
   def resolved_learning_rate(self, hidden_size: int) -> float:
     if self.learning_rate is not None:
@@ -255,6 +279,7 @@ _FLAG_HELP = {
     "compute_dtype": "float32 or bfloat16 activations (params stay float32)",
     "optimizer": "optimizer name (sophia_lambda_jax.OPTIMIZERS)",
     "optimizer_kwargs": "JSON object of optimizer hyperparameters (or --opt.NAME VALUE)",
+    "hessian_estimator": "gnb or hutchinson (default: the optimizer's own)",
     "learning_rate": "peak learning rate (default: per-optimizer, scaled 1/width)",
     "warmup_steps": "linear warmup steps (default steps // 10)",
     "final_lr_fraction": "cosine decays to this fraction of the peak",

@@ -31,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
-from sophia_lambda_jax.train.metrics import MetricsLogger, finite_or_none, read_metrics
+from sophia_lambda_jax.train.metrics import (MetricsLogger, finite_or_none, read_metrics,
+                                             unclipped_fractions)
 from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
@@ -48,12 +49,20 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule):
 
   kwargs = dict(config.optimizer_kwargs)
   if optimizers.resolve(config.optimizer).needs_batch_tokens:
-    kwargs["batch_tokens"] = config.batch_tokens
+    # GNB's estimate is a per-token mean, scaled back by B; Hutchinson's is the Hessian of
+    # the mean loss itself (B = 1, as in Sophia-H).
+    gnb = config.resolved_hessian_estimator() == "gnb"
+    kwargs["batch_tokens"] = config.batch_tokens if gnb else 1
   return optimizers.get_optimizer(config.optimizer, learning_rate=schedule, **kwargs)
 
 
-def optimizer_metrics(opt_state) -> dict[str, jax.Array]:
-  """Refresh interval, refresh count and clipped fraction of a Sophia-family state."""
+def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
+  """Refresh interval, refresh count and clipped fraction of a Sophia-family state.
+
+  roles: optional pytree like params of role names (``labels.label_params``); the clipped
+  fraction is then also reported per role as "clip_fraction/<role>" (the tied embedding is
+  about half of a small model's coordinates, so the overall fraction can hide the rest).
+  """
   from sophia_lambda_jax import optimizers
 
   out = {}
@@ -67,7 +76,20 @@ def optimizer_metrics(opt_state) -> dict[str, jax.Array]:
   fraction = optimizers.clip_fraction(opt_state)
   if fraction is not None:
     out["clip_fraction"] = jnp.asarray(fraction, jnp.float32)
+    if roles is not None:
+      by_role = optimizers.clip_fraction(opt_state, roles)
+      out.update({f"clip_fraction/{r}": jnp.asarray(f, jnp.float32)
+                  for r, f in by_role.items()})
   return out
+
+
+def parameter_roles(abstract_params):
+  """Each parameter's role name (embedding, attention, mlp, norm, head, other)."""
+  from sophia_lambda_jax import labels
+
+  return jax.tree.map(lambda info: info.role,
+                      labels.label_params(abstract_params, strict=False),
+                      is_leaf=lambda x: isinstance(x, labels.ParamInfo))
 
 
 def _host(x) -> Any:
@@ -186,9 +208,7 @@ class TrainProgram:
     self.peak_lr = config.resolved_learning_rate(model.config.hidden_size)
     self.schedule = learning_rate_schedule(config, self.peak_lr)
     self.tx = build_optimizer(config, self.schedule)
-    from sophia_lambda_jax import optimizers
-
-    self.estimator = optimizers.resolve(config.optimizer).hessian_estimator
+    self.estimator = config.resolved_hessian_estimator()
 
     # Shardings: params from their logical axes, optimizer state following the params.
     self.abstract_opt = jax.eval_shape(self.tx.init, model.abstract_params)
@@ -224,7 +244,9 @@ class TrainProgram:
         self.model.features, self.tx, estimator=self.estimator,
         grad_accum=self.config.grad_accum, grad_clip=self.config.grad_clip,
         learning_rate_fn=self.schedule,
-        optimizer_metrics=optimizer_metrics if self.estimator else None)
+        optimizer_metrics=(functools.partial(optimizer_metrics,
+                                             roles=parameter_roles(self.model.abstract_params))
+                           if self.estimator else None))
 
   def lower(self):
     abstract_batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32,
@@ -361,8 +383,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                       hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed)
         if refreshed:
           record["hessian_relative_change"] = float(metrics["hessian_relative_change"])
-      if "clip_fraction" in metrics:
-        record["clip_fraction"] = float(metrics["clip_fraction"])
+      record.update({k: float(v) for k, v in metrics.items() if k.startswith("clip_fraction")})
       logger.log_step(record)
       if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
         last_val = evaluate()
@@ -405,6 +426,7 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, step_ti
           "refresh_over_other": float(np.mean(refresh_t) / np.mean(other_t)),
           "mean_over_other": float(np.mean(times) / np.mean(other_t)),
       }
+  unclipped = unclipped_fractions(records, config.steps)
   device_peak = None
   stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
@@ -427,6 +449,9 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, step_ti
       "device_peak_bytes_in_use": device_peak,
       "opt_state_bytes": _tree_bytes(abstract_opt),
       "hessian_overhead": overhead,
+      # 1 - clip fraction over the second half of training (Sophia family; see metrics.py).
+      "unclipped_fraction": unclipped.pop("all", None),
+      "unclipped_fraction_by_role": unclipped or None,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "backend": jax.default_backend(),

@@ -4,8 +4,9 @@
 
 - a train record per optimizer step: {"step", "loss", "lr", "grad_norm", "step_time_s",
   "tokens_per_s", "refresh"} plus, for the Sophia family, "hessian_interval",
-  "hessian_refreshes" and "clip_fraction" (step is 1-based: the record of step s describes
-  the update that produced parameters after s steps);
+  "hessian_refreshes", "clip_fraction" and "clip_fraction/<role>" per parameter role (step
+  is 1-based: the record of step s describes the update that produced parameters after s
+  steps);
 - an eval record every eval_every steps: {"step", "val_loss"}.
 
 On a restart the file is cut back to the restored checkpoint's step, so it never holds two
@@ -28,19 +29,25 @@ def truncate_metrics(path: Path, last_step: int) -> None:
   """Drop records after `last_step` (and a torn last line from a killed process)."""
   if not path.exists():
     return
-  kept = []
+  kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+  path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+  """The JSON records of a metrics.jsonl ([] when it does not exist); a torn line (from a
+  killed process) is skipped."""
+  path = Path(path)
+  if not path.is_file():
+    return []
+  records = []
   for line in path.read_text().splitlines():
     try:
       record = json.loads(line)
     except json.JSONDecodeError:
       continue
-    if isinstance(record, dict) and record.get("step", 0) <= last_step:
-      kept.append(line)
-  path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if isinstance(record, dict):
+      records.append(record)
+  return records
 
 
 def _tensorboard_writer(directory: Path):
@@ -140,6 +147,33 @@ class MetricsLogger:
       self._tb.close()
     if self._file is not None:
       self._file.close()
+
+
+# Liu et al. 2023 choose rho so that 10-50 % of coordinates are not clipped: below that the
+# update is lr * sign(m) and the Hessian never enters it.
+UNCLIPPED_BAND = (0.10, 0.50)
+
+
+def unclipped_fractions(records, steps: int) -> dict[str, float]:
+  """1 - clip fraction, averaged over the train records of the second half of a run
+  (steps > steps / 2): {"all": ..., "<role>": ...}; empty for runs that log none."""
+  sums: dict[str, list[float]] = {}
+  for r in records:
+    if "loss" not in r or not isinstance(r.get("step"), int) or r["step"] <= steps / 2:
+      continue
+    for key, value in r.items():
+      if key == "clip_fraction" or key.startswith("clip_fraction/"):
+        if isinstance(value, (int, float)):
+          name = "all" if key == "clip_fraction" else key.split("/", 1)[1]
+          sums.setdefault(name, []).append(1.0 - float(value))
+  return {name: sum(v) / len(v) for name, v in sums.items()}
+
+
+def in_unclipped_band(fraction: float | None) -> bool | None:
+  """Whether an unclipped fraction lies in the 10-50 % band (None when there is none)."""
+  if fraction is None:
+    return None
+  return UNCLIPPED_BAND[0] <= fraction <= UNCLIPPED_BAND[1]
 
 
 def finite_or_none(value: float) -> float | None:

@@ -27,9 +27,29 @@ def test_ema_is_bias_corrected():
 def test_curves_png_for_every_optimizer(fake_compare):
   root, _ = fake_compare
   written = plots.write_plots(root)
-  assert written == [root / "curves.png"]
+  assert written == [root / "curves.png", root / "clip_fraction.png"]
   width, height = _png_size(root / "curves.png")
   assert width > 1000 and height > 700
+
+
+def test_clip_fraction_figure_draws_only_the_sophia_family(fake_compare, monkeypatch):
+  root, _ = fake_compare
+  _, records = tables.load_results(root)
+  captured = {}
+  real_savefig = plots.Figure.savefig
+
+  def spy(fig, path, **kw):
+    captured["fig"] = fig
+    return real_savefig(fig, path, **kw)
+
+  monkeypatch.setattr(plots.Figure, "savefig", spy)
+  assert plots.plot_clip_fraction(records, root / "clip.png") == root / "clip.png"
+  (ax,) = captured["fig"].axes
+  assert [line.get_label() for line in ax.get_lines()] == ["Sophia-Lambda"]
+  y = ax.get_lines()[0].get_ydata()
+  assert y[0] == pytest.approx(0.99) and 0.8 < y[-1] < 0.9   # EMA towards 0.8
+  assert plots.plot_clip_fraction([r for r in records if r.spec.optimizer == "adamw"],
+                                  root / "none.png") is None
 
 
 def test_four_panels_with_one_line_per_finished_optimizer(fake_compare, monkeypatch):

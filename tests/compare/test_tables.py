@@ -80,11 +80,30 @@ def test_paper_tables_show_claim_ours_and_protocol(fake_compare):
   for claim in paper_claims.SOPHIA_LAMBDA_TABLE1 + paper_claims.LAVSM_TABLE1:
     assert f"| {claim.method} | {claim.val_loss:.3f} |" in md
   adamw = tables.stat([_val("adamw", s) for s in range(3)])
-  assert f"| AdamW | 4.927 | {adamw.fmt(3)} | 31.5 (1.00x) |" in md
-  assert "LAVSM | 4.899 | n/a | cpu (not run)" in md
+  assert f"| AdamW | 4.927 | {adamw.fmt(3)} | - | 31.5 (1.00x) |" in md
+  assert "| 20.0 ± 0.0 % | 36.8 (1.17x) |" in md  # Sophia-Lambda: in band
+  assert "LAVSM | 4.899 | n/a | - | cpu (not run)" in md
   # Sophia-Lambda paper ordering: SL < LAMVS < AdamW < Sophia; ours lacks LAMVS and Sophia.
   assert "Paper ordering: Sophia-Lambda < LAMVS < AdamW < Sophia" in md
   assert "Our ordering:   Sophia-Lambda < AdamW" in md
+
+
+def test_unclipped_fraction_column_band_and_roles(fake_compare, tmp_path, fake_trainer):
+  root, _ = fake_compare
+  report = tables.build_report(root)
+  agg = report["aggregates"]["sophia_lambda"]
+  assert agg["unclipped_fraction"]["mean"] == pytest.approx(0.2)
+  assert agg["unclipped_fraction_by_role"]["embedding"]["mean"] == pytest.approx(0.1)
+  assert agg["unclipped_fraction_by_role"]["mlp"]["mean"] == pytest.approx(0.4)
+  assert "unclipped_fraction" not in report["aggregates"]["adamw"]
+  assert "10-50 % unclipped" in report["markdown"]
+  sophia_row = next(l for l in report["markdown_summary"].splitlines()
+                    if l.startswith("| Sophia-Lambda |"))
+  assert "| 20.0 ± 0.0 % |" in sophia_row and "out of band" not in sophia_row
+  # 1 % unclipped is outside the band and says so.
+  out = {"unclipped_fraction": tables.stat([0.01, 0.012])}
+  assert tables.unclipped_cell(out).endswith("% (out of band)")
+  assert tables.unclipped_cell({"unclipped_fraction": None}) == "-"
 
 
 def test_ordering_verdict_when_every_row_is_measured(tmp_path, fake_trainer):

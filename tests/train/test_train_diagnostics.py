@@ -1,0 +1,54 @@
+"""Sophia-family diagnostics of a training run: the clip fraction per parameter role in
+metrics.jsonl, the unclipped fraction of the second half in summary.json, and the
+`hessian_estimator` field that swaps the curvature estimator of one optimizer."""
+
+import json
+
+import pytest
+
+from sophia_lambda_jax.train import TrainConfig, run_training
+from sophia_lambda_jax.train.metrics import read_metrics, unclipped_fractions
+
+
+def _config(token_data, out, **kw):
+  return TrainConfig(model="qwen-tiny", data=str(token_data), steps=4, batch_size=2,
+                     seq_len=16, eval_batches=1, tensorboard=False, out=str(out),
+                     optimizer="sophia_lambda", optimizer_kwargs={"hessian_interval": 2},
+                     compute_dtype="float32", **kw)
+
+
+def test_clip_fraction_by_role_and_unclipped_summary(token_data, tmp_path):
+  summary = run_training(_config(token_data, tmp_path))
+  records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+  roles = {k.split("/", 1)[1] for k in records[-1] if k.startswith("clip_fraction/")}
+  assert {"embedding", "attention", "mlp", "norm"} <= roles
+  for r in records:
+    assert 0.0 <= r["clip_fraction"] <= 1.0
+    # The overall fraction lies between the per-role extremes.
+    per_role = [r[f"clip_fraction/{role}"] for role in roles]
+    assert min(per_role) - 1e-6 <= r["clip_fraction"] <= max(per_role) + 1e-6
+  late = [1 - r["clip_fraction"] for r in records if r["step"] > 2]
+  assert summary["unclipped_fraction"] == pytest.approx(sum(late) / len(late))
+  assert set(summary["unclipped_fraction_by_role"]) == roles
+  assert json.loads((tmp_path / "summary.json").read_text())["unclipped_fraction"] == \
+      pytest.approx(summary["unclipped_fraction"])
+
+
+def test_unclipped_fractions_use_the_second_half_only():
+  records = [{"step": s, "loss": 1.0, "clip_fraction": 0.9 if s <= 5 else 0.6,
+              "clip_fraction/mlp": 0.5} for s in range(1, 11)] + [{"step": 10, "val_loss": 2}]
+  assert unclipped_fractions(records, 10) == pytest.approx({"all": 0.4, "mlp": 0.5})
+  assert unclipped_fractions([{"step": 3, "loss": 1.0}], 4) == {}
+
+
+def test_hessian_estimator_field_swaps_the_estimator(token_data, tmp_path):
+  config = _config(token_data, tmp_path / "hutch", hessian_estimator="hutchinson")
+  assert config.resolved_hessian_estimator() == "hutchinson"
+  summary = run_training(config)
+  assert summary["final_val_loss"] > 0 and summary["unclipped_fraction"] is not None
+  with pytest.raises(ValueError, match="second-order optimizers only"):
+    TrainConfig(optimizer="adamw", hessian_estimator="gnb")
+  with pytest.raises(ValueError, match=r"for 'sophia_h' must be one of \['hutchinson'\]"):
+    TrainConfig(optimizer="sophia_h", hessian_estimator="gnb")
+  with pytest.raises(ValueError, match="unknown optimizer 'bogus'"):
+    TrainConfig(optimizer="bogus")
