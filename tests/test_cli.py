@@ -38,3 +38,24 @@ def test_info_prints_parameter_count_and_layer_table(capsys):
 def test_info_rejects_unknown_model():
   with pytest.raises(ValueError, match="qwen-134m"):
     cli.main(["info", "--model", "gpt-9"])
+
+
+def test_missing_training_stack_is_one_line(monkeypatch, capsys):
+  """Without the [train] extra, `slj train` says what to install instead of a traceback."""
+  import builtins
+
+  real_import = builtins.__import__
+
+  def without_flax(name, *args, **kwargs):
+    if name == "flax" or name.startswith("flax."):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", without_flax)
+  for module in [m for m in sys.modules if m.startswith(("flax", "sophia_lambda_jax.train",
+                                                          "sophia_lambda_jax.models"))]:
+    monkeypatch.delitem(sys.modules, module)
+  assert cli.main(["train", "--steps", "1"]) == 1
+  err = capsys.readouterr().err
+  assert "pip install 'sophia-lambda-jax[train]'" in err and "'flax'" in err
+  assert len(err.strip().splitlines()) == 1
