@@ -47,6 +47,18 @@ CPU_WARMUP = 12
 CPU_EVAL_EVERY = 30
 CPU_EVAL_BATCHES = 8
 
+# The Sophia family in its operating regime on the cpu setting: the rho (and Hessian-EMA
+# bias correction) that keeps 10-50 % of coordinates unclipped over the second half of
+# training, chosen by `python -m experiments.calibrate_rho` (docs/results/rho-calibration).
+# Only the cpu and tuned protocols use them: the paper protocols keep the papers' settings.
+CPU_REGIME_KWARGS: dict[str, dict[str, Any]] = {
+    "sophia": {"rho": 1.0, "bias_correction": False},
+    "sophia_h": {"rho": 0.01, "bias_correction": False},
+    "sophia_lambda": {"rho": 1.0, "bias_correction": False},
+}
+# The tuned sweep also sweeps rho around the calibrated value for these optimizers.
+TUNED_RHO_FACTORS: tuple[float, ...] = (0.5, 1.0, 2.0)
+
 # The tuned sweep is centred on each optimizer's default learning rate, the one the training
 # script uses when TrainConfig.learning_rate is None (the registry's base_learning_rate,
 # scaled 1/width); the factors are log-spaced by 2 on either side.
@@ -187,18 +199,21 @@ def paper_short_fields(**overrides) -> dict:
 # --- protocols ---------------------------------------------------------------------------
 
 def _per_optimizer(protocol: str, base: dict, seeds: int, optimizers: Sequence[str],
-                   phase: str = "main") -> list[RunSpec]:
+                   phase: str = "main", regime: dict | None = None) -> list[RunSpec]:
   _check_seeds(seeds)
   specs = []
   for opt in check_optimizers(optimizers):
-    fields = dict(base, optimizer=opt, optimizer_kwargs=dict(base["optimizer_kwargs"]))
+    kwargs = {**(regime or {}).get(opt, {}), **base["optimizer_kwargs"]}
+    fields = dict(base, optimizer=opt, optimizer_kwargs=kwargs)
     specs += [RunSpec(opt, opt, s, fields, protocol, phase, opt) for s in range(seeds)]
   return specs
 
 
 def cpu(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
-  """Every optimizer on qwen-cpu / built-in corpus at the same token budget."""
-  return _per_optimizer("cpu", cpu_fields(**overrides), seeds, optimizers)
+  """Every optimizer on qwen-cpu / built-in corpus at the same token budget; the Sophia
+  family at its calibrated rho (CPU_REGIME_KWARGS; `--set optimizer_kwargs=...` overrides)."""
+  return _per_optimizer("cpu", cpu_fields(**overrides), seeds, optimizers,
+                        regime=CPU_REGIME_KWARGS)
 
 
 def paper(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
@@ -229,51 +244,80 @@ def sweep_learning_rates(optimizer: str, model: str = "qwen-cpu") -> tuple[float
   return tuple(float(f"{centre * f:.6g}") for f in SWEEP_FACTORS)
 
 
-def _tuned_spec(opt: str, lr: float, seed: int, base: dict, phase: str) -> RunSpec:
+def tuned_kwargs(optimizer: str) -> list[dict[str, Any]]:
+  """The optimizer hyperparameters the tuned sweep tries with each learning rate: for the
+  Sophia family TUNED_RHO_FACTORS x its calibrated rho, for the others the defaults."""
+  regime = CPU_REGIME_KWARGS.get(optimizer)
+  if regime is None:
+    return [{}]
+  return [dict(regime, rho=float(f"{regime['rho'] * f:.6g}")) for f in TUNED_RHO_FACTORS]
+
+
+def _tuned_spec(opt: str, setting: dict, seed: int, base: dict, phase: str) -> RunSpec:
+  lr, kwargs = setting["learning_rate"], setting["optimizer_kwargs"]
   fields = dict(base, optimizer=opt, learning_rate=lr,
-                optimizer_kwargs=dict(base["optimizer_kwargs"]))
-  return RunSpec(f"{opt}/{lr_tag(lr)}", opt, seed, fields, "tuned", phase, opt)
+                optimizer_kwargs={**base["optimizer_kwargs"], **kwargs})
+  label = f"{opt}/{lr_tag(lr)}" + (f"/rho{kwargs['rho']:g}" if "rho" in kwargs else "")
+  return RunSpec(label, opt, seed, fields, "tuned", phase, opt)
 
 
 def tuned_sweep(optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
-  """Phase 1 of `tuned`: every optimizer at each sweep learning rate, seed 0."""
+  """Phase 1 of `tuned`: every optimizer at each sweep learning rate (and, for the Sophia
+  family, each sweep rho), seed 0."""
   base = cpu_fields(**overrides)
-  return [_tuned_spec(opt, lr, 0, base, "sweep") for opt in check_optimizers(optimizers)
-          for lr in sweep_learning_rates(opt, base["model"])]
+  return [_tuned_spec(opt, {"learning_rate": lr, "optimizer_kwargs": kwargs}, 0, base,
+                      "sweep")
+          for opt in check_optimizers(optimizers)
+          for lr in sweep_learning_rates(opt, base["model"]) for kwargs in tuned_kwargs(opt)]
 
 
-def tuned_final(best_learning_rates: dict[str, float], seeds: int = 3,
-                **overrides) -> list[RunSpec]:
-  """Phase 2 of `tuned`: each optimizer at its best sweep learning rate with `seeds` seeds
-  (seed 0 is the sweep's own run, which the runner finds already finished)."""
+def tuned_final(best: dict[str, dict], seeds: int = 3, **overrides) -> list[RunSpec]:
+  """Phase 2 of `tuned`: each optimizer at its chosen setting (``best_settings``) with
+  `seeds` seeds (seed 0 is the sweep's own run, which the runner finds already finished)."""
   _check_seeds(seeds)
-  check_optimizers(list(best_learning_rates))
+  check_optimizers(list(best))
   base = cpu_fields(**overrides)
-  return [_tuned_spec(opt, lr, s, base, "final")
-          for opt, lr in best_learning_rates.items() for s in range(seeds)]
+  return [_tuned_spec(opt, setting, s, base, "final")
+          for opt, setting in best.items() for s in range(seeds)]
 
 
-def best_learning_rates(sweep: Sequence[RunSpec],
-                        final_val_loss: Callable[[RunSpec], float | None]) -> dict[str, float]:
-  """Per optimizer, the sweep learning rate with the lowest final validation loss.
+def best_settings(sweep: Sequence[RunSpec],
+                  outcome: Callable[[RunSpec], tuple[float | None, float | None]]
+                  ) -> dict[str, dict]:
+  """Per optimizer, the sweep setting the tuned protocol continues with.
 
+  outcome(spec) -> (final validation loss, unclipped fraction or None). First-order
+  optimizers: the lowest loss. The Sophia family: the lowest loss among settings in the
+  10-50 % unclipped band; the unconstrained best is recorded beside it, and when no setting
+  is in band the best one is used with ``in_band`` False (a finding, reported as such).
   Non-finite or missing losses (a diverged run) never win; an optimizer whose every run
   diverged raises ValueError naming it.
   """
-  best: dict[str, tuple[float, float]] = {}
+  from sophia_lambda_jax.train.metrics import in_unclipped_band
+
+  results: dict[str, list[tuple[float, dict]]] = {}
   for spec in sweep:
-    loss = final_val_loss(spec)
+    loss, unclipped = outcome(spec)
     if loss is None or not math.isfinite(loss):
       continue
-    lr = spec.fields["learning_rate"]
-    if spec.optimizer not in best or loss < best[spec.optimizer][0]:
-      best[spec.optimizer] = (loss, lr)
-  missing = sorted({s.optimizer for s in sweep} - set(best))
+    setting = {"learning_rate": spec.fields["learning_rate"],
+               "optimizer_kwargs": {k: v for k, v in spec.fields["optimizer_kwargs"].items()
+                                    if k in ("rho", "bias_correction")},
+               "val_loss": loss, "unclipped": unclipped, "in_band": in_unclipped_band(unclipped)}
+    results.setdefault(spec.optimizer, []).append((loss, setting))
+  missing = sorted({s.optimizer for s in sweep} - set(results))
   if missing:
     raise ValueError(f"tuned sweep: no finite validation loss for optimizer(s) {missing}")
-  order = {name: i for i, name in enumerate(check_optimizers(None))}
-  return {opt: lr for opt, (_, lr) in sorted(best.items(),
-                                             key=lambda kv: order.get(kv[0], len(order)))}
+  best = {}
+  for opt in [o for o in check_optimizers(None) if o in results] + sorted(
+      set(results) - set(check_optimizers(None))):
+    ranked = [setting for _, setting in sorted(results[opt], key=lambda x: x[0])]
+    if opt not in CPU_REGIME_KWARGS:
+      best[opt] = ranked[0]
+      continue
+    in_band = [setting for setting in ranked if setting["in_band"]]
+    best[opt] = dict(in_band[0] if in_band else ranked[0], unconstrained=ranked[0])
+  return best
 
 
 PROTOCOLS: dict[str, Callable[..., list[RunSpec]]] = {

@@ -174,11 +174,13 @@ def enable_compilation_cache(directory: Path) -> bool:
   return True
 
 
-def _final_val_loss(root: Path) -> Callable[[RunSpec], float | None]:
-  def get(spec: RunSpec) -> float | None:
-    summary = read_summary(root / spec.run_name)
-    val = None if summary is None else summary.get("final_val_loss")
-    return float(val) if isinstance(val, (int, float)) else None
+def _outcome(root: Path) -> Callable[[RunSpec], tuple[float | None, float | None]]:
+  """spec -> (final validation loss, unclipped fraction) from the run's summary.json."""
+  def get(spec: RunSpec) -> tuple[float | None, float | None]:
+    summary = read_summary(root / spec.run_name) or {}
+    val, unclipped = summary.get("final_val_loss"), summary.get("unclipped_fraction")
+    return (float(val) if isinstance(val, (int, float)) else None,
+            float(unclipped) if isinstance(unclipped, (int, float)) else None)
   return get
 
 
@@ -288,16 +290,17 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
 
   if args.protocol == "tuned":
     try:
-      best = protocols.best_learning_rates(specs, _final_val_loss(root))
+      best = protocols.best_settings(specs, _outcome(root))
     except ValueError as e:
       print(f"[compare] {e}", file=sys.stderr)
       return 1
-    print("[compare] best learning rates: "
-          + ", ".join(f"{o} {lr:.2e}" for o, lr in best.items()))
+    print("[compare] chosen settings: " + ", ".join(
+        f"{o} lr {b['learning_rate']:.2e}" + "".join(
+            f" {k} {v}" for k, v in b["optimizer_kwargs"].items()) for o, b in best.items()))
     seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS["tuned"]
     final = protocols.tuned_final(best, seeds, **_overrides(args))
     # The best lr's seed 0 is listed twice (sweep and final phase): one run directory.
-    write_plan(root, list(specs) + final, "tuned", {"best_learning_rates": best})
+    write_plan(root, list(specs) + final, "tuned", {"best_settings": best})
     statuses.update(execute(final, root, trainer=trainer, retry_failed=args.retry_failed))
 
   if not _is_main_process():

@@ -427,24 +427,50 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
 
 
 def sweep_table(records: Sequence[RunRecord]) -> str | None:
-  """Tuned protocol: final validation loss of every (optimizer, learning rate) of the sweep."""
+  """Tuned protocol: final validation loss of every sweep setting (learning rate, and rho for
+  the Sophia family, with its unclipped fraction)."""
   sweep = [r for r in records if r.spec.phase == "sweep"]
   if not sweep:
     return None
-  lrs = sorted({r.spec.fields["learning_rate"] for r in sweep})
-  by_opt: dict[str, dict[float, str]] = {}
-  for r in sweep:
+  rows = []
+  for r in sorted(sweep, key=lambda r: (optimizer_rank(r.spec.optimizer),
+                                         r.spec.fields["learning_rate"],
+                                         r.spec.fields["optimizer_kwargs"].get("rho", 0))):
     v = _final_val(r) if r.status == "done" else None
     cell = "diverged" if r.status == "failed" else ("n/a" if v is None else f"{v:.3f}")
-    by_opt.setdefault(r.spec.optimizer, {})[r.spec.fields["learning_rate"]] = cell
-  # Sweeps are relative to each optimizer's default, so rows list their own lrs.
-  rows = []
-  for opt in sorted(by_opt, key=optimizer_rank):
-    cells = by_opt[opt]
-    rows.append([display_name(opt), ", ".join(f"{lr:.2e}: {cells[lr]}" for lr in lrs
-                                               if lr in cells)])
-  return "### Learning-rate sweep (seed 0, final validation loss)\n\n" + _md_table(
-      ["Optimizer", "lr: val loss"], rows) + "\n"
+    rho = r.spec.fields["optimizer_kwargs"].get("rho")
+    u = unclipped_fractions(r.metrics, (r.summary or {}).get("steps") or _last_step(r.metrics))
+    unclipped = "-" if "all" not in u else unclipped_cell(
+        {"unclipped_fraction": Stat(u["all"], None, 1)})
+    rows.append([display_name(r.spec.optimizer), f"{r.spec.fields['learning_rate']:.2e}",
+                 "-" if rho is None else f"{rho:g}", cell, unclipped])
+  return "### Sweep (seed 0, final validation loss)\n\n" + _md_table(
+      ["Optimizer", "lr", "rho", "Val loss", "Unclipped"], rows) + "\n"
+
+
+def chosen_settings_text(best: dict[str, dict]) -> str:
+  """The tuned protocol's choice per optimizer, with the unconstrained best beside the
+  Sophia family's in-band choice."""
+  def setting(b):
+    rho = b["optimizer_kwargs"].get("rho")
+    return f"lr {b['learning_rate']:.2e}" + ("" if rho is None else f", rho {rho:g}")
+
+  lines = ["Chosen settings (lowest seed-0 validation loss; the Sophia family only among "
+           "settings with 10-50 % unclipped):", ""]
+  for opt, b in best.items():
+    line = f"- {display_name(opt)}: {setting(b)} (val {b['val_loss']:.3f})"
+    if "unconstrained" in b:
+      u = b["unconstrained"]
+      if not b["in_band"]:
+        line += " - **no setting reached the 10-50 % band**; this is the loss-best one"
+      elif u["learning_rate"] != b["learning_rate"] or u["optimizer_kwargs"] != b["optimizer_kwargs"]:
+        pct = "n/a" if u["unclipped"] is None else f"{100 * u['unclipped']:.1f} %"
+        line += (f"; unconstrained best: {setting(u)} (val {u['val_loss']:.3f}, "
+                 f"{pct} unclipped)")
+      else:
+        line += "; also the unconstrained best"
+    lines.append(line)
+  return "\n".join(lines) + "\n"
 
 
 def _jsonable(x):
@@ -489,10 +515,8 @@ def build_report(root: Path, target: float | None = None) -> dict:
   sw = sweep_table(records)
   if sw:
     sections += [sw]
-  if plan.get("best_learning_rates"):
-    sections += ["Best learning rates: " + ", ".join(
-        f"{display_name(o)} {lr:.2e}" for o, lr in plan["best_learning_rates"].items())
-        + "\n"]
+  if plan.get("best_settings"):
+    sections += [chosen_settings_text(plan["best_settings"])]
   claims = ("Other paper claims: Hessian estimation adds "
             f"{100 * paper_claims.SOPHIA_LAMBDA_HESSIAN_OVERHEAD:.0f}% compute (ours: the "
             "'Hessian overhead' column); Sophia-Lambda uses "
@@ -507,7 +531,7 @@ def build_report(root: Path, target: float | None = None) -> dict:
       "runs": [{"run_name": r.spec.run_name, "label": r.spec.label,
                 "optimizer": r.spec.optimizer, "seed": r.spec.seed, "phase": r.spec.phase,
                 "status": r.status, "summary": r.summary} for r in records],
-      "best_learning_rates": plan.get("best_learning_rates"),
+      "best_settings": plan.get("best_settings"),
       "markdown_summary": summary_md,
       "markdown": "\n".join(sections).rstrip() + "\n",
   }

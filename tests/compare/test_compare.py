@@ -78,14 +78,15 @@ def test_tuned_sweeps_then_runs_the_best_lr_with_three_seeds(tmp_path, fake_trai
   sweep = protocols.sweep_learning_rates("adamw")
   best = min(sweep, key=lambda lr: abs(__import__("math").log10(lr) + 3))  # fake optimum
   plan = json.loads((tmp_path / "plan.json").read_text())
-  assert plan["best_learning_rates"] == {"adamw": best}
+  assert plan["best_settings"]["adamw"]["learning_rate"] == best
+  assert plan["best_settings"]["adamw"]["optimizer_kwargs"] == {}
   tag = protocols.lr_tag(best)
   # 5 sweep runs + seeds 1 and 2 of the best (its seed 0 is the sweep run).
   assert len(trainer.calls) == len(sweep) + 2
   assert {Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls[-2:]} == {
       f"adamw/{tag}/seed1", f"adamw/{tag}/seed2"}
   md = (tmp_path / "results.md").read_text()
-  assert "Learning-rate sweep" in md and "(n=3)" in md
+  assert "### Sweep" in md and "(n=3)" in md and "Chosen settings" in md
 
 
 def test_list_prints_the_plan_without_training(tmp_path, fake_trainer, capsys):

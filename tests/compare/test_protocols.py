@@ -88,7 +88,7 @@ def test_paper_is_the_lavsm_setting_and_short_is_smaller():
 def test_tuned_sweep_is_log_spaced_around_each_default():
   specs = protocols.tuned_sweep()
   for opt in ALL:
-    lrs = sorted(s.fields["learning_rate"] for s in specs if s.optimizer == opt)
+    lrs = sorted({s.fields["learning_rate"] for s in specs if s.optimizer == opt})
     assert len(lrs) >= 4
     ratios = [b / a for a, b in zip(lrs, lrs[1:])]
     assert all(math.isclose(r, ratios[0], rel_tol=1e-4) for r in ratios)
@@ -98,26 +98,61 @@ def test_tuned_sweep_is_log_spaced_around_each_default():
   assert {s.seed for s in specs} == {0} and {s.phase for s in specs} == {"sweep"}
 
 
+def test_tuned_sweeps_rho_with_the_learning_rate_for_the_sophia_family():
+  specs = protocols.tuned_sweep(["sophia_lambda", "adamw"])
+  sl = [s for s in specs if s.optimizer == "sophia_lambda"]
+  rho = protocols.CPU_REGIME_KWARGS["sophia_lambda"]["rho"]
+  assert len(sl) == len(protocols.SWEEP_FACTORS) * len(protocols.TUNED_RHO_FACTORS)
+  assert sorted({s.fields["optimizer_kwargs"]["rho"] for s in sl}) == pytest.approx(
+      [rho * f for f in protocols.TUNED_RHO_FACTORS])
+  assert len({s.run_name for s in sl}) == len(sl)
+  assert all("rho" not in s.fields["optimizer_kwargs"] for s in specs if s.optimizer == "adamw")
+
+
 def test_tuned_final_reuses_the_sweep_run_as_seed_zero():
-  sweep = protocols.tuned_sweep(["adamw"])
-  lr = sweep[2].fields["learning_rate"]
-  final = protocols.tuned_final({"adamw": lr}, seeds=3)
+  sweep = protocols.tuned_sweep(["sophia"])
+  chosen = {"learning_rate": sweep[4].fields["learning_rate"],
+            "optimizer_kwargs": {k: sweep[4].fields["optimizer_kwargs"][k]
+                                 for k in ("rho", "bias_correction")}}
+  final = protocols.tuned_final({"sophia": chosen}, seeds=3)
   assert [s.seed for s in final] == [0, 1, 2]
-  assert final[0].run_name == sweep[2].run_name
-  assert final[0].fields == sweep[2].fields
+  assert final[0].run_name == sweep[4].run_name
+  assert final[0].fields == sweep[4].fields
 
 
-def test_best_learning_rates_ignores_diverged_runs():
-  sweep = protocols.tuned_sweep(["adamw", "lion"])
+def test_best_settings_ignore_diverged_runs_and_prefer_the_band():
+  sweep = protocols.tuned_sweep(["adamw", "lion", "sophia"])
   losses = {s.run_name: float(i) for i, s in enumerate(sweep)}
-  first_adamw = sweep[0].run_name
-  losses[first_adamw] = float("nan")
-  best = protocols.best_learning_rates(sweep, lambda s: losses[s.run_name])
-  assert best["adamw"] == sweep[1].fields["learning_rate"]
+  losses[sweep[0].run_name] = float("nan")
+  sophia = [s for s in sweep if s.optimizer == "sophia"]
+  # The loss-best Sophia run is out of band (2 % unclipped); the next one is in band.
+  unclipped = {s.run_name: 0.02 if s is sophia[0] else 0.3 for s in sophia}
+  best = protocols.best_settings(
+      sweep, lambda s: (losses[s.run_name], unclipped.get(s.run_name)))
+  assert best["adamw"]["learning_rate"] == sweep[1].fields["learning_rate"]
   lion = [s for s in sweep if s.optimizer == "lion"]
-  assert best["lion"] == lion[0].fields["learning_rate"]
+  assert best["lion"]["learning_rate"] == lion[0].fields["learning_rate"]
+  assert best["sophia"]["in_band"] and best["sophia"]["val_loss"] == losses[sophia[1].run_name]
+  assert best["sophia"]["unconstrained"]["val_loss"] == losses[sophia[0].run_name]
+  # No setting in band: the loss-best one, flagged.
+  none_in_band = protocols.best_settings(sophia, lambda s: (losses[s.run_name], 0.01))
+  assert none_in_band["sophia"]["in_band"] is False
   with pytest.raises(ValueError, match="lion"):
-    protocols.best_learning_rates(sweep, lambda s: None if s.optimizer == "lion" else 1.0)
+    protocols.best_settings(sweep, lambda s: (None if s.optimizer == "lion" else 1.0, None))
+
+
+def test_cpu_protocol_fields_are_pinned():
+  """Committed results (docs/results/compare-cpu) were produced with these settings."""
+  specs = {s.optimizer: s for s in protocols.cpu()}
+  f = specs["adamw"].fields
+  assert (f["model"], f["data"], f["steps"], f["batch_size"], f["seq_len"],
+          f["warmup_steps"], f["eval_every"], f["eval_batches"], f["compute_dtype"]) == (
+              "qwen-cpu", "builtin", 120, 8, 128, 12, 30, 8, "float32")
+  assert {o: s.fields["optimizer_kwargs"] for o, s in specs.items() if s.fields[
+      "optimizer_kwargs"]} == {
+          "sophia": {"rho": 1.0, "bias_correction": False},
+          "sophia_h": {"rho": 0.01, "bias_correction": False},
+          "sophia_lambda": {"rho": 1.0, "bias_correction": False}}
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
