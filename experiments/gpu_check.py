@@ -101,7 +101,7 @@ SMOKE = Plan("qwen-tiny", 4, 32, cycles=2, matmul_size=256,
 
 
 # ----------------------------------------------------------------------------- helpers
-def missing_packages(modules: dict[str, str] = REQUIRED_MODULES) -> list[str]:
+def missing_packages(modules: dict[str, str]) -> list[str]:
   """Packages whose module cannot be imported (a missing dependency of one is named too)."""
   missing = []
   for module, package in modules.items():
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"--sections: unknown {unknown}; expected a subset of {list(SECTIONS)}")
   if args.budget_s is not None and not args.budget_s > 0:
     parser.error(f"--budget-s must be > 0, got {args.budget_s}")
-  missing = missing_packages()
+  missing = missing_packages(REQUIRED_MODULES)
   if missing:
     print(f"gpu_check: missing Python package(s): {', '.join(missing)}; install them, or "
           "bring wheels (README, 'GPU check')", file=sys.stderr)
