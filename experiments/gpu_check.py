@@ -167,22 +167,26 @@ class Context(NamedTuple):
 
 # ----------------------------------------------------------------------------- sections
 def environment() -> dict:
+  """Versions and the device; tokenises the built-in corpus (sections 1 and 3 read it)."""
+  import importlib.metadata
+
   import jax
-  import jaxlib
   from sophia_lambda_jax import data
   from sophia_lambda_jax.data import sources
 
+  env = {"python": sys.version.split()[0], "python_full": sys.version,
+         "platform": platform.platform(), "jax": jax.__version__,
+         "jaxlib": importlib.metadata.version("jaxlib"), "backend": jax.default_backend(),
+         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
   t0 = time.perf_counter()
-  corpus = data.builtin_dataset_dir(progress=False)
-  device = jax.devices()[0]
-  return {
-      "python": sys.version.split()[0], "python_full": sys.version,
-      "platform": platform.platform(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "backend": jax.default_backend(), "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "builtin_corpus": {"fingerprint": sources.builtin_fingerprint(), "path": str(corpus),
-                         "prepare_s": time.perf_counter() - t0},
-  }
+  try:
+    corpus = data.builtin_dataset_dir(progress=False)
+    env["builtin_corpus"] = {"fingerprint": sources.builtin_fingerprint(),
+                             "path": str(corpus), "prepare_s": time.perf_counter() - t0}
+  except Exception as e:  # the memory section needs no data: go on and record it
+    traceback.print_exc()
+    env["builtin_corpus"] = {"error": f"{type(e).__name__}: {e}"}
+  return env
 
 
 def throughput(ctx: Context) -> dict:
