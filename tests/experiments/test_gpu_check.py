@@ -42,7 +42,8 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
   assert ratio["value"] > 0 and ratio["pass"] == (ratio["value"] <= 1.07)
   assert tp["cycles_timed"] == tp["cycles_requested"] == gpu_check.SMOKE.cycles
   for row in tp["optimizers"].values():
-    assert math.isclose(row["tokens_per_s"], 4 * 32 / (row["step_ms"] / 1e3))
+    tokens = gpu_check.SMOKE.batch_size * gpu_check.SMOKE.seq_len
+    assert math.isclose(row["tokens_per_s"], tokens / (row["step_ms"] / 1e3))
 
   rows = sections["memory"]["table"]["optimizers"]
   assert list(rows) == ["adamw", "sophia", "lamvs", "sophia_lambda"]
@@ -65,7 +66,8 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
     assert 0.0 <= fraction <= 1.0
     assert runs[name]["unclipped_in_band"] == (0.10 <= fraction <= 0.50)
   for run in runs.values():
-    assert math.isfinite(run["final_val_loss"]) and run["steps"] == 20
+    assert math.isfinite(run["final_val_loss"])
+    assert run["steps"] == gpu_check.SMOKE.compare_steps[0]
   assert not (out / "runs" / "adamw" / "checkpoints").exists()
 
   md = (out / "report.md").read_text()
@@ -122,3 +124,22 @@ def test_unknown_section_is_a_usage_error(tmp_path):
   with pytest.raises(SystemExit) as e:
     gpu_check.main(["--out", str(tmp_path), "--sections", "throughput,speed"])
   assert e.value.code == 2
+
+
+def test_comparison_steps_are_sized_from_section_1(tmp_path):
+  plan = gpu_check.FULL
+  measured = {"throughput": {
+      "model": plan.model, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
+      "optimizers": {"adamw": {"step_ms": 40.0, "compile_s": 20.0},
+                     "sophia_lambda": {"step_ms": 50.0, "compile_s": 30.0}}}}
+
+  def steps(seconds_left, sections):
+    ctx = gpu_check.Context(plan, tmp_path, time.perf_counter() + seconds_left, sections)
+    return gpu_check._compare_steps(ctx, runs=3)[0]
+
+  # 100 s per run, less 30 s compile and the overhead, at the slower 50 ms per step.
+  expected = int((100 - 30 - gpu_check.RUN_OVERHEAD_S) / 0.05) // 10 * 10
+  assert steps(300, measured) in (expected, expected - 10)
+  assert steps(30, measured) == plan.compare_steps[0]
+  assert steps(1e6, measured) == plan.compare_steps[2]
+  assert steps(300, {}) == plan.compare_steps[1]
