@@ -24,6 +24,11 @@ parameter count with the tied head, L layers, T the sequence length, d_attn = he
 head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
 measured FLOP/s of a jitted square matmul in the compute dtype.
 
+With `time_budget_s` the timed cycles stop at the first cycle boundary after that many
+seconds from the call (compiles and warm-up included; at least one cycle is timed), and
+`cycles` in the result is the number timed. Each optimizer's entry also holds its compiled
+step's memory (`bench_memory.memory_of`).
+
 Issue 4 goal: sophia_lambda mean step time <= 1.07 x adamw's.
 """
 
@@ -37,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchmarks.bench_memory import memory_of
 from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
@@ -96,7 +102,9 @@ class _Runner:
 
 def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
               cycles: int = 12, compute_dtype: str = "bfloat16",
-              data: str = "builtin", mesh: str = "data=1,fsdp=1") -> dict:
+              data: str = "builtin", mesh: str = "data=1,fsdp=1",
+              time_budget_s: float | None = None) -> dict:
+  start = time.perf_counter()
   common = dict(model=model, batch_size=batch_size, seq_len=seq_len, steps=1000, data=data,
                 mesh=mesh, compute_dtype=compute_dtype, eval_every=0)
   configs = {
@@ -118,29 +126,36 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
   times = {name: [] for name in runners}
   flags = {name: [] for name in runners}
   names = list(runners)
-  for step in range(INTERVAL * cycles):
-    for name in (names if step % 2 == 0 else names[::-1]):
-      t, f = runners[name].run(1)
-      times[name] += t
-      flags[name] += f
+  timed = 0
+  for cycle in range(cycles):
+    if timed and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+      break
+    for step in range(cycle * INTERVAL, (cycle + 1) * INTERVAL):
+      for name in (names if step % 2 == 0 else names[::-1]):
+        t, f = runners[name].run(1)
+        times[name] += t
+        flags[name] += f
+    timed += 1
 
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(probe.abstract_params)))
   flops_step = model_flops_per_step(probe.config, batch_size, seq_len, params)
   peak = matmul_flops_per_s(probe.config.dtype)
   result = {"model": model, "params": params, "batch_size": batch_size, "seq_len": seq_len,
             "compute_dtype": compute_dtype, "devices": device_mesh.size,
-            "backend": jax.default_backend(), "cycles": cycles, "matmul_flops_per_s": peak,
+            "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "cycles": timed, "cycles_requested": cycles, "matmul_flops_per_s": peak,
             "model_flops_per_step": flops_step}
   # Every cycle starts on a refresh: the warm-up left both runners at step 10.
-  assert all(flags["sophia_lambda"][::INTERVAL]) and sum(flags["sophia_lambda"]) == cycles
+  assert all(flags["sophia_lambda"][::INTERVAL]) and sum(flags["sophia_lambda"]) == timed
   for name in runners:
-    by_position = np.asarray(times[name]).reshape(cycles, INTERVAL)
+    by_position = np.asarray(times[name]).reshape(timed, INTERVAL)
     step_s = float(np.mean(np.median(by_position, axis=0)))
     entry = {"cycle_step_s": step_s, "mean_step_s": float(np.mean(times[name])),
              "compile_s": runners[name].compile_s,
              "tokens_per_s": batch_size * seq_len / step_s,
              "achieved_flops_per_s": flops_step / step_s,
-             "fraction_of_matmul_flops": flops_step / step_s / peak}
+             "fraction_of_matmul_flops": flops_step / step_s / peak,
+             "memory": memory_of(runners[name].step_fn)}
     refresh = [t for t, f in zip(times[name], flags[name]) if f]
     plain = [t for t, f in zip(times[name], flags[name]) if not f]
     if refresh:

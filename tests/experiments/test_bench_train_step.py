@@ -1,22 +1,27 @@
 """experiments/benchmarks/bench_train_step.py on a tiny model: the timed steps line up with
-Sophia-Lambda's refresh cycles and the reported ratio is the one of the cycle times."""
+Sophia-Lambda's refresh cycles, the reported ratio is the one of the cycle times, and a
+spent time budget stops the timing at a cycle boundary. (Two and more timed cycles are
+exercised by tests/experiments/test_gpu_check.py.)"""
 
 import math
 
 from experiments.benchmarks import bench_train_step
 
 
-def test_benchmark_times_whole_refresh_cycles():
-  cycles = 2
+def test_benchmark_times_whole_refresh_cycles_within_its_budget():
   result = bench_train_step.benchmark(model="qwen-tiny", batch_size=2, seq_len=16,
-                                      cycles=cycles, compute_dtype="float32")
+                                      cycles=3, compute_dtype="float32", time_budget_s=0.0)
+  assert result["cycles_requested"] == 3 and result["cycles"] == 1  # budget spent at once
   sophia, adamw = result["sophia_lambda"], result["adamw"]
-  assert sophia["refresh_steps"] == cycles
-  assert sophia["plain_steps"] == cycles * (bench_train_step.INTERVAL - 1)
+  assert sophia["refresh_steps"] == 1
+  assert sophia["plain_steps"] == bench_train_step.INTERVAL - 1
   assert "refresh_steps" not in adamw
   for entry in (sophia, adamw):
     assert entry["cycle_step_s"] > 0 and entry["mean_step_s"] > 0 and entry["compile_s"] > 0
     assert math.isclose(entry["tokens_per_s"], 2 * 16 / entry["cycle_step_s"])
+    memory = entry["memory"]
+    assert memory["total"] == (memory["argument"] + memory["output"] - memory["alias"]
+                               + memory["temp"]) > 0
   assert math.isclose(result["sophia_lambda_over_adamw"],
                       sophia["cycle_step_s"] / adamw["cycle_step_s"])
   assert 0 < result["adamw"]["fraction_of_matmul_flops"]
