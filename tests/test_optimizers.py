@@ -22,7 +22,7 @@ from sophia_lambda_jax import optimizers
 LEAVES = {
     "embed/embedding": ((12, 8), "embedding", 1, 8),
     "layers/0/attn/q_proj/kernel": ((8, 96), "attention", 2, 8),
-    "layers/0/attn/q_proj/bias": ((96,), "attention", 2, 96),
+    "layers/0/attn/q_proj/bias": ((96,), "attention", 2, 8),  # its kernel's width
     "layers/0/input_norm/scale": ((8,), "norm", 2, 8),
     "layers/1/mlp/up_proj/kernel": ((8, 24), "mlp", 3, 8),
     "layers/1/mlp/down_proj/kernel": ((24, 8), "mlp", 3, 24),
