@@ -50,8 +50,9 @@ For every leaf, :func:`label_params` returns a :class:`ParamInfo`:
     attention (``query``/``key``/``value``/``out``) and Gemma's einsums; other layouts
     need a rule. Names known in two layouts (:data:`AMBIGUOUS_LAYOUTS`: GPT-2 ``Conv1D``
     names, torch-style ``weight``) need one too;
-  - a bias (``bias``, ``b``) has the width of its sibling ``kernel``/``weight``/``w`` (the
-    same layer); without one, its own size; other vectors ``shape[0]``; scalars 1.
+  - a bias (``bias``, ``b``) has the width and depth of its sibling ``kernel``/``weight``/
+    ``w`` (the same layer), whatever rules match it; without one, its own size; other
+    vectors ``shape[0]``; scalars 1.
 
   A width that cannot be settled is ``None``; :func:`layer_scales` then raises naming the
   path (``label_params`` itself only needs roles).
@@ -382,17 +383,20 @@ def _entries(params, rules) -> tuple[list[_Entry], Any]:
           "but it is a scalar: stacked leaves need the block axis first, and scalars have none.")
     widths[path] = _own_width(path, per_block, role, fan_in_rule)
 
+  placement = {path: (kind, index) for path, _, _, kind, index, _, _ in raw}
   entries = []
   for path, parts, role, kind, index, shape, fan_in_rule in raw:
     dim, why = widths[path]
     name = parts[-1]
-    if name in _BIAS_NAMES and fan_in_rule is None:
+    if name in _BIAS_NAMES:
+      # A bias belongs to its kernel's layer: same width and depth, whatever rules matched.
       stem = path[:len(path) - len(name)]
       sibling = next((stem + k for k in _KERNEL_NAMES if stem + k in widths), None)
       if sibling is not None:
         dim, why = widths[sibling]
         why = why and f"its kernel {sibling}: {why}"
-      else:
+        kind, index = placement[sibling]
+      elif fan_in_rule is None:
         per_block = shape[1:] if kind == "stacked" else shape
         dim, why = int(math.prod(per_block)), ""
     entries.append(_Entry(path, role, kind, index, shape, dim, why))

@@ -212,6 +212,9 @@ def test_gpt2_conv1d_layout_needs_its_rules():
   assert widths["transformer/wte/embedding"] == ("embedding", 1, 768)
   assert widths["transformer/ln_f/scale"] == ("norm", 4, 768)
   labels.layer_scales(params, rules=labels.HF_FLAX_GPT2_RULES)
+  # A rule that also matches the biases still leaves each bias its kernel's width.
+  loose = infos(params, rules=[labels.Rule(r"c_(attn|fc|proj)", fan_in=-1)])
+  assert loose["transformer/h/1/attn/c_attn/bias"].dim == 768
 
 
 def test_gemma_einsum_layouts_by_default():
@@ -294,6 +297,8 @@ def test_unknown_names_and_no_blocks_raise_at_init_and_train_with_rules():
   placed = [labels.Rule(r"^encoder/foo/", block=0), labels.Rule(r"^encoder/bar/", block=1)]
   info = infos(ENCODER, rules=placed, strict=False)
   assert info["encoder/bar/kernel"].depth == 3 and info["encoder/foo/bias"].depth == 2
+  kernel_only = [labels.Rule(r"^encoder/foo/kernel$", block=0), placed[1]]
+  assert infos(ENCODER, rules=kernel_only, strict=False)["encoder/foo/bias"].depth == 2
   grads = jax.tree.map(jnp.ones_like, ENCODER)
   hessian_fn = lambda p: jax.tree.map(lambda x: jnp.full_like(x, 1e-3), p)
   for name, kwargs, extra in [("lavsm", {"rules": roles}, {}),
