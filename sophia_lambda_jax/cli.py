@@ -1,6 +1,6 @@
 """The `slj` command.
 
-    slj info --model qwen-134m        parameter count and per-layer labels / layer scales
+    slj info --model qwen-134m        parameter count and the label table (slj.labels.describe)
     slj tokenize SOURCE OUT           tokenise a corpus into uint32 shards
     slj train [flags]                 train one model with one optimizer (resumable)
     slj compare --protocol cpu        compare the optimizers under a protocol
@@ -16,13 +16,28 @@ import sys
 
 
 def _info(argv: list[str]) -> int:
+  import dataclasses
+
+  from sophia_lambda_jax import labels
   from sophia_lambda_jax.models import qwen
 
   parser = argparse.ArgumentParser(
-      prog="slj info", description="Parameter count and per-layer table of a model preset.")
+      prog="slj info",
+      description="Parameter count and the per-parameter label table (slj.labels.describe) "
+                  "of a model preset.")
   parser.add_argument("--model", default="qwen-134m", help=f"one of {sorted(qwen.PRESETS)}")
   args = parser.parse_args(argv)
-  print(qwen.format_info(args.model))
+  config = qwen.get_config(args.model)
+  total = qwen.count_params(config)
+  print(f"{args.model}: {total:,} parameters ({total / 1e6:.1f}M)\n"
+        f"  vocab {config.vocab_size}, hidden {config.hidden_size}, {config.num_layers} layers, "
+        f"{config.num_heads} heads x {config.head_dim} ({config.num_kv_heads} KV heads), "
+        f"SwiGLU {config.intermediate_size}, "
+        f"{'tied' if config.tie_embeddings else 'untied'} embeddings, "
+        f"rope theta {config.rope_theta:g}, max seq {config.max_seq_len}\n")
+  # One row per block: the unrolled layout; shapes only (labels read paths and shapes).
+  params = qwen.abstract_params(dataclasses.replace(config, scan_layers=False))
+  print(labels.describe(params))
   return 0
 
 

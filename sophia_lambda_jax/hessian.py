@@ -18,6 +18,10 @@ fixed when the function is built: build a fresh ``hessian_fn`` every step with a
   B * g_hat * g_hat is an unbiased estimate of the Gauss-Newton diagonal of the token-mean
   loss. The factor B (``batch_tokens``) is applied by the optimizer, not here.
 
+* Flax NNX models: ``nnx_params_fn(model, fn)`` turns ``fn(model)`` into the
+  ``params -> ...`` function the estimators take (see its docstring for why a closure over
+  the model fails under ``nnx.Optimizer``).
+
 * Hutchinson (Hutchinson 1989, "A stochastic estimator of the trace of the influence matrix
   for Laplacian smoothing splines"; used per coordinate as in Sophia-H): with u Rademacher
   (entries +-1, independent per leaf), E[u * (H u)] = diag(H). H u is a Hessian-vector
@@ -337,3 +341,48 @@ def hutchinson(loss_fn: Callable[[PyTree], jax.Array], key: jax.Array) -> Hessia
     return jax.tree.map(lambda a, b: a * b, u, hessian_u)
 
   return hessian_fn
+
+
+def nnx_params_fn(model, fn: Callable[[Any], Any], wrt=None) -> Callable[[PyTree], Any]:
+  """``params -> fn(model with params)`` for a Flax NNX ``model``, safe in ``lax.cond``.
+
+  The optimizers call ``hessian_fn`` inside ``jax.lax.cond`` (so steps without a refresh
+  pay nothing), which is a new trace level. A ``hessian_fn`` that touches ``model`` there,
+  e.g. ``nnx.grad(loss)(model)`` or ``nnx.update(model, params)``, fails with Flax's
+  "Cannot extract graph node from different trace level" / "Cannot mutate ... from a
+  different trace level"; one that calls ``model(x)`` while ignoring ``params`` would
+  differentiate nothing. This helper splits ``model`` into its graph, the ``wrt``
+  variables and the rest *now* (in the training step, outside the cond) and returns a
+  function that merges a fresh module from the graph, the params it is given and the rest,
+  so inside the cond only arrays cross the boundary::
+
+      @nnx.jit
+      def train_step(model, optimizer, x, y, key):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+        logits_fn = slj.hessian.nnx_params_fn(model, lambda m: m(x))
+        hessian_fn = slj.hessian.gauss_newton_bartlett(logits_fn, key)
+        optimizer.update(model, grads, hessian_fn=hessian_fn)
+        return loss
+
+  Build it every step (after the model's last update), like the ``hessian_fn`` itself.
+  Changes ``fn`` makes to the merged copy's variables (dropout RNG counts, batch
+  statistics) are not written back to ``model``.
+
+  Args:
+    model: an ``nnx.Module``.
+    fn: ``module -> output``, e.g. ``lambda m: m(x)`` for the logits.
+    wrt: the filter of the variables ``params`` holds: that of ``nnx.Optimizer(...,
+      wrt=...)``; default ``nnx.Param``.
+
+  Returns:
+    ``params -> fn(merged module)``, taking the ``nnx.State`` (or its pure dict) of the
+    ``wrt`` variables, as ``nnx.Optimizer`` passes it to ``tx.update``.
+  """
+  from flax import nnx  # only this helper needs flax; the estimators above do not
+
+  graphdef, _, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
+
+  def params_fn(params):
+    return fn(nnx.merge(graphdef, params, rest))
+
+  return params_fn

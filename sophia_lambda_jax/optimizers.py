@@ -7,7 +7,10 @@
     params = optax.apply_updates(params, updates)
 
 Every optimizer keeps its moments and Hessian EMA in float32 whatever the parameter dtype
-(``transforms.with_float32_state``) and returns updates in the parameter dtype.
+(``transforms.with_float32_state``) and returns updates in the parameter dtype. The
+parameters themselves are the caller's: bf16 parameters updated in place lose every update
+smaller than their rounding step (about 2^-8 of the value, so lr 3e-4 steps vanish), so
+keep a float32 master copy and cast it to bf16 for the forward pass.
 
 The registry ``OPTIMIZERS`` (name -> ``OptimizerSpec``) is the one place that knows each
 optimizer: its factory, aliases, display name, source, default learning rate and Hessian
@@ -134,6 +137,7 @@ def lavsm(
     mask: Optional[Any] = None,
     variance_clip: float = 0.5,
     role_scales: Optional[dict] = None,
+    rules: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LAVSM, layer-adaptive variance-stabilised momentum (LAVSM paper, eqs. 1-5):
 
@@ -142,14 +146,17 @@ def lavsm(
 
   The paper's eq. (5) writes ``+ lr*wd*theta``; that is a sign error (weight decay shrinks)
   and the decay here is decoupled as in AdamW. s_role: attention 1.8, mlp 1.2, embedding
-  1.0, norm 0.7, head 1.0, other 1.0 (``role_scales`` overrides; roles from
-  ``slj.labels``).
+  1.0, norm 0.7, head 1.0, other 1.0 (``role_scales`` overrides).
+
+  Roles come from the parameter paths (``slj.labels``; ``rules`` adds to the defaults): a
+  path no rule gives a role raises ValueError at ``init``, listing every such path; end
+  ``rules`` with ``(r".*", "other")`` to scale the rest by 1.0.
   """
   transforms.check_learning_rate(learning_rate)
   return _finish(
       transforms.scale_by_variance_clipped_moments(b1=b1, b2=b2, variance_clip=variance_clip,
                                                    eps=eps),
-      transforms.scale_by_role(role_scales),
+      transforms.scale_by_role(role_scales, rules),
       transforms.add_decoupled_weight_decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -163,6 +170,7 @@ def lamvs(
     weight_decay: float = 0.1,
     mask: Optional[Any] = None,
     role_scales: Optional[dict] = None,
+    rules: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LAMVS, "layer-adaptive momentum with variance scaling".
 
@@ -170,6 +178,8 @@ def lamvs(
   reconstruction (docs/design.md): AdamW's bias-corrected moments with LAVSM's fixed role scales,
 
       theta -= lr * (s_role * m_hat / (sqrt(v_hat) + eps) + wd * theta)
+
+  Roles and ``rules`` as in ``lavsm`` (unknown paths raise at ``init``).
   """
   transforms.check_learning_rate(learning_rate)
   transforms.check_beta("b1", b1)
@@ -177,21 +187,21 @@ def lamvs(
   transforms.check_number("eps", eps, low=0.0)
   return _finish(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      transforms.scale_by_role(role_scales),
+      transforms.scale_by_role(role_scales, rules),
       transforms.add_decoupled_weight_decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def _sophia_chain(learning_rate, b1, b2, eps, weight_decay, mask, rho, batch_tokens,
-                  hessian_ema, layer_scale=None):
+                  hessian_ema, layer_scale=None, rules=None):
   transforms.check_learning_rate(learning_rate)
   parts = [
       transforms.scale_by_clipped_curvature(b1=b1, rho=rho, eps=eps,
                                             batch_tokens=batch_tokens, hessian=hessian_ema),
   ]
   if layer_scale is not None and layer_scale is not False:
-    parts.append(transforms.scale_by_layer_scale(layer_scale))
+    parts.append(transforms.scale_by_layer_scale(layer_scale, rules))
   parts += [
       transforms.add_decoupled_weight_decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -219,8 +229,13 @@ def sophia(
           h = b2 h + (1-b2) hessian_fn(params)
       theta -= lr * (clip(m / (rho * B * max(h, 0) + eps), 1) + wd * theta)
 
-  B = ``batch_tokens`` (tokens per optimizer step over all devices and accumulation steps;
-  required, no default: a wrong B silently rescales the update). This equals the published
+  B = ``batch_tokens``: the number of tokens the Hessian estimate was computed from (the
+  GNB estimate is g_hat^2 for the gradient g_hat of a token *mean*, so B g_hat^2 estimates
+  the Gauss-Newton diagonal per token). With ``slj.hessian`` on the whole step's batch
+  that is the tokens per optimizer step over all devices; under ``optax.MultiSteps(k)``
+  ``hessian_fn`` sees only the micro-batch of the k-th call, so pass the tokens of one
+  micro-batch (all k micro-batches would over-state the curvature k-fold). Required, no
+  default: a wrong B silently rescales the update. This equals the published
   SophiaG rule ``ratio = (|m| / (rho*bs*h + 1e-15)).clamp(max=1)``, ``theta *= 1 - lr*wd``,
   ``theta -= lr * sign(m) * ratio``; the only difference is that we refresh h before the
   update, from step 0. ``hessian_fn``: ``slj.hessian.gauss_newton_bartlett`` (returns
@@ -288,6 +303,7 @@ def sophia_lambda(
     r_high: float = 0.02,
     layer_scale: Union[bool, None, Callable[[Any], Any]] = True,
     bias_correction: bool = False,
+    rules: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-Lambda (Sophia-Lambda paper, eqs. 1-2): Sophia-G with a block-wise Hessian EMA,
   a layer scale and an optional adaptive refresh interval:
@@ -303,7 +319,12 @@ def sophia_lambda(
     ``inject_hyperparams``.
   * ``layer_scale``: lambda_l = c sqrt(d_l / n_l) from ``slj.labels.layer_scales`` (c makes
     the parameter-count-weighted mean 1; clamped to [0.1, 10]); ``None`` turns it off, a
-    callable params -> pytree of floats replaces it.
+    callable params -> pytree of floats replaces it. d_l is the layer's fan-in and n_l its
+    depth, read from paths and shapes; where they cannot be inferred (no indexed blocks or
+    layers anywhere, a kernel whose input axes are ambiguous) ``init`` raises ValueError
+    naming the paths. ``rules`` (``slj.labels.Rule``: role, input axes, block) settles
+    them; ``print(slj.labels.describe(params, rules=rules))`` shows what is read. Roles
+    are not needed for every leaf, only to find the embedding.
   * Interval: fixed at ``hessian_interval`` by default. ``adaptive_interval=True`` turns on
     an adaptive rule: from the 4th refresh on the interval doubles (up to
     ``max_interval``) when the relative change r = ||h_after - h_before|| / ||h_before|| is
@@ -326,7 +347,7 @@ def sophia_lambda(
                              adaptive_interval=adaptive_interval, min_interval=min_interval,
                              max_interval=max_interval, r_low=r_low, r_high=r_high,
                              bias_correction=bias_correction),
-      layer_scale=layer_scale)
+      layer_scale=layer_scale, rules=rules)
 
 
 @dataclasses.dataclass(frozen=True)

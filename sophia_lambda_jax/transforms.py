@@ -302,6 +302,15 @@ def _global_norm(tree) -> Array:
 # ----------------------------------------------------------------------------------------
 
 
+_NNX_CLOSURE_HINT = (
+    "hessian_fn used a Flax NNX module closed over from outside the optimizer: the "
+    "optimizer calls hessian_fn inside jax.lax.cond (a new trace level), where NNX refuses "
+    "to read or update that module's variables. Compute the estimate from the params "
+    "hessian_fn is given, e.g. hessian_fn=slj.hessian.gauss_newton_bartlett("
+    "slj.hessian.nnx_params_fn(model, lambda m: m(x)), key), which splits the model before "
+    "the update and merges it back inside.")
+
+
 class HessianEMAState(NamedTuple):
   """State of ``hessian_ema``.
 
@@ -417,7 +426,12 @@ def hessian_ema(
     do_refresh = _refresh_due(state)
 
     def refresh(h_before):
-      estimate = hessian_fn(params)
+      try:
+        estimate = hessian_fn(params)
+      except Exception as error:
+        if "different trace level" in str(error):  # Flax NNX's TraceContextError & co.
+          raise ValueError(_NNX_CLOSURE_HINT) from error
+        raise
       if jax.tree.structure(estimate) != params_treedef:
         raise ValueError(
             "hessian_fn(params) must return a pytree with the structure of params; got "
@@ -506,8 +520,10 @@ def scale_by_clipped_curvature(
       m = b1 m + (1 - b1) g                                   (no bias correction)
       u = clip(m / (rho * B * max(expand(h), 0) + eps), 1)    (to [-1, 1])
 
-  with B = ``batch_tokens`` and h from the ``hessian`` sub-transform (``hessian_ema``,
-  refreshed before the division). With B = tokens per step and eps = 1e-15 this is the
+  with B = ``batch_tokens`` (the number of tokens the Hessian estimate was computed from:
+  GNB returns g_hat^2 of a token-mean gradient, so B g_hat^2 is the per-token Gauss-Newton
+  diagonal) and h from the ``hessian`` sub-transform (``hessian_ema``, refreshed before the
+  division). With B = tokens per step and eps = 1e-15 this is the
   published SophiaG rule ``ratio = (|m| / (rho*bs*h + 1e-15)).clamp(max=1)`` times sign(m)
   (Liu et al. 2023, Alg. 3; github.com/Liuhong99/Sophia). The block-reduced h is broadcast
   along the last axis, never materialised at full size.
@@ -521,8 +537,9 @@ def scale_by_clipped_curvature(
   check_number("eps", eps, low=0.0)
   if batch_tokens is None:
     raise ValueError(
-        "batch_tokens must be given: the number of tokens per optimizer step over all "
-        "devices and accumulation steps (a finite number in (0, inf))")
+        "batch_tokens must be given: the number of tokens the Hessian estimate was "
+        "computed from, over all devices (under optax.MultiSteps: one micro-batch's); a "
+        "finite number in (0, inf)")
   check_number("batch_tokens", batch_tokens, low=0.0, low_open=True)
   hessian = hessian_ema() if hessian is None else hessian
 
@@ -560,11 +577,12 @@ def scale_by_layer_scale(
 
       u = lambda_l * u,   lambda_l = c * sqrt(d_l / n_l), clamped to [0.1, 10]
 
-  ``layer_scale=True``: ``sophia_lambda_jax.labels.layer_scales`` (c normalises the
-  parameter-count-weighted mean of lambda to 1). ``None``/``False``: identity. A callable
-  ``params -> pytree of floats`` (pass it in static_args of ``inject_hyperparams``) or a
-  pytree of floats replaces the default. Scales come from paths and shapes only, so they are
-  constants of the compiled step. Stateless.
+  ``layer_scale=True``: ``sophia_lambda_jax.labels.layer_scales(params, rules=rules)`` (c
+  normalises the parameter-count-weighted mean of lambda to 1); a tree whose widths or
+  depths it cannot infer raises ValueError at ``init``, naming the paths. ``None``/``False``:
+  identity. A callable ``params -> pytree of floats`` (pass it in static_args of
+  ``inject_hyperparams``) or a pytree of floats replaces the default. Scales come from paths
+  and shapes only, so they are constants of the compiled step. Stateless.
   """
   if layer_scale is not None and not isinstance(layer_scale, bool) and not callable(
       layer_scale):
@@ -581,7 +599,8 @@ def scale_by_layer_scale(
     return layer_scale
 
   def init_fn(params):
-    del params
+    if layer_scale is True:
+      scales_for(params)  # a tree the labels cannot read fails here, before training
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -619,23 +638,29 @@ def scale_by_role(role_scales: Optional[dict] = None,
 
       u = s_role * u,  s = attention 1.8, mlp 1.2, embedding 1.0, norm 0.7, head 1.0, other 1.0
 
-  Roles come from ``sophia_lambda_jax.labels.label_params(params, rules, strict=False)``
-  (paths no rule matches count as "other"). ``role_scales`` overrides some of them. Stateless.
+  Roles come from ``sophia_lambda_jax.labels.label_params(params, rules)``: a path no rule
+  gives a role raises ValueError at ``init``, listing every such path (counting it as
+  "other" would silently scale, e.g., an MLP by 1.0 instead of 1.2); a catch-all rule
+  ``(r".*", "other")`` at the end of ``rules`` restores that. ``role_scales`` overrides
+  some scales. Stateless.
   """
   scales = check_role_scales(role_scales)
 
+  def roles_of(tree):
+    from . import labels
+    infos = labels.label_params(tree, rules=rules)
+    return [info.role for info in jax.tree.leaves(
+        infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))]
+
   def init_fn(params):
-    del params
+    roles_of(params)  # unknown names fail here, before training
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
-    from . import labels
-    infos = labels.label_params(updates, rules=rules, strict=False)
     leaves, treedef = jax.tree.flatten(updates)
-    info_leaves = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))
-    scaled = [u * jnp.asarray(scales.get(info.role, 1.0), u.dtype)
-              for u, info in zip(leaves, info_leaves)]
+    scaled = [u * jnp.asarray(scales[role], u.dtype)
+              for u, role in zip(leaves, roles_of(updates))]
     return jax.tree.unflatten(treedef, scaled), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -26,13 +26,26 @@ def test_console_script_entry_point_runs():
   assert "slj compare" in result.stdout
 
 
-def test_info_prints_parameter_count_and_layer_table(capsys):
+def test_info_prints_parameter_count_and_the_describe_table(capsys):
+  import dataclasses
+
+  from sophia_lambda_jax import labels
   from sophia_lambda_jax.models import qwen
 
   assert cli.main(["info", "--model", "qwen-tiny"]) == 0
   out = capsys.readouterr().out
-  assert f"{qwen.count_params(qwen.get_config('qwen-tiny')):,}" in out
-  assert "layers/1/attn/q_proj/kernel" in out
+  config = qwen.get_config("qwen-tiny")
+  assert f"{qwen.count_params(config):,} parameters" in out
+  table = labels.describe(qwen.abstract_params(dataclasses.replace(config, scan_layers=False)))
+  assert out.rstrip().endswith(str(table))  # the same table as slj.labels.describe
+  rows = {line.split()[0]: line.split() for line in table.splitlines()
+          if line.startswith(("embed", "layers", "final"))}
+  assert len(rows) == 12 * config.num_layers + 2
+  assert rows["layers/1/mlp/up_proj/kernel"][2:4] == ["mlp", "3"]
+  assert rows["embed/embedding"][2:4] == ["embedding", "1"]
+  lambdas = [float(row[5]) for row in rows.values()]
+  assert all(0.1 <= x <= 10.0 for x in lambdas) and len(set(lambdas)) > 1
+  assert "would refuse" not in out
 
 
 def test_info_rejects_unknown_model():

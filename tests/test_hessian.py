@@ -371,3 +371,59 @@ def test_sample_from_ce_cotangent_draws_the_labels_of_the_recovered_probabilitie
     want = hessian.sample_categorical(key, jax.nn.softmax(logits))
     assert got.dtype == jnp.int32 and got.shape == labels.shape
     np.testing.assert_array_equal(got, want)
+
+
+def test_nnx_params_fn_works_under_nnx_optimizer_where_a_model_closure_fails():
+  """nnx.Optimizer passes hessian_fn to the optimizer, which calls it inside lax.cond: a
+  closure running nnx.grad on the model fails there (Flax: different trace level) and the
+  optimizer says what to use instead; nnx_params_fn gives the estimate of the pure
+  function of the params."""
+  nnx = pytest.importorskip("flax.nnx")
+  import sophia_lambda_jax as slj
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(7, 4, rngs=rngs)
+      self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+      self.lm_head = nnx.Linear(4, 7, rngs=rngs)
+
+    def __call__(self, x):
+      h = self.embed(x)
+      for layer in self.layers:
+        h = jax.nn.gelu(layer(h))
+      return self.lm_head(h)
+
+  x = jnp.arange(6).reshape(2, 3) % 7
+  key = jax.random.key(0)
+
+  def closure(model):
+    def hessian_fn(params):
+      del params
+      grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
+          m(x), jax.random.categorical(key, jax.lax.stop_gradient(m(x)))).mean())(model)
+      return jax.tree.map(jnp.square, nnx.state(grads, nnx.Param))
+    return hessian_fn
+
+  def run(make_hessian_fn):
+    model = Model(nnx.Rngs(0))
+    tx = slj.sophia(learning_rate=0.0, batch_tokens=x.size, b2=0.0)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grads = nnx.grad(lambda m: m(x).mean())(model)
+    nnx.jit(lambda m, o, g: o.update(m, g, hessian_fn=make_hessian_fn(m)))(
+        model, optimizer, grads)
+    state = nnx.as_pure(optimizer.opt_state)
+    return model, next(s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+        s, slj.transforms.HessianEMAState)) if isinstance(s, slj.transforms.HessianEMAState)).h
+
+  with pytest.raises(ValueError, match=r"nnx_params_fn\(model") as excinfo:
+    run(closure)
+  assert "different trace level" in str(excinfo.value.__cause__)
+
+  model, h = run(lambda m: hessian.gauss_newton_bartlett(
+      hessian.nnx_params_fn(m, lambda module: module(x)), key))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  pure = lambda p: nnx.merge(graphdef, p, rest)(x)
+  want = jax.jit(lambda p: hessian.gauss_newton_bartlett(pure, key)(p))(params)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(h), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-10)
+  assert any(float(jnp.abs(leaf).max()) > 0 for leaf in jax.tree.leaves(h))

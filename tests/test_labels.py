@@ -98,7 +98,8 @@ def test_depth_role_dim_in_every_path_style(style):
                    if p.isdigit()][0])
       seen_blocks.add(block)
       assert info.depth == block + 2, name
-      expected = {"q_proj/kernel": ("attention", D), "q_proj/bias": ("attention", 2 * D),
+      # A bias has its kernel's width (fan-in D), not its own length 2 D.
+      expected = {"q_proj/kernel": ("attention", D), "q_proj/bias": ("attention", D),
                   "input_norm": ("norm", D), "down_proj": ("mlp", 3 * D)}
       key = next(k for k in expected if k.replace("/", ".") in name.replace("/", "."))
       assert (info.role, info.dim) == expected[key], name
@@ -157,12 +158,12 @@ def test_no_blocks_gives_l_zero():
 
 
 def test_dim_rules():
-  params = {"layers": {0: {"attn": {"o_proj": {"kernel": np.zeros((4, 16, 64))},
+  params = {"layers": {0: {"attn": {"o_proj": {"kernel": np.zeros((16, 64))},
                                    "scalar": np.float32(1.0), "vec": np.zeros(7)}}},
             "tok_embeddings": np.zeros((1000, 24)),
             "head": {"kernel": np.zeros((24, 1000))}}
   infos = infos_by_path(params)
-  assert infos["layers/0/attn/o_proj/kernel"].dim == 4  # shape[0] for ndim >= 2
+  assert infos["layers/0/attn/o_proj/kernel"].dim == 16  # (in, out): shape[0]
   assert infos["layers/0/attn/scalar"].dim == 1
   assert infos["layers/0/attn/vec"].dim == 7
   assert infos["tok_embeddings"].dim == 24  # embedding table (vocab, d) -> d
@@ -229,7 +230,7 @@ def test_stacked_leaves_get_depth_vectors():
   q = infos["layers/attn/q_proj/kernel"]
   assert q.stacked and q.role == "attention" and q.dim == 64  # shape[1] of (L, d, out)
   np.testing.assert_array_equal(q.depth, np.arange(2, NUM_STACKED + 2))
-  assert infos["layers/attn/q_proj/bias"].dim == 64  # (L, n) -> shape[1]
+  assert infos["layers/attn/q_proj/bias"].dim == 64  # its kernel's fan-in
   assert infos["layers/mlp/down_proj/kernel"].dim == 192
   norm = infos["layers/input_norm/scale"]
   assert norm.stacked and norm.role == "norm" and norm.dim == 64
@@ -288,7 +289,11 @@ def test_strict_lists_every_unmatched_path():
   for path in ("layers/0/mystery", "rope_freqs", "z/w"):
     assert path in message
   assert "layers/0/attn/kernel" not in message  # matched paths are not listed
-  assert "3 parameter path(s)" in message and "rules=" in message and "strict=False" in message
+  assert "3 parameter path(s)" in message and "rules=[" in message
+  # The suggested fix names each leaf's module (or the leaf, directly under a block).
+  for suggestion in ('(r"(^|/)mystery$", "other")', '(r"(^|/)rope_freqs$", "other")',
+                     '(r"(^|/)z/", "other")'):
+    assert suggestion in message
   loose = infos_by_path(params, strict=False)
   assert loose["rope_freqs"].role == "other" and loose["layers/0/attn/kernel"].role == "attention"
 
@@ -329,9 +334,10 @@ def test_default_rules_cover_the_spec_names():
               "embed_tokens/w": "embedding", "wte": "embedding", "x/RMSNorm_0/scale": "norm",
               "x/ln_2/scale": "norm", "lm_head/w": "head", "kiln/w": None, "fcc/w": None}
   for path, role in expected.items():
-    found = next((r for regex, r in labels.DEFAULT_RULES if re.search(regex, path)), None)
+    found = next((r.role for r in labels.DEFAULT_RULES
+                  if r.role is not None and re.search(r.pattern, path)), None)
     assert found == role, (path, found, role)
-  assert set(r for _, r in labels.DEFAULT_RULES) <= set(labels.ROLES)
+  assert {r.role for r in labels.DEFAULT_RULES} - {None} <= set(labels.ROLES)
 
 
 # --- realistic Qwen trees -----------------------------------------------------------------
@@ -356,7 +362,7 @@ def test_qwen_tree_labels(tied):
     else:
       assert (path, info.role, info.depth, info.dim) == ("lm_head/kernel", "head", 4, 64)
   assert infos["layers/1/attn/k_proj/kernel"].dim == 64
-  assert infos["layers/1/attn/k_proj/bias"].dim == 32
+  assert infos["layers/1/attn/k_proj/bias"].dim == 64  # its kernel's fan-in, not 32
   assert infos["layers/0/attn/o_proj/kernel"].dim == 64
   assert infos["layers/0/mlp/down_proj/kernel"].dim == 192
 

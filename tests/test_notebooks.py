@@ -26,6 +26,7 @@ EXPECTED_NOTEBOOKS = (
     "01_optimizers_on_toy_problems.ipynb",
     "02_optax_chain_anatomy.ipynb",
     "03_reading_a_compare_run.ipynb",
+    "04_sophia_lambda_on_your_flax_model.ipynb",
 )
 # Generous next to the < 60 s a whole notebook takes on 2 cores: it only has to catch a hang.
 CELL_TIMEOUT_S = 300

@@ -24,7 +24,7 @@ SECOND_ORDER = tuple(n for n, s in optimizers.OPTIMIZERS.items() if s.second_ord
 LEAVES = {
     "embed/embedding": ((12, 8), "embedding", 1, 8),
     "layers/0/attn/q_proj/kernel": ((8, 96), "attention", 2, 8),
-    "layers/0/attn/q_proj/bias": ((96,), "attention", 2, 96),
+    "layers/0/attn/q_proj/bias": ((96,), "attention", 2, 8),  # its kernel's width
     "layers/0/input_norm/scale": ((8,), "norm", 2, 8),
     "layers/1/mlp/up_proj/kernel": ((8, 24), "mlp", 3, 8),
     "layers/1/mlp/down_proj/kernel": ((24, 8), "mlp", 3, 24),
@@ -655,6 +655,54 @@ def test_multisteps_accumulates_then_updates_once():
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_single)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
   assert int(slj.optimizers.hessian_interval_and_count(state)[1]) == 1
+
+
+def test_batch_tokens_under_multisteps_is_the_micro_batch():
+  """B * h_new is the per-token Gauss-Newton diagonal whether or not MultiSteps splits the
+  step, when B is the number of tokens hessian_fn saw: all of them in one step, one
+  micro-batch's under MultiSteps(k) (whose hessian_fn is the k-th call's). Softmax
+  regression, so the exact diagonal is known: mean_t x_ti^2 p_tj (1 - p_tj)."""
+  k, tokens, dim, classes, rho, num_keys = 4, 1024, 3, 4, 0.04, 8192
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(dim, classes)), jnp.float32)
+  params = {"layers": {0: {"mlp": {"kernel": w}}}}
+  xs = jnp.asarray(rng.normal(size=(k, tokens, dim)), jnp.float32)   # k micro-batches
+  ys = jnp.asarray(rng.integers(0, classes, size=(k, tokens)))
+  logits = lambda p, x: x @ p["layers"][0]["mlp"]["kernel"]
+
+  def exact_gauss_newton(x):
+    p = jax.nn.softmax(x @ w)
+    return np.asarray(jnp.mean(x[:, :, None] ** 2 * (p * (1 - p))[:, None, :], axis=0))
+
+  def b_times_h_new(tx, batches, key):
+    """rho B h / rho after the first (refresh) update, b2 = 0 so that h = h_new."""
+    state = tx.init(params)
+    for i, (x, y) in enumerate(batches):
+      grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          logits(p, x), y).mean())(params)
+      hessian_fn = slj.hessian.gauss_newton_bartlett(lambda p: logits(p, x),
+                                                     jax.random.fold_in(key, i))
+      _, state = tx.update(grads, state, params, hessian_fn=hessian_fn)
+    leaves = jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+        s, slj.transforms.ClippedCurvatureState))
+    curvature = next(s for s in leaves if isinstance(s, slj.transforms.ClippedCurvatureState))
+    return curvature.scale / rho * curvature.hessian.h["layers"][0]["mlp"]["kernel"]
+
+  def mean_over_keys(tx, batches):
+    keys = jax.random.split(jax.random.key(1), num_keys)
+    return np.asarray(jax.jit(jax.vmap(lambda key: b_times_h_new(tx, batches, key)))(
+        keys).mean(0))
+
+  sophia = lambda b: slj.sophia(learning_rate=0.01, batch_tokens=b, b2=0.0, rho=rho)
+  whole = mean_over_keys(sophia(k * tokens), [(xs.reshape(-1, dim), ys.reshape(-1))])
+  split = mean_over_keys(optax.MultiSteps(sophia(tokens), every_k_schedule=k),
+                         list(zip(xs, ys)))
+  # Each is its own tokens' diagonal within the sampling error of 8192 label draws...
+  np.testing.assert_allclose(whole, exact_gauss_newton(xs.reshape(-1, dim)), rtol=0.1)
+  np.testing.assert_allclose(split, exact_gauss_newton(xs[-1]), rtol=0.1)
+  # ... so the two agree (same input distribution), and k x the micro-batch would not.
+  np.testing.assert_allclose(split, whole, rtol=0.2)
+  assert np.all(k * split > 2 * whole)
 
 
 @pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS))

@@ -273,17 +273,3 @@ def test_bfloat16_compute_close_to_float32(tiny):
   diff = np.abs(np.asarray(bf16) - f32).max()
   assert diff < 2e-2, diff
   assert diff > 0  # the bf16 path really ran in bf16
-
-
-def test_format_info_lists_every_parameter():
-  pytest.importorskip("sophia_lambda_jax.labels")
-  text = qwen.format_info("qwen-tiny")
-  assert f"{qwen.count_params('qwen-tiny'):,} parameters" in text
-  rows = [line.split() for line in text.splitlines() if line.startswith(("embed", "layers",
-                                                                         "final"))]
-  assert len(rows) == 12 * 2 + 2
-  by_path = {row[0]: row for row in rows}
-  assert by_path["layers/1/mlp/up_proj/kernel"][1:3] == ["mlp", "3"]
-  assert by_path["embed/embedding"][1:3] == ["embedding", "1"]
-  scales = np.array([float(row[-1]) for row in rows])
-  assert np.all((scales >= 0.1) & (scales <= 10.0)) and scales.std() > 0

@@ -68,7 +68,7 @@ def test_role_scales_defaults_override_and_rules():
                            "router": {"w": jnp.ones((2,))}}},
             "lm_head": {"kernel": jnp.ones((2, 4))}}
   ones = jax.tree.map(jnp.ones_like, params)
-  u, _ = transforms.scale_by_role().update(ones, None)
+  u, _ = transforms.scale_by_role(rules=[(r"router", "other")]).update(ones, None)
   got = {k: float(v[(0,) * v.ndim]) for k, v in (
       ("embedding", u["embed"]["embedding"]), ("attention", u["layers"][0]["attn"]["o_proj"]["kernel"]),
       ("mlp", u["layers"][0]["mlp"]["down_proj"]["kernel"]),
@@ -78,8 +78,13 @@ def test_role_scales_defaults_override_and_rules():
                                "other": 1.0, "head": 1.0})
   u, _ = transforms.scale_by_role({"other": 2.5}, rules=[(r"router", "mlp")]).update(ones, None)
   assert float(u["layers"][0]["router"]["w"][0]) == pytest.approx(1.2)  # now an mlp leaf
-  u, _ = transforms.scale_by_role({"other": 2.5}).update(ones, None)
+  u, _ = transforms.scale_by_role({"other": 2.5}, rules=[(r"router", "other")]).update(ones, None)
   assert float(u["layers"][0]["router"]["w"][0]) == pytest.approx(2.5)
+  # A path no rule names raises at init (and update), listing it: it is not silently "other".
+  with pytest.raises(ValueError, match="layers/0/router/w"):
+    transforms.scale_by_role().init(params)
+  with pytest.raises(ValueError, match="layers/0/router/w"):
+    transforms.scale_by_role().update(ones, None)
 
 
 @pytest.mark.parametrize("role_scales", [{"attn": 1.0}, {"mlp": 0.0}, {"norm": math.inf},
