@@ -79,7 +79,7 @@ def test_four_panels_with_one_line_per_finished_optimizer(fake_compare, monkeypa
 
 
 def test_ablation_panels_and_interval(tmp_path, fake_trainer):
-  specs = ablations.ablation_specs(1, hutchinson_field=False, steps=20)
+  specs = ablations.ablation_specs(1, steps=20)
   runner.write_plan(tmp_path, specs, "ablation")
   runner.execute(specs, tmp_path, trainer=fake_trainer(interval=True), log=lambda *_: None)
   _, records = tables.load_results(tmp_path)
