@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sophia_lambda_jax.models import qwen
+from sophia_lambda_jax.models import qwen, sampler
 
 TINY = qwen.get_config("qwen-tiny", vocab_size=128, max_seq_len=32)
 _apply = jax.jit(qwen.apply, static_argnums=0)
@@ -73,7 +73,7 @@ def test_decode_logits_equal_full_forward(model):
 def test_greedy_generation_equals_recompute(model):
   module, graphdef, params = model
   new = 8
-  out = np.asarray(qwen.generate(module, PROMPT, new))
+  out = np.asarray(sampler.generate(module, PROMPT, new))
   assert out.shape == (2, PROMPT.shape[1] + new)
   np.testing.assert_array_equal(out[:, :PROMPT.shape[1]], PROMPT)
   ids = np.zeros_like(out)
@@ -87,7 +87,7 @@ def test_greedy_generation_equals_recompute(model):
 def test_sampling_equals_recompute_with_the_same_keys(model):
   module, graphdef, params = model
   key, temperature, new = jax.random.key(11), 1.5, 8
-  out = np.asarray(qwen.generate(module, PROMPT, new, temperature=temperature, key=key))
+  out = np.asarray(sampler.generate(module, PROMPT, new, temperature=temperature, key=key))
   # Step i draws from softmax(logits / T) with key fold_in(key, i).
   ids = np.zeros_like(out)
   ids[:, :PROMPT.shape[1]] = PROMPT
@@ -100,9 +100,9 @@ def test_sampling_equals_recompute_with_the_same_keys(model):
 def test_sampling_is_seeded_and_one_dimensional_prompt_works():
   module, _, _ = _model(scan=False)
   prompt = PROMPT[0]
-  a = qwen.generate(module, prompt, 10, temperature=2.0, key=0)
-  b = qwen.generate(module, prompt, 10, temperature=2.0, key=0)
-  c = qwen.generate(module, prompt, 10, temperature=2.0, key=1)
+  a = sampler.generate(module, prompt, 10, temperature=2.0, key=0)
+  b = sampler.generate(module, prompt, 10, temperature=2.0, key=0)
+  c = sampler.generate(module, prompt, 10, temperature=2.0, key=1)
   assert a.shape == (15,)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -118,6 +118,6 @@ def test_sampling_is_seeded_and_one_dimensional_prompt_works():
 def test_generate_errors(kwargs, match):
   module = qwen.Qwen(TINY)
   with pytest.raises(ValueError, match=match):
-    qwen.generate(module, PROMPT, **kwargs)
+    sampler.generate(module, PROMPT, **kwargs)
   with pytest.raises(ValueError, match="prompt_ids"):
-    qwen.generate(module, np.zeros((1, 1, 3), np.int32), 2)
+    sampler.generate(module, np.zeros((1, 1, 3), np.int32), 2)
