@@ -30,7 +30,8 @@ from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokeni
 
 __all__ = [
     "EOS_ID", "QWEN_VOCAB_SIZE", "get_tokenizer", "prepare", "builtin_dataset_dir",
-    "resolve_data", "load_manifest", "TokenBatches", "CompactVocab", "COMPACT_VOCAB_FILE", "cli_tokenize",
+    "resolve_data", "load_manifest", "TokenBatches", "CompactVocab", "COMPACT_VOCAB_FILE",
+    "cli_tokenize",
     "builtin_documents", "is_validation", "read_header", "write_shard", "feistel_permutation",
     "DEFAULT_VAL_FRACTION", "BUILTIN_VAL_FRACTION",
 ]

@@ -70,9 +70,10 @@ def params_from_names(like: Any, named: Any) -> Any:
   """Inverse of `params_by_name` given the parameter tree `like` (keys as the model has
   them)."""
   if isinstance(like, dict):
-    if not isinstance(named, dict) or sorted(map(str, like)) != sorted(named):
-      raise ValueError(f"checkpoint parameters {sorted(named) if isinstance(named, dict) else named!r} "
-                       f"do not match the model's {sorted(map(str, like))}")
+    found = sorted(named) if isinstance(named, dict) else type(named).__name__
+    if found != sorted(map(str, like)):
+      raise ValueError(f"checkpoint parameters {found} do not match the model's "
+                       f"{sorted(map(str, like))}")
     return {k: params_from_names(v, named[str(k)]) for k, v in like.items()}
   return named
 
@@ -244,6 +245,10 @@ def restore_params(directory: str | Path, abstract_params: Any,
       raise ValueError(f"checkpoint {directory / str(step)} has neither a 'params' item nor "
                        f"this model's parameters under flat keys (no {missing[0]!r}); it was "
                        f"written by another model or version and cannot be loaded")
+    for key, leaf in zip(keys, jax.tree.leaves(abstract_params)):
+      if flat[key].shape != leaf.shape:
+        raise ValueError(f"checkpoint {directory / str(step)}: {key} has shape "
+                         f"{flat[key].shape}, the model expects {leaf.shape}")
     return step, jax.tree.unflatten(jax.tree.structure(abstract_params),
                                     [flat[k] for k in keys])
   finally:

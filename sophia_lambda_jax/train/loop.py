@@ -143,7 +143,8 @@ class _Model:
       from sophia_lambda_jax.models import hf, qwen
 
       weights = qwen.split_params(hf.from_hf(self.init_from, **self.overrides))[1]
-      return jax.device_put(weights, self.shardings)
+      # Host arrays: every process read the same files, each puts its own shards.
+      return jax.device_put(jax.tree.map(np.asarray, weights), self.shardings)
     return _jitted_param_init(*self._key(), self.seed)()
 
   def eval_loss(self, params, batch):
@@ -342,7 +343,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
   logger = MetricsLogger(out, config.steps, start_step, enabled=is_main,
                          log_every=config.log_every, tensorboard=config.tensorboard)
   logger.message(
-      f"{config.model} ({_tree_size(model.abstract_params):,} params) | "
+      f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} params) | "
       f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(mesh)} x "
       f"{process_count} process(es) | {config.batch_tokens:,} tokens/step | "
       + (f"resumed at step {start_step}" if start_step else "from scratch"))
