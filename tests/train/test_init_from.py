@@ -1,17 +1,16 @@
 """`slj train --init-from HF_DIR`: the run starts from a transformers-written Qwen2
-checkpoint (its step-0 loss is transformers' loss on the same batch) and resumes like any
-run; a checkpoint whose vocabulary the data does not fit is refused in one line."""
+checkpoint (its step-0 loss is transformers' loss on the same batch), its checkpoints
+resume it (`test_train_resume` covers resuming itself); a checkpoint whose vocabulary the
+data does not fit is refused in one line."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from sophia_lambda_jax import cli, data, train
-from sophia_lambda_jax.train.checkpoint import restore_arrays
+from sophia_lambda_jax import cli, data, models, train
 from sophia_lambda_jax.train.metrics import read_metrics
 
 BATCH, SEQ = 4, 32
@@ -40,13 +39,13 @@ def _config(hf_dir, token_data, out, steps):
       log_every=1)
 
 
-def test_init_from_starts_at_transformers_loss_and_resumes(token_data, tmp_path):
+def test_init_from_starts_at_transformers_loss(token_data, tmp_path):
   hf_dir = tmp_path / "tiny-qwen2"
   reference = _write_hf(hf_dir, data.QWEN_VOCAB_SIZE)
   out = tmp_path / "run"
-  train.run_training(_config(hf_dir, token_data, out, steps=3))
+  train.run_training(_config(hf_dir, token_data, out, steps=2))
   losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-  assert len(losses) == 3 and np.isfinite(losses).all()
+  assert len(losses) == 2 and np.isfinite(losses).all()
 
   rows = data.TokenBatches(token_data, "train", BATCH, SEQ, seed=0,
                            vocab_size=data.QWEN_VOCAB_SIZE).batch(0)
@@ -57,17 +56,16 @@ def test_init_from_starts_at_transformers_loss_and_resumes(token_data, tmp_path)
                                                           dtype=torch.long)).item()
   np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
 
-  # Resume: drop the last checkpoint, run again; the run continues from step 2 (not from
-  # the HF weights) and ends bitwise where the uninterrupted run ended.
-  finished = restore_arrays(out / "checkpoints")
-  shutil.rmtree(out / "checkpoints" / "3")
-  train.run_training(_config(hf_dir, token_data, out, steps=3))
-  resumed = restore_arrays(out / "checkpoints")
-  assert sorted(resumed) == sorted(finished)
-  for key in finished:
-    np.testing.assert_array_equal(resumed[key], finished[key], err_msg=key)
+  # The run resumes from its own checkpoints like any run: another --init-from is refused
+  # before anything is built.
+  other = _config(tmp_path / "other-qwen2", token_data, out, steps=2)
+  with pytest.raises(ValueError, match="refusing to resume(.|\n)*init_from: checkpoint has"):
+    train.run_training(other)
   stored = json.loads((out / "model.json").read_text())
   assert stored["vocab_size"] == data.QWEN_VOCAB_SIZE and stored["hidden_size"] == 16
+  loaded = models.load(out)  # the run alone rebuilds the HF architecture
+  assert loaded.step == 2 and loaded.model.config.hidden_size == 16
+  assert loaded.tokenizer.compact is None and not loaded.model.config.tie_embeddings
 
 
 @pytest.mark.parametrize("case", ["small vocabulary", "other architecture"])
