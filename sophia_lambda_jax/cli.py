@@ -4,6 +4,9 @@
     slj tokenize SOURCE OUT           tokenise a corpus into uint32 shards
     slj train [flags]                 train one model with one optimizer (resumable)
     slj compare --protocol cpu        compare the optimizers under a protocol
+    slj generate PATH --prompt TEXT   continue a prompt with a run's model or a HF directory
+    slj eval PATH [--data DIR]        validation loss and perplexity, as JSON
+    slj export RUN OUT                write a run as a HuggingFace Qwen2 directory
 
 Each subcommand hands its remaining arguments to the module that owns it, so `slj X --help`
 shows that module's own flags.
@@ -59,7 +62,26 @@ def _compare(argv: list[str]) -> int:
   return runner.main(argv)
 
 
-COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare}
+def _generate(argv: list[str]) -> int:
+  from sophia_lambda_jax.models import sampler
+
+  return sampler.cli_generate(argv)
+
+
+def _eval(argv: list[str]) -> int:
+  from sophia_lambda_jax.models import loading
+
+  return loading.cli_eval(argv)
+
+
+def _export(argv: list[str]) -> int:
+  from sophia_lambda_jax.models import hf
+
+  return hf.cli_export(argv)
+
+
+COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare,
+            "generate": _generate, "eval": _eval, "export": _export}
 
 
 # What the `train` extra installs; `slj` needs it beyond the optimizer library.

@@ -9,7 +9,12 @@
 This package imports neither the models nor the optimizers.
 """
 
-from sophia_lambda_jax.data.loader import CompactVocab, TokenBatches, feistel_permutation
+from sophia_lambda_jax.data.loader import (
+    COMPACT_VOCAB_FILE,
+    CompactVocab,
+    TokenBatches,
+    feistel_permutation,
+)
 from sophia_lambda_jax.data.preparation import (
     BUILTIN_VAL_FRACTION,
     DEFAULT_VAL_FRACTION,
@@ -25,7 +30,8 @@ from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokeni
 
 __all__ = [
     "EOS_ID", "QWEN_VOCAB_SIZE", "get_tokenizer", "prepare", "builtin_dataset_dir",
-    "resolve_data", "load_manifest", "TokenBatches", "CompactVocab", "cli_tokenize",
+    "resolve_data", "load_manifest", "TokenBatches", "CompactVocab", "COMPACT_VOCAB_FILE",
+    "cli_tokenize",
     "builtin_documents", "is_validation", "read_header", "write_shard", "feistel_permutation",
     "DEFAULT_VAL_FRACTION", "BUILTIN_VAL_FRACTION",
 ]

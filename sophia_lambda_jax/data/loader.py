@@ -23,7 +23,9 @@ Compact vocabulary (`vocab_size` < 151936; `CompactVocab`): ids are remapped to
               ties broken by the smaller Qwen2 id;
     V-2       EOS (151643);
     V-1       UNK: every other id.
-The table is a pure function of `train_counts.npy` (written by `prepare`) and V.
+The table is a pure function of `train_counts.npy` (written by `prepare`) and V; a training
+run stores it in its directory (`CompactVocab.save`, file COMPACT_VOCAB_FILE) so that the
+run decodes and evaluates without the data folder.
 
 (grain's random-access samplers would do the same job; a plain NumPy implementation keeps the
 stream a closed-form function that is easy to state and test.)
@@ -57,6 +59,8 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _MASK64 = (1 << 64) - 1
+
+COMPACT_VOCAB_FILE = "compact_vocab.npy"
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -149,6 +153,27 @@ class CompactVocab(NamedTuple):
     """Compact ids -> Qwen2 ids (UNK -> -1), e.g. to decode generated samples."""
     return self.inverse[np.asarray(ids)]
 
+  def save(self, path) -> None:
+    """Writes `inverse` (compact id -> Qwen2 id, -1 for UNK), all the table needs."""
+    with open(path, "wb") as f:  # np.save would append ".npy" to another suffix
+      np.save(f, self.inverse)
+
+  @classmethod
+  def load(cls, path) -> CompactVocab:
+    """The table written by `save`; raises ValueError naming the file if it is not one."""
+    inverse = np.load(path)
+    size = len(inverse)
+    kept = inverse[:-2]
+    if (inverse.ndim != 1 or size < 3 or inverse[-1] != -1 or inverse[-2] != EOS_ID
+        or kept.min(initial=0) < 0 or kept.max(initial=0) >= QWEN_VOCAB_SIZE
+        or len(np.unique(kept)) != len(kept) or EOS_ID in kept):
+      raise ValueError(f"{path} is not a compact-vocabulary table (expected distinct Qwen2 "
+                       f"ids, then EOS {EOS_ID}, then -1 for UNK)")
+    forward = np.full(QWEN_VOCAB_SIZE, size - 1, np.int32)
+    forward[kept] = np.arange(size - 2, dtype=np.int32)
+    forward[EOS_ID] = size - 2
+    return cls(int(size), forward, inverse.astype(np.int64))
+
 
 def _allow_open_files(count: int) -> None:
   """Raise the soft open-file limit towards the hard one: each memory map holds a descriptor."""
@@ -182,7 +207,9 @@ class TokenBatches:
     batch_size: global sequences per step, over all processes.
     seq_len: tokens per input row; rows hold seq_len + 1 (inputs + shifted targets).
     seed: selects the train permutation (ignored by the val split).
-    vocab_size: None or >= 151936 keeps the Qwen2 ids; smaller remaps onto a `CompactVocab`.
+    vocab_size: None or >= 151936 keeps the Qwen2 ids; smaller remaps onto a `CompactVocab`
+      ranked from this data's train counts, or onto `compact_vocab` when it is given (a
+      run's stored table, to evaluate it on other data).
     process_index, process_count: this host's slice of the global batch.
 
   Raises FileNotFoundError/ValueError naming the file for a missing directory, manifest or
@@ -191,7 +218,7 @@ class TokenBatches:
 
   def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
                seed: int = 0, *, vocab_size: int | None = None, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, compact_vocab: CompactVocab | None = None):
     from sophia_lambda_jax.data.preparation import resolve_data
 
     if split not in ("train", "val"):
@@ -229,6 +256,13 @@ class TokenBatches:
       self.vocab = None
       self.vocab_size = QWEN_VOCAB_SIZE if vocab_size is None else int(vocab_size)
       self.eos_id = EOS_ID
+    elif compact_vocab is not None:
+      if compact_vocab.size != vocab_size:
+        raise ValueError(f"compact_vocab has {compact_vocab.size} ids, vocab_size is "
+                         f"{vocab_size}")
+      self.vocab = compact_vocab
+      self.vocab_size = self.vocab.size
+      self.eos_id = self.vocab.eos_id
     else:
       counts = np.load(self.data_dir / self.manifest["counts"])
       self.vocab = CompactVocab.from_counts(counts, vocab_size)

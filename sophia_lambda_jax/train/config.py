@@ -53,8 +53,9 @@ def optimizer_hyperparameters() -> tuple[str, ...]:
 # is refused (SPEC 5: resume continues identically). The others (out, steps to log, eval and
 # checkpoint cadence, mesh, distributed set-up) may change between restarts.
 RESUME_MUST_MATCH = (
-    "model", "model_overrides", "compute_dtype", "optimizer", "optimizer_kwargs",
-    "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps", "batch_size", "seq_len",
+    "model", "model_overrides", "init_from", "compute_dtype", "optimizer", "optimizer_kwargs",
+    "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps",
+    "batch_size", "seq_len",
     "grad_accum", "grad_clip", "data", "seed")
 
 
@@ -65,6 +66,9 @@ class TrainConfig:
   # Model: a preset of `sophia_lambda_jax.models.qwen.PRESETS` and field overrides.
   model: str = "qwen-cpu"
   model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # A HuggingFace Qwen2 directory to start from: its config.json replaces the preset (the
+  # model_overrides still apply, e.g. scan_layers) and its weights the random init.
+  init_from: str | None = None
   # Activation/matmul dtype; parameters and optimizer state stay float32 ("master" copy).
   compute_dtype: str = "bfloat16"
 
@@ -189,7 +193,8 @@ class TrainConfig:
   def resolved_out(self) -> Path:
     if self.out is not None:
       return Path(self.out)
-    return Path("runs") / f"{self.model}-{self.optimizer}-s{self.seed}"
+    model = Path(self.init_from).name if self.init_from else self.model
+    return Path("runs") / f"{model}-{self.optimizer}-s{self.seed}"
 
   def resolved_hessian_estimator(self) -> str | None:
     """The curvature estimator the train step builds: None for first-order optimizers."""
@@ -276,6 +281,7 @@ def parse_mesh(spec: str) -> dict[str, int] | None:
 _FLAG_HELP = {
     "model": "model preset (qwen-tiny, qwen-cpu, qwen-134m, qwen2.5-0.5b)",
     "model_overrides": "JSON object of QwenConfig overrides (or use --model.NAME VALUE)",
+    "init_from": "HuggingFace Qwen2 directory to start from (replaces --model's preset)",
     "compute_dtype": "float32 or bfloat16 activations (params stay float32)",
     "optimizer": "optimizer name (sophia_lambda_jax.OPTIMIZERS)",
     "optimizer_kwargs": "JSON object of optimizer hyperparameters (or --opt.NAME VALUE)",

@@ -15,6 +15,7 @@ Order of a run:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -134,10 +135,16 @@ class _Model:
     from sophia_lambda_jax.models import qwen
 
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
-    self.config = qwen.get_config(config.model, **overrides)
+    self.init_from, self.overrides = config.init_from, overrides
+    if config.init_from:
+      from sophia_lambda_jax.models import hf
+
+      self.config = hf.config_from_hf(hf.read_config(config.init_from), **overrides)
+    else:
+      self.config = qwen.get_config(config.model, **overrides)
     if config.seq_len > self.config.max_seq_len:
-      raise ValueError(f"seq_len {config.seq_len} exceeds {config.model}'s max_seq_len "
-                       f"{self.config.max_seq_len}")
+      raise ValueError(f"seq_len {config.seq_len} exceeds {config.init_from or config.model}'s "
+                       f"max_seq_len {self.config.max_seq_len}")
     self.mesh = mesh
     self.seed = config.seed
     self.graphdef, self.abstract_params = _abstract_model(self.config)
@@ -151,6 +158,12 @@ class _Model:
     return self.config, self.mesh, treedef, tuple(leaves)
 
   def init_params(self):
+    if self.init_from:
+      from sophia_lambda_jax.models import hf, qwen
+
+      weights = qwen.split_params(hf.from_hf(self.init_from, **self.overrides))[1]
+      # Host arrays: every process read the same files, each puts its own shards.
+      return jax.device_put(jax.tree.map(np.asarray, weights), self.shardings)
     return _jitted_param_init(*self._key(), self.seed)()
 
   def eval_loss(self, params, batch):
@@ -292,6 +305,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
   # Data: each process reads only its rows of every global batch.
   model = _Model(config, mesh)
   data_dir = data_lib.resolve_data(config.data)
+  data_vocab = int(data_lib.load_manifest(data_dir)["vocab_size"])
+  if config.init_from and model.config.vocab_size < data_vocab:
+    raise ValueError(
+        f"--init-from {config.init_from} has vocab_size {model.config.vocab_size}, but "
+        f"{data_dir} holds token ids of a {data_vocab}-token vocabulary; starting from a "
+        f"checkpoint needs its full vocabulary (no compact remapping of its rows)")
   train_data = data_lib.TokenBatches(
       data_dir, "train", config.batch_size, config.seq_len, config.seed,
       vocab_size=model.config.vocab_size, process_index=process,
@@ -315,6 +334,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     state = program.fresh_state()
   if is_main:
     config.to_json(out / "config.json")
+    # What `models.load` needs to rebuild and decode the model without the presets, the
+    # HF directory or the data folder.
+    (out / "model.json").write_text(json.dumps(dataclasses.asdict(model.config)) + "\n")
+    if train_data.vocab is not None:
+      train_data.vocab.save(out / data_lib.COMPACT_VOCAB_FILE)
 
   compile_start = time.perf_counter()
   compiled_step = program.compile()
@@ -340,7 +364,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
   logger = MetricsLogger(out, config.steps, start_step, enabled=is_main,
                          log_every=config.log_every, tensorboard=config.tensorboard)
   logger.message(
-      f"{config.model} ({_tree_size(model.abstract_params):,} params) | "
+      f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} params) | "
       f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(mesh)} x "
       f"{process_count} process(es) | {config.batch_tokens:,} tokens/step | "
       + (f"resumed at step {start_step}" if start_step else "from scratch"))

@@ -1,0 +1,50 @@
+"""Two tiny trained runs shared by the model tests: a compact vocabulary (qwen-tiny's 1024
+ids) and the full Qwen2 vocabulary (151,936 ids, untied head), both float32."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven birds sing in tall trees "
+         "and rivers flow down to the sea under grey clouds at night").split()
+STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+  from sophia_lambda_jax import data
+
+  root = tmp_path_factory.mktemp("model-corpus")
+  rng = random.Random(0)
+  with open(root / "corpus.jsonl", "w") as f:
+    for _ in range(200):
+      words = [rng.choice(WORDS) for _ in range(rng.randint(40, 120))]
+      f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+  return data.prepare(str(root / "corpus.jsonl"), root / "prepared", val_fraction=0.1,
+                      num_workers=1, progress=False)
+
+
+def _train(out: Path, data_dir: Path, **model_overrides) -> Path:
+  from sophia_lambda_jax import train
+
+  train.run_training(train.TrainConfig(
+      model="qwen-tiny", model_overrides=model_overrides, optimizer="adamw",
+      learning_rate=1e-2, steps=STEPS, batch_size=4, seq_len=32, data=str(data_dir),
+      out=str(out), eval_every=STEPS, eval_batches=2, checkpoint_every=0,
+      compute_dtype="float32", tensorboard=False, mesh="data=1,fsdp=1"))
+  return out
+
+
+@pytest.fixture(scope="session")
+def compact_run(corpus, tmp_path_factory) -> Path:
+  return _train(tmp_path_factory.mktemp("runs") / "compact", corpus)
+
+
+@pytest.fixture(scope="session")
+def full_run(corpus, tmp_path_factory) -> Path:
+  return _train(tmp_path_factory.mktemp("runs") / "full", corpus, vocab_size=151936,
+                tie_embeddings=False)

@@ -1,0 +1,86 @@
+"""`slj train --init-from HF_DIR`: the run starts from a transformers-written Qwen2
+checkpoint (its step-0 loss is transformers' loss on the same batch), its checkpoints
+resume it (`test_train_resume` covers resuming itself); a checkpoint whose vocabulary the
+data does not fit is refused in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from sophia_lambda_jax import cli, data, models, train
+from sophia_lambda_jax.train.metrics import read_metrics
+
+BATCH, SEQ = 4, 32
+
+
+def _write_hf(path, vocab_size, seed=0):
+  config = transformers.Qwen2Config(
+      vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+      rope_theta=10000.0, tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  with torch.no_grad():  # non-zero biases and norm scales, larger weights than the init
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn(p.shape) * (0.1 if "norm" not in name else 0.2)
+              + (1.0 if "norm" in name else 0.0))
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def _config(hf_dir, token_data, out, steps):
+  return train.TrainConfig(
+      init_from=str(hf_dir), optimizer="sophia_lambda", steps=steps, batch_size=BATCH,
+      seq_len=SEQ, data=str(token_data), out=str(out), mesh="data=1,fsdp=1", eval_every=0,
+      checkpoint_every=1, keep_checkpoints=3, compute_dtype="float32", tensorboard=False,
+      log_every=1)
+
+
+def test_init_from_starts_at_transformers_loss(token_data, tmp_path):
+  hf_dir = tmp_path / "tiny-qwen2"
+  reference = _write_hf(hf_dir, data.QWEN_VOCAB_SIZE)
+  out = tmp_path / "run"
+  train.run_training(_config(hf_dir, token_data, out, steps=2))
+  losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+  assert len(losses) == 2 and np.isfinite(losses).all()
+
+  rows = data.TokenBatches(token_data, "train", BATCH, SEQ, seed=0,
+                           vocab_size=data.QWEN_VOCAB_SIZE).batch(0)
+  with torch.no_grad():
+    logits = reference(torch.tensor(rows[:, :-1], dtype=torch.long)).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(rows[:, 1:].reshape(-1),
+                                                          dtype=torch.long)).item()
+  np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+
+  # The run resumes from its own checkpoints like any run: another --init-from is refused
+  # before anything is built.
+  other = _config(tmp_path / "other-qwen2", token_data, out, steps=2)
+  with pytest.raises(ValueError, match="refusing to resume(.|\n)*init_from: checkpoint has"):
+    train.run_training(other)
+  stored = json.loads((out / "model.json").read_text())
+  assert stored["vocab_size"] == data.QWEN_VOCAB_SIZE and stored["hidden_size"] == 16
+  loaded = models.load(out)  # the run alone rebuilds the HF architecture
+  assert loaded.step == 2 and loaded.model.config.hidden_size == 16
+  assert loaded.tokenizer.compact is None and not loaded.model.config.tie_embeddings
+
+
+@pytest.mark.parametrize("case", ["small vocabulary", "other architecture"])
+def test_init_from_refusals_are_one_line(token_data, tmp_path, capsys, case):
+  hf_dir = tmp_path / "hf"
+  _write_hf(hf_dir, vocab_size=1000)
+  expected = "vocab_size 1000"
+  if case == "other architecture":
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    expected = "expected a Qwen2 causal LM"
+  capsys.readouterr()  # transformers' progress bar while saving
+  code = cli.main(["train", "--init-from", str(hf_dir), "--data", str(token_data),
+                   "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
+                   "--seq-len", "32", "--mesh", "data=1,fsdp=1"])
+  err = capsys.readouterr().err.strip()
+  assert code == 1 and len(err.splitlines()) == 1 and expected in err, err
