@@ -9,9 +9,10 @@ on, fixed refresh interval 10, Gauss-Newton-Bartlett estimator), which is the sh
   block_size   block_size in {1, 8, 64, 256} (1 is exactly Sophia's full diagonal); the
                table also gives the optimizer-state bytes, which is what blocks buy.
   layer_scale  lambda_l = c * sqrt(d_l / n_l) on (baseline) or off (layer_scale=None).
-  interval     fixed (baseline) or the paper's adaptive rule (adaptive_interval=True) with
-               SPEC's thresholds; the plot shows the interval over training (the
-               `hessian_interval` metric).
+  interval     fixed (baseline) or the reconstructed adaptive rule (adaptive_interval=True,
+               docs/design.md section 4.3) with its default thresholds r_low 0.002, r_high
+               0.02; the plot shows the interval over training (the `hessian_interval`
+               metric).
   estimator    GNB (baseline) against Hutchinson. The training script picks the estimator
                from the optimizer name; when its TrainConfig has a `hessian_estimator`
                field, Sophia-Lambda itself runs with Hutchinson, otherwise the family adds
@@ -80,7 +81,7 @@ def _describe(label: str) -> str:
   return {
       "baseline": "default (block 64, layer scale, fixed interval 10, GNB)",
       "layer_scale_off": "layer scale off",
-      "adaptive_interval": "adaptive interval (SPEC thresholds)",
+      "adaptive_interval": "adaptive interval (r_low 0.002, r_high 0.02)",
       "hutchinson": "Hutchinson estimator",
       "sophia_g_gnb": "Sophia-G (GNB, block 1, no layer scale)",
       "sophia_h_hutchinson": "Sophia-H (Hutchinson, block 1, no layer scale)",

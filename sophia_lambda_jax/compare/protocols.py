@@ -6,7 +6,7 @@ the `sophia_lambda_jax.train.TrainConfig` fields of the run. The compare runner 
 spec its own run directory `<out>/<label>/seed<seed>`, so a configuration that two phases
 share (the tuned sweep's seed 0 and the tuned final runs) is trained once.
 
-Protocols (SPEC section 5):
+Protocols (docs/design.md section 8):
 
   cpu          qwen-cpu (vocab 8192 compact, hidden 128, 4 layers) on the built-in corpus,
                every optimizer at the same token budget, each with its own default learning
