@@ -100,5 +100,5 @@ class QwenTokenizer:
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> QwenTokenizer:
-  """The process-wide Qwen2 tokenizer (built once, ~0.3 s)."""
+  """The process-wide Qwen2 tokenizer (built once)."""
   return QwenTokenizer()
