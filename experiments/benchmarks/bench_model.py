@@ -15,7 +15,7 @@ printed so a mismatch shows. Timing alternates the two frameworks in `repeats` r
 machine for a while hurts both about equally. JAX compile time (lower + compile) is
 reported separately and is not part of the step time.
 
-Issue 3 goal: JAX tokens/s >= 1.0 x PyTorch's on qwen-cpu.
+Goal: JAX tokens/s >= 1.0 x PyTorch's on qwen-cpu.
 """
 
 from __future__ import annotations

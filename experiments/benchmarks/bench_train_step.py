@@ -24,7 +24,7 @@ parameter count with the tied head, L layers, T the sequence length, d_attn = he
 head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
 measured FLOP/s of a jitted square matmul in the compute dtype.
 
-Issue 4 goal: sophia_lambda mean step time <= 1.07 x adamw's.
+Goal: sophia_lambda mean step time <= 1.07 x adamw's.
 """
 
 from __future__ import annotations
