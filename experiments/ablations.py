@@ -11,7 +11,7 @@ is the shared `baseline` run of every family:
                    table also gives the optimizer-state bytes, which is what blocks buy.
   layer_scale      lambda_l = c * sqrt(d_l / n_l) on (baseline) or off (layer_scale=None).
   interval         fixed (baseline), the adaptive rule (the project's reconstruction, see
-                   docs/design.md), and the adaptive rule with bias correction (which
+                   docs/design.md section 4.3), and the adaptive rule with bias correction (which
                    removes the 1/k artefact of an EMA that starts at 0); the plot shows the
                    interval over training (the `hessian_interval` metric).
   bias_correction  the Hessian EMA read as h / (1 - b2^k), toggled against the baseline.

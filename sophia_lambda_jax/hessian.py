@@ -77,9 +77,8 @@ def sample_categorical(key: jax.Array, probs: jax.Array) -> jax.Array:
 
   A two-level search: u ~ U(0, total) picks the block of ``_SAMPLER_BLOCK`` classes whose
   cumulative mass first exceeds u, then the class inside it. It needs one uniform number
-  per row, where ``jax.random.categorical`` (Gumbel-max) draws one per class: over a
-  (2048, 8192) batch of logits on CPU that is ~0.1 s against ~0.7 s, and it matters because
-  GNB samples a label for every token on each refresh step.
+  per row, where ``jax.random.categorical`` (Gumbel-max) draws one per class; GNB samples a
+  label for every token on each refresh step (timings: docs/decisions.md).
 
   Args:
     key: PRNG key.
@@ -103,8 +102,8 @@ def sample_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
   dlogits = (softmax(z) - onehot(y)) / N, so softmax(z) = N * dlogits + onehot(y). The draw
   is `sample_categorical`'s on those probabilities (the same labels for the same key, up
   to float rounding), but it never builds them: the block masses are N times the block sums
-  of dlogits plus 1 in the label's block, and only the chosen block's row is rebuilt. On
-  CPU, writing a (2048, 8192) float32 array costs ~30 ms, the whole draw ~5 ms.
+  of dlogits plus 1 in the label's block, and only the chosen block's row is rebuilt
+  (timings: docs/decisions.md).
 
   Args:
     dlogits: (..., vocab) gradient of the token-mean cross-entropy w.r.t. the logits.

@@ -4,7 +4,7 @@ Each function returns an ``optax.GradientTransformation`` (or ``...ExtraArgs``) 
 docstring states its equation and where it comes from; the optimizers in
 ``sophia_lambda_jax.optimizers`` are ``optax.chain``s of these and of optax's own transforms.
 
-Notation (``SPEC.md`` section 2): g gradient, m first moment, v second moment, h the EMA of
+Notation (docs/design.md section 1): g gradient, m first moment, v second moment, h the EMA of
 the Hessian diagonal, t the number of updates already applied (0 on the first call).
 
 State dtype: every moment and Hessian EMA is kept in float32 whatever the parameter dtype
@@ -33,7 +33,7 @@ Array = jax.Array
 HessianFn = Callable[[Any], Any]
 
 # Role scales s_role of LAVSM (Table/eq. 1 of the LAVSM paper). "head" and "other" are not in
-# the paper; 1.0 leaves them unscaled. LAMVS reuses them (SPEC 2).
+# the paper; 1.0 leaves them unscaled. LAMVS reuses them (docs/design.md section 2.5).
 DEFAULT_ROLE_SCALES = {
     "attention": 1.8,
     "mlp": 1.2,
@@ -43,7 +43,7 @@ DEFAULT_ROLE_SCALES = {
     "other": 1.0,
 }
 
-# Denominator guard of the relative Hessian change r (SPEC 2, adaptive refresh interval).
+# Denominator guard of the relative Hessian change r (docs/design.md section 4.3).
 _RELATIVE_CHANGE_EPS = 1e-30
 # Adaptation of the refresh interval starts with this refresh (1-based): the first few
 # refreshes only warm the EMA up from h = 0, so r is large then by construction.
@@ -195,7 +195,7 @@ def with_float32_state(
 
 
 def hessian_block_size(shape: tuple[int, ...], block_size: int) -> int:
-  """Block length along the last axis of a leaf of this shape (SPEC 2, Sophia-Lambda).
+  """Block length along the last axis of a leaf of this shape (docs/design.md section 4.1).
 
   For ndim >= 2 and last dimension n >= 2: the largest divisor of n that is <= block_size
   (each tensor gets its own layout, e.g. n = 96, block_size = 64 -> 48). Otherwise 1 (a
@@ -364,7 +364,7 @@ def hessian_ema(
     adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
               over all blocks of all leaves (of h_hat with bias correction): r < r_low -> interval = min(2 interval,
               max_interval); r > r_high -> interval = max(interval // 2, min_interval);
-              next_refresh = t + interval.   (Sophia-Lambda, SPEC 2.)
+              next_refresh = t + interval.   (docs/design.md section 4.3.)
 
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
   current block-reduced h (h_hat with bias correction) in place of the updates. ``update`` needs ``params`` and
@@ -771,7 +771,7 @@ def add_decoupled_weight_decay(
     mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
 ) -> optax.GradientTransformation:
   """Decoupled weight decay (Loshchilov & Hutter 2019): u = u + wd * theta on masked leaves;
-  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of SPEC 2.
+  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of docs/design.md section 2.1.
 
   ``mask=None`` uses ``default_weight_decay_mask`` (ndim >= 2 and not a norm); a pytree of
   bools or a callable params -> such a pytree overrides it. Reuses

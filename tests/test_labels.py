@@ -384,7 +384,7 @@ def test_qwen_134m_shapes_without_allocation():
   shapes = qwen_tree(18, scanned=True, vocab=151936, d=512, heads=8, kv=4, head_dim=64,
                      mlp=1536, make=lambda s: jax.ShapeDtypeStruct(s, np.float32))
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-  assert total == 134_451_712  # the SPEC's parameter count for qwen-134m
+  assert total == 134_451_712  # qwen-134m's documented parameter count
   scales = labels.layer_scales(shapes, clip=None)
   # Each entry of a scale covers size / scale.size elements (one block of a stacked leaf).
   weighted = sum(float(s.sum()) * math.prod(x.shape) / s.size

@@ -1,77 +1,33 @@
-"""Execute every notebook in `notebooks/` top to bottom, as a reader would.
+"""Every notebook in `notebooks/` is stored with the outputs of its current code, and runs
+top to bottom as a reader would.
 
-Each notebook runs in a fresh ipykernel started with the interpreter running the tests, with
-`notebooks/` as its working directory (so relative paths resolve as they do in Jupyter). A
-cell that raises fails the test with the cell's traceback; a cell that runs past
-`CELL_TIMEOUT_S` fails it too. Notebooks are committed without outputs, which is checked
-before anything runs.
+The stored outputs come from `python -m experiments.run_notebooks`, which records a hash of
+the code cells it ran; a notebook whose code changed since is stale. Execution here uses the
+same runner on a copy in the test's temporary directory: the stored files are never written.
+Each notebook runs in a fresh ipykernel on the interpreter running the tests, with
+`notebooks/` as its working directory; a cell that raises, or runs past `CELL_TIMEOUT_S`,
+fails the test with the cell's traceback.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import sys
+import shutil
 import time
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
-from nbclient import NotebookClient
 
-NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
+from experiments import run_notebooks
+from experiments.run_notebooks import NOTEBOOK_DIR
+
 EXPECTED_NOTEBOOKS = (
     "01_optimizers_on_toy_problems.ipynb",
     "02_optax_chain_anatomy.ipynb",
     "03_reading_a_compare_run.ipynb",
     "04_sophia_lambda_on_your_flax_model.ipynb",
 )
-# Generous next to the < 60 s a whole notebook takes on 2 cores: it only has to catch a hang.
-CELL_TIMEOUT_S = 300
-KERNEL_NAME = "slj-notebook-test"
-# Variables that would point a notebook at state outside the test (notebook 3 reads an
-# existing run directory when this is set; the test wants it to make its own).
-_ENV_TO_DROP = ("SLJ_COMPARE_RUN_DIR",)
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
-  """The test process's environment, minus what a reader's Jupyter would not have.
-
-  conftest.py simulates 8 CPU devices for the library tests; a reader running the notebook
-  has one, so the flag is dropped and the notebooks run the way they do in Jupyter.
-  Temporary files a notebook makes (notebook 3's tiny compare run) go under `tmp_path`.
-  """
-  env = {k: v for k, v in os.environ.items() if k not in _ENV_TO_DROP}
-  env["TMPDIR"] = str(tmp_path)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  if flags:
-    env["XLA_FLAGS"] = " ".join(flags)
-  else:
-    env.pop("XLA_FLAGS", None)
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-  return env
-
-
-def _kernel_manager(tmp_path: pathlib.Path) -> AsyncKernelManager:
-  """A kernel manager whose only kernel is ipykernel on this very interpreter.
-
-  The installed "python3" kernelspec may name a bare `python`, which could resolve to another
-  environment; a private spec with `sys.executable` removes the doubt.
-  """
-  spec_dir = tmp_path / "kernels" / KERNEL_NAME
-  spec_dir.mkdir(parents=True)
-  spec = {
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "sophia-lambda-jax tests",
-      "language": "python",
-  }
-  (spec_dir / "kernel.json").write_text(json.dumps(spec))
-  specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
-  return AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
+REGENERATE = "python -m experiments.run_notebooks"
 
 
 def _notebook_path(name: str) -> pathlib.Path:
@@ -85,34 +41,39 @@ def test_every_notebook_is_listed_here():
   """A notebook added to notebooks/ must be added to EXPECTED_NOTEBOOKS to be executed."""
   found = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
   assert found == sorted(EXPECTED_NOTEBOOKS)
+  assert [p.name for p in run_notebooks.notebook_paths()] == found
 
 
 @pytest.mark.parametrize("name", EXPECTED_NOTEBOOKS)
-def test_notebook_is_committed_without_outputs(name):
-  nb = nbformat.read(_notebook_path(name), as_version=4)
+def test_notebook_is_stored_with_the_outputs_of_its_code(name):
+  path = _notebook_path(name)
+  assert path.stat().st_size < run_notebooks.MAX_NOTEBOOK_BYTES, (
+      f"{name} is {path.stat().st_size:,} bytes; keep it under "
+      f"{run_notebooks.MAX_NOTEBOOK_BYTES:,} (smaller figures)")
+  nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
   code_cells = [c for c in nb.cells if c.cell_type == "code"]
   assert code_cells, f"{name} has no code cells"
-  dirty = [i for i, c in enumerate(nb.cells)
-           if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
-  assert not dirty, f"{name}: cells {dirty} carry outputs; clear them before committing"
   assert any(c.cell_type == "markdown" for c in nb.cells), f"{name} has no explanatory text"
+  assert nb.metadata.get(run_notebooks.CODE_HASH_KEY) == run_notebooks.code_hash(nb), (
+      f"{name}: its code changed since its outputs were stored; run `{REGENERATE} {name}`")
+  counts = [c.execution_count for c in code_cells]
+  assert counts == list(range(1, len(code_cells) + 1)), (
+      f"{name}: cells were not run top to bottom in one kernel (execution counts {counts}); "
+      f"run `{REGENERATE} {name}`")
+  assert not [o for c in code_cells for o in c.outputs if o.output_type == "error"]
 
 
 def _execute(name: str, tmp_path: pathlib.Path, **env_overrides: str) -> nbformat.NotebookNode:
-  """Runs notebook `name` in a fresh kernel; raises CellExecutionError on a cell error."""
-  nb = nbformat.read(_notebook_path(name), as_version=4)
-  kernel_dir = tmp_path / f"kernel-{time.monotonic_ns()}"
-  client = NotebookClient(
-      nb,
-      km=_kernel_manager(kernel_dir),
-      timeout=CELL_TIMEOUT_S,
-      allow_errors=False,
-      resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
-  )
+  """Runs a copy of notebook `name`; raises CellExecutionError on a cell error."""
+  stored = _notebook_path(name)
+  before = stored.read_bytes()
+  copy = tmp_path / f"copy-{time.monotonic_ns()}-{name}"
+  shutil.copyfile(stored, copy)
   start = time.perf_counter()
-  client.execute(env={**_kernel_env(tmp_path), **env_overrides})
+  nb = run_notebooks.execute(copy, tmp_path, **env_overrides)
   print(f"{name}: executed in {time.perf_counter() - start:.1f} s")
+  assert stored.read_bytes() == before, f"executing {name} rewrote the stored notebook"
   # Every code cell ran and none produced an error output (nbclient raises on the first
   # error already; this guards against a cell being skipped or an error being swallowed).
   code_cells = [c for c in nb.cells if c.cell_type == "code"]

@@ -1,6 +1,6 @@
-"""Every optimizer against an independent float64 NumPy implementation of its SPEC equation.
+"""Every optimizer against an independent float64 NumPy implementation of its equation.
 
-The references below are written from SPEC.md section 2 (and, for Sophia-G, from the
+The references below are written from docs/design.md section 2 (and, for Sophia-G, from the
 published SophiaG update rule), not from the library: roles, depths, widths and decay masks
 of the small test tree are spelled out by hand.
 """
@@ -36,7 +36,7 @@ ROLE_SCALE = {"attention": 1.8, "mlp": 1.2, "embedding": 1.0, "norm": 0.7, "head
 
 
 def decays(path):
-  """SPEC default mask: ndim >= 2 and not a norm."""
+  """The default decay mask: ndim >= 2 and not a norm (docs/design.md section 2.1)."""
   shape, role, _, _ = LEAVES[path]
   return len(shape) >= 2 and role != "norm"
 
@@ -110,7 +110,7 @@ def assert_histories_close(got, want, rtol=2e-5, atol=2e-6):
 
 
 # ------------------------------------------------------------------------------------------
-# float64 references (SPEC 2)
+# float64 references (docs/design.md sections 2-4)
 # ------------------------------------------------------------------------------------------
 
 

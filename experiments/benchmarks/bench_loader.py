@@ -5,7 +5,7 @@
 
 Counts batch_size * seq_len input tokens per batch (as the train step counts them). Measures
 random access `batch(step)` on the shuffled train split, the prefetching `iterate()`, and the
-same without the compact-vocabulary remap. Issue 4 asks for loader tokens/s >= 10x the train
+same without the compact-vocabulary remap. The goal is loader tokens/s >= 10x the train
 step's on CPU: pass the train step's tokens/s (`--train-tokens-per-s`, or the environment
 variable SLJ_TRAIN_TOKENS_PER_S) to print that ratio; `ratios()` reports it to run_all.
 """

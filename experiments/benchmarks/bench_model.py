@@ -15,7 +15,7 @@ printed so a mismatch shows. Timing alternates the two frameworks in `repeats` r
 machine for a while hurts both about equally. JAX compile time (lower + compile) is
 reported separately and is not part of the step time.
 
-Issue 3 goal: JAX tokens/s >= 1.0 x PyTorch's on qwen-cpu.
+Goal: JAX tokens/s >= 1.0 x PyTorch's on qwen-cpu.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _jax_step(config: qwen.QwenConfig, seed: int):
   def loss_fn(params, ids):
     logits = qwen.apply(graphdef, params, ids[:, :-1])
     # optax's integer-label cross-entropy; -take_along_axis(log_softmax(logits)) computes
-    # the same loss but its gradient (a scatter into the logits) is about 1 s slower per
-    # step here on XLA:CPU, as much as the whole rest of the backward pass.
+    # the same loss but its gradient is a scatter into the logits, much slower on XLA:CPU
+    # (docs/decisions.md).
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   return model, params, jax.jit(jax.value_and_grad(loss_fn))

@@ -29,7 +29,7 @@ seconds from the call (compiles and warm-up included; at least one cycle is time
 `cycles` in the result is the number timed. Each optimizer's entry also holds its compiled
 step's memory (`bench_memory.memory_of`).
 
-Issue 4 goal: sophia_lambda mean step time <= 1.07 x adamw's.
+Goal: sophia_lambda mean step time <= 1.07 x adamw's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the `sophia_lambda_jax.train.TrainConfig` fields of the run. The compare runner 
 spec its own run directory `<out>/<label>/seed<seed>`, so a configuration that two phases
 share (the tuned sweep's seed 0 and the tuned final runs) is trained once.
 
-Protocols (SPEC section 5):
+Protocols (docs/design.md section 8):
 
   cpu          qwen-cpu (vocab 8192 compact, hidden 128, 4 layers) on the built-in corpus,
                every optimizer at the same token budget, each with its own default learning
@@ -32,14 +32,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 # --- cpu protocol size -------------------------------------------------------------------
 # Tokens per optimizer step = CPU_BATCH * CPU_SEQ = 1,024; CPU_STEPS * 1,024 = 122,880 tokens
-# per run, identical for every optimizer. Measured on the 2-core machine (jax 0.10.2 CPU,
-# float32, 150-step runs): a qwen-cpu train step of 8 x 128 tokens takes ~0.37 s with
-# AdamW and ~0.53 s with Sophia-Lambda (then with the adaptive interval, which refreshed
-# every 2nd step here; its default is now a fixed interval of 10); a run adds ~6-30 s of compilation and ~12 s of start-up, evaluation and
-# checkpoints. All eight optimizers at 150 steps took 176 s for AdamW + Sophia-Lambda alone
-# and 670 CPU-seconds for the eight, too close to 10 minutes; 120 steps with 4 evaluations
-# bring one seed to ~8-9 min. Three seeds reuse the compiled steps (the runner's persistent
-# compilation cache): ~25 min.
+# per run, identical for every optimizer. CPU_STEPS is sized so that one seed of every
+# optimizer fits in 10 minutes on 2 CPU cores (the timings that chose it: docs/decisions.md;
+# the protocol's own: docs/results/compare-cpu/).
 CPU_BATCH = 8
 CPU_SEQ = 128
 CPU_STEPS = 120

@@ -2,7 +2,7 @@
 
 A source is planned into `WorkUnit`s, independent pieces of work that a worker process can
 tokenise on its own (a range of the built-in document list, some row groups of one parquet
-file, one jsonl or txt file, one TFDS/HF dataset). The plan depends only on the source, never
+file, one jsonl or txt file, a record range of a TFDS dataset, one HF dataset). The plan depends only on the source, never
 on the number of workers, so a resumed `prepare` with another worker count finishes the same
 plan and writes the same shards.
 
@@ -18,8 +18,12 @@ Source strings:
                      `sample/10BT/*.parquet`; the `id` column keys documents when present);
                      jsonl lines are objects with a "text" string; a txt file is one document,
                      or several separated by lines holding only `<|endoftext|>`.
-  "tfds:NAME"        a TensorFlow Datasets dataset already in the local TFDS directory
-                     (split "train", feature "text"); needs `tensorflow-datasets`.
+  "tfds:NAME"        a TensorFlow Datasets dataset already prepared in array_record format
+                     in the local TFDS data directory (`TFDS_DATA_DIR`, else TFDS's default
+                     ~/tensorflow_datasets), split "train", feature "text"; NAME may carry a
+                     config and version ("name/config:1.0.0"). Read through
+                     `tfds.data_source` (random access, no TensorFlow); needs
+                     `tensorflow-datasets`. Nothing is downloaded.
   "hf:NAME"          a HuggingFace `datasets` dataset from the local cache or a local path
                      (split "train", column "text"); needs `datasets`. Runs with
                      HF_DATASETS_OFFLINE=1 unless the caller set that variable.
@@ -48,6 +52,10 @@ PARQUET_ROWS_PER_UNIT = 1 << 18
 BUILTIN_CORPUS_VERSION = 1
 # Bytes of built-in source text per work unit.
 BUILTIN_BYTES_PER_UNIT = 4 << 20
+# Records of a TFDS dataset per work unit (random access makes any range cheap to read).
+TFDS_RECORDS_PER_UNIT = 1 << 16
+# Records fetched from a TFDS data source per read.
+_TFDS_READ_BATCH = 1024
 
 
 class WorkUnit(NamedTuple):
@@ -56,7 +64,8 @@ class WorkUnit(NamedTuple):
   kind: "builtin" | "parquet" | "jsonl" | "txt" | "tfds" | "hf"
   path: absolute file path, or the dataset name for tfds/hf, "" for builtin
   name: the file's path relative to the source root (prefix of its documents' keys)
-  start, stop: built-in document range, or parquet row-group range; 0, 0 otherwise
+  start, stop: built-in document range, parquet row-group range or TFDS record range;
+               0, 0 otherwise
   """
   kind: str
   path: str
@@ -289,18 +298,39 @@ def _require(module: str, extra: str, source: str):
                       f"installed (pip install 'sophia-lambda-jax[{extra}]')")
 
 
-def _iter_tfds(unit: WorkUnit) -> Iterator[tuple[str, str]]:
+def _tfds_source(name: str):
+  """The random-access "train" split of prepared TFDS dataset `name` (never downloads)."""
   import tensorflow_datasets as tfds
 
-  dataset = tfds.load(unit.path, split="train", download=False)
-  for i, example in enumerate(tfds.as_numpy(dataset)):
-    if "text" not in example:
-      raise ValueError(f"tfds:{unit.path}: examples have no 'text' feature "
-                       f"(features: {sorted(example)})")
-    text = example["text"]
-    text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
-    if text:
-      yield f"tfds:{unit.path}:{i}", text
+  data_dir = os.environ.get("TFDS_DATA_DIR") or None
+  try:
+    return tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises DatasetNotFoundError, NotImplementedError (tfrecord)...
+    where = data_dir or "the default TFDS data directory (set TFDS_DATA_DIR to choose one)"
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise FileNotFoundError(
+        f"source 'tfds:{name}': expected a dataset with a 'train' split prepared in "
+        f"array_record format in {where} ({reason})") from None
+
+
+def _tfds_units(name: str, source: str) -> list[WorkUnit]:
+  n = len(_tfds_source(name))
+  return [WorkUnit("tfds", name, source, start, min(start + TFDS_RECORDS_PER_UNIT, n))
+          for start in range(0, n, TFDS_RECORDS_PER_UNIT)]
+
+
+def _iter_tfds(unit: WorkUnit) -> Iterator[tuple[str, str]]:
+  data = _tfds_source(unit.path)
+  for first in range(unit.start, unit.stop, _TFDS_READ_BATCH):
+    indices = range(first, min(first + _TFDS_READ_BATCH, unit.stop))
+    for i, example in zip(indices, data.__getitems__(indices)):
+      if "text" not in example:
+        raise ValueError(f"tfds:{unit.path}: examples have no 'text' feature "
+                         f"(features: {sorted(example)})")
+      text = example["text"]
+      text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+      if text:
+        yield f"tfds:{unit.path}:{i}", text
 
 
 def _iter_hf(unit: WorkUnit) -> Iterator[tuple[str, str]]:
@@ -335,6 +365,8 @@ def plan_units(source: str) -> list[WorkUnit]:
       if not name:
         raise ValueError(f"source {source!r}: expected {prefix}NAME")
       _require(module, extra, source)
+      if prefix == "tfds:":
+        return _tfds_units(name, source)
       return [WorkUnit(prefix[:-1], name, source, 0, 0)]
   root, files = resolve_files(source)
   units = []

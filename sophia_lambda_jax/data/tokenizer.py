@@ -30,7 +30,7 @@ QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
     r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-QWEN2_SPECIAL_TOKENS = (
+QWEN2_CONTROL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
     "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
@@ -70,7 +70,7 @@ class QwenTokenizer:
         "qwen2",
         pat_str=QWEN2_PATTERN,
         mergeable_ranks=_load_ranks(),
-        special_tokens={name: EOS_ID + i for i, name in enumerate(QWEN2_SPECIAL_TOKENS)})
+        special_tokens={name: EOS_ID + i for i, name in enumerate(QWEN2_CONTROL_TOKENS)})
 
   def encode(self, text: str) -> list[int]:
     # NFC first, as Qwen2's tokenizer.json normaliser does; `encode_ordinary` so a document
@@ -91,14 +91,14 @@ class QwenTokenizer:
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    bad = [i for i in ids if not 0 <= i < EOS_ID + len(QWEN2_SPECIAL_TOKENS)]
+    bad = [i for i in ids if not 0 <= i < EOS_ID + len(QWEN2_CONTROL_TOKENS)]
     if bad:
       raise ValueError(f"decode: ids {bad[:5]} are not Qwen2 token ids "
-                       f"(expected 0 <= id < {EOS_ID + len(QWEN2_SPECIAL_TOKENS)})")
+                       f"(expected 0 <= id < {EOS_ID + len(QWEN2_CONTROL_TOKENS)})")
     return self.encoding.decode(ids, errors="replace")
 
 
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> QwenTokenizer:
-  """The process-wide Qwen2 tokenizer (built once, ~0.3 s)."""
+  """The process-wide Qwen2 tokenizer (built once)."""
   return QwenTokenizer()

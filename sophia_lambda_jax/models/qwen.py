@@ -217,8 +217,8 @@ def _attention(q, k, v, mask):
 
   The G = H/K query heads that share a KV head are laid out as one (G*S)-row matrix per
   (batch, KV head), so both products are plain batched matmuls with leading batch dims;
-  XLA:CPU runs the equivalent 5-d einsum ("bskgd,btkd->bkgst") about 2.5x slower,
-  fwd+bwd, on qwen-cpu shapes.
+  XLA:CPU runs the equivalent 5-d einsum ("bskgd,btkd->bkgst") markedly slower
+  (docs/decisions.md).
   """
   batch, seq, heads, dim = q.shape
   slots, kv_heads = k.shape[1], k.shape[2]
@@ -243,8 +243,8 @@ def _causal_attention(q, k, v, mask):
   """`_attention` of a sequence with itself (S = T) under a mask inside the causal one.
 
   Query chunk i of `_CAUSAL_QUERY_CHUNKS` only scores the keys up to its own end, the rest
-  being masked anyway: 3/8 of the score matrix and its softmax are never computed, which
-  makes attention fwd+bwd about 1.5x faster on qwen-cpu shapes (XLA:CPU).
+  being masked anyway: 3/8 of the score matrix and its softmax are never computed
+  (timings: docs/decisions.md).
   """
   seq = q.shape[1]
   chunks = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1

@@ -8,9 +8,10 @@ overriding earlier ones:
    ``{"model": "qwen-tiny", "optimizer": "sophia_lambda", "optimizer_kwargs": {"rho": 0.03},
    "steps": 500, "mesh": "data=2,fsdp=4"}``; unknown keys are an error;
 3. command-line flags, one per field with dashes (`--batch-size 32`), plus
-   - `--opt.NAME VALUE` or `--NAME VALUE` for any optimizer hyperparameter of SPEC section 1
-     (`--opt.rho 0.03`, `--rho 0.03`, `--hessian-interval 20`); values are parsed as JSON
-     when they parse (numbers, true/false, null, objects) and kept as strings otherwise;
+   - `--opt.NAME VALUE` or `--NAME VALUE` for any hyperparameter a registered optimizer
+     accepts (docs/design.md section 2.1): `--opt.rho 0.03`, `--rho 0.03`,
+     `--hessian-interval 20`; values are parsed as JSON when they parse (numbers,
+     true/false, null, objects) and kept as strings otherwise;
    - `--model.NAME VALUE` for a model-config override (`--model.num_layers 6`).
 
 The config that a run used is written to `<out>/config.json` in this same format, so
@@ -50,7 +51,7 @@ def optimizer_hyperparameters() -> tuple[str, ...]:
 
 
 # Fields that change the trajectory of a run: resuming a checkpoint with any of them changed
-# is refused (SPEC 5: resume continues identically). The others (out, steps to log, eval and
+# is refused (docs/design.md section 7: resume continues identically). The others (out, steps to log, eval and
 # checkpoint cadence, mesh, distributed set-up) may change between restarts.
 RESUME_MUST_MATCH = (
     "model", "model_overrides", "init_from", "compute_dtype", "optimizer", "optimizer_kwargs",

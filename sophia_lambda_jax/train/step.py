@@ -215,7 +215,7 @@ def make_train_step(features_fn: FeaturesFn, tx: optax.GradientTransformationExt
     else:
       # The estimate is formed in the step's own branch on the optimizer's refresh test,
       # not inside the optimizer's cond: as operands of that cond the backward's residuals
-      # made every step ~7% slower on qwen-cpu. Should the optimizer ever refresh when
+      # slowed every step down (docs/decisions.md). Should the optimizer ever refresh when
       # `due` is False, it gets a recomputed estimate, never the zeros.
       due = transforms.hessian_refresh_due(state.opt_state)
       loss, grads, estimate = jax.lax.cond(

@@ -1,5 +1,5 @@
 """Protocol definitions: every spec is a valid TrainConfig and each protocol keeps the
-promises of SPEC section 5 (same token budget, same hyperparameters, sweep shape)."""
+promises of docs/design.md section 8 (same token budget, same hyperparameters, sweep shape)."""
 
 import math
 

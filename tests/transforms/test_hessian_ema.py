@@ -1,5 +1,5 @@
 """hessian_ema: the largest-divisor block rule, block-reduced storage, the EMA equation and
-its fixed / adaptive refresh schedule (SPEC 2, Sophia-Lambda details)."""
+its fixed / adaptive refresh schedule (docs/design.md section 4)."""
 
 import jax
 import jax.numpy as jnp
