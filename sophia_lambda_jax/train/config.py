@@ -171,6 +171,26 @@ class TrainConfig:
                        "compute_dtype field (--compute-dtype)")
     parse_mesh(self.mesh)  # raises on a malformed spec
     self.resolved_hessian_estimator()  # raises on an unknown optimizer or estimator
+    self._check_builds()
+
+  def _check_builds(self) -> None:
+    """Build the optimizer and the model config (both cheap, no arrays), so that a bad
+    hyperparameter or model override is refused here, before any data, compile or run."""
+    from sophia_lambda_jax import optimizers
+    from sophia_lambda_jax.models import qwen
+
+    kwargs = dict(self.optimizer_kwargs)
+    if optimizers.resolve(self.optimizer).needs_batch_tokens:
+      kwargs["batch_tokens"] = self.batch_tokens
+    try:
+      optimizers.get_optimizer(self.optimizer, learning_rate=self.learning_rate or 1e-3,
+                               **kwargs)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"optimizer_kwargs: {e}") from None
+    try:
+      qwen.get_config(self.model, **self.model_overrides)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"model: {e}") from None
 
   # ------------------------------------------------------------------------- derived values
   @property
