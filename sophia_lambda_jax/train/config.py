@@ -56,6 +56,9 @@ RESUME_MUST_MATCH = (
     "model", "model_overrides", "compute_dtype", "optimizer", "optimizer_kwargs",
     "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps", "batch_size", "seq_len",
     "grad_accum", "grad_clip", "data", "seed")
+# Fields a finished run's results depend on: the trajectory and how the final validation
+# loss is measured. A comparison reuses a finished run only when these match its plan.
+RESULTS_DEPEND_ON = RESUME_MUST_MATCH + ("eval_batches",)
 
 
 @dataclasses.dataclass
@@ -265,6 +268,19 @@ class TrainConfig:
 
   def to_json(self, path: str | Path) -> None:
     Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:
+  """"field: X there, Y planned" for each RESULTS_DEPEND_ON field where a run directory's
+  config.json (`saved`; fields it lacks take their defaults) differs from `planned`."""
+  defaults = TrainConfig.__new__(TrainConfig)
+  for field in dataclasses.fields(TrainConfig):
+    setattr(defaults, field.name, field.default if field.default_factory is dataclasses.MISSING
+            else field.default_factory())
+  saved = {**defaults.to_dict(), **saved}
+  planned_dict = json.loads(json.dumps(planned.to_dict()))  # tuples -> lists, as on disk
+  return [f"{name}: {saved.get(name)!r} there, {planned_dict.get(name)!r} planned"
+          for name in RESULTS_DEPEND_ON if saved.get(name) != planned_dict.get(name)]
 
 
 def parse_mesh(spec: str) -> dict[str, int] | None:
