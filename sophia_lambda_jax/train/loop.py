@@ -626,6 +626,12 @@ def cli_train(argv: list[str]) -> int:
   """`slj train [flags]`: parse flags (see train.config), run, print the summary."""
   try:
     config = config_from_argv(list(argv))
+  except ValueError as e:  # a bad field or value: a usage error, before anything runs
+    if os.environ.get("SLJ_DEBUG"):
+      raise
+    print(f"slj train: error: {e}", file=sys.stderr)
+    return 2
+  try:
     summary = run_training(config)
   except (ValueError, FileNotFoundError, FloatingPointError, DirectoryInUse) as e:
     if os.environ.get("SLJ_DEBUG"):
