@@ -291,10 +291,22 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
   lock = (directory_lock(out, what="training run") if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    run = _set_up(config, out)
-    if run.finished_summary is not None:
-      return run.finished_summary
-    return _train(config, out, run, wall_start)
+    # An existing run in `out` is resumed only with the same trajectory-changing settings:
+    # refuse before building anything.
+    checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+    candidates, verified, saved_meta = _checkpoint_candidates(checkpointer, config.to_dict())
+    summary_path = out / "summary.json"
+    if candidates and candidates[0] == config.steps and summary_path.is_file():
+      checkpointer.close()
+      _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
+           f"({summary_path.name} left as it is)")
+      return json.loads(summary_path.read_text())
+    try:
+      run = _set_up(config, out, checkpointer, candidates, verified, saved_meta)
+    except BaseException:
+      checkpointer.close()
+      raise
+    return _train(config, out, run, wall_start)  # closes the checkpointer
 
 
 class _Run(NamedTuple):
@@ -308,38 +320,21 @@ class _Run(NamedTuple):
   checkpointer: Checkpointer
   start_step: int
   state: Any
-  finished_summary: dict[str, Any] | None = None
 
 
-def _set_up(config: TrainConfig, out: Path) -> _Run:
-  """Mesh, checkpoint choice (config checked before anything is built), data (its
-  fingerprint checked against the checkpoint's), model, program, and the state: restored
-  from the newest good checkpoint or initialised."""
+def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidates: list[int],
+            verified: set[int], saved_meta: dict | None) -> _Run:
+  """Mesh, data (its fingerprint checked against the checkpoint's), model, program, and the
+  state: restored from the first good candidate checkpoint, or initialised."""
   from sophia_lambda_jax import data as data_lib
 
   process, process_count = jax.process_index(), jax.process_count()
-  is_main = process == 0
-  config_dict = config.to_dict()
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.micro_batch_size % mesh.size:
     raise ValueError(
         f"batch_size / grad_accum = {config.micro_batch_size} sequences must be divisible by "
         f"the {mesh.size} devices of mesh {config.mesh!r} (the batch is split over data and "
         "fsdp)")
-
-  # An existing run in `out` is resumed only with the same trajectory-changing settings;
-  # refuse before building anything.
-  if is_main:
-    out.mkdir(parents=True, exist_ok=True)
-  checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-  candidates, verified, saved_meta = _checkpoint_candidates(checkpointer, config_dict)
-  summary_path = out / "summary.json"
-  if candidates and candidates[0] == config.steps and summary_path.is_file():
-    _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
-         f"({summary_path.name} left as it is)")
-    checkpointer.close()
-    return _Run(mesh, None, None, None, None, None, checkpointer, config.steps, None,
-                finished_summary=json.loads(summary_path.read_text()))
 
   # Data: each process reads only its rows of every global batch.
   model = _Model(config, mesh)
@@ -358,7 +353,7 @@ def _set_up(config: TrainConfig, out: Path) -> _Run:
 
   program = TrainProgram(config, model, mesh)
   start_step, state = _restore(checkpointer, candidates, verified, program)
-  if is_main:
+  if process == 0:
     config.to_json(out / "config.json")
   return _Run(mesh, model, program, train_data, val_data, fingerprint, checkpointer,
               start_step, state)

@@ -161,6 +161,26 @@ def test_no_good_checkpoint_left_restarts_from_step_zero(finished, tmp_path, cap
   _assert_same_final_state(finished, out)
 
 
+def test_checkpoints_of_older_runs_resume_with_warnings(finished, tmp_path, capsys,
+                                                       monkeypatch):
+  """No checksums (saved before they existed) and no data fingerprint: resumed, warned."""
+  from sophia_lambda_jax.train.checkpoint import CHECKSUMS, Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  for step_dir in (out / "checkpoints").iterdir():
+    (step_dir / CHECKSUMS).unlink()
+  read_meta = Checkpointer.read_meta
+  monkeypatch.setattr(Checkpointer, "read_meta", lambda self, step: {
+      k: v for k, v in read_meta(self, step).items() if k != "data_fingerprint"})
+  assert cli.main(_argv(_data_of(finished), out)) == 0
+  captured = capsys.readouterr()
+  _one_line(captured.err, f"checkpoint step {STEPS}", "has no checksums")
+  _one_line(captured.err, "without a data fingerprint")
+  assert f"resumed at step {STEPS}" in captured.out
+  _assert_same_final_state(finished, out)
+
+
 # ----------------------------------------------------------------------------- data, reruns
 def test_resume_on_replaced_data_is_refused(finished, corpus, tmp_path, capsys):
   out = _copy(finished, tmp_path)
