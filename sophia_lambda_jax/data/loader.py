@@ -273,8 +273,8 @@ class TokenBatches:
 
   def _verify_shard(self, i: int) -> None:
     """Check shard i against the manifest's checksum the first time it is read (one pass
-    over the file: ~1.6 s per GB on a loaded 2-core CPU, paid once per shard rather than
-    for the whole folder at start)."""
+    over the file: 1-2 s per GB on a loaded 2-core CPU, paid once per shard rather than
+    for a whole FineWeb-sized folder, tens of GB, at start)."""
     if i in self._verified:
       return
     crc = self._shards[i].crc32
