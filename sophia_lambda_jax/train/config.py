@@ -273,11 +273,9 @@ class TrainConfig:
 def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:
   """"field: X there, Y planned" for each RESULTS_DEPEND_ON field where a run directory's
   config.json (`saved`; fields it lacks take their defaults) differs from `planned`."""
-  defaults = TrainConfig.__new__(TrainConfig)
-  for field in dataclasses.fields(TrainConfig):
-    setattr(defaults, field.name, field.default if field.default_factory is dataclasses.MISSING
-            else field.default_factory())
-  saved = {**defaults.to_dict(), **saved}
+  defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+              else f.default_factory() for f in dataclasses.fields(TrainConfig)}
+  saved = {**defaults, **saved}
   planned_dict = json.loads(json.dumps(planned.to_dict()))  # tuples -> lists, as on disk
   return [f"{name}: {saved.get(name)!r} there, {planned_dict.get(name)!r} planned"
           for name in RESULTS_DEPEND_ON if saved.get(name) != planned_dict.get(name)]

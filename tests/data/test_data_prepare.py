@@ -211,8 +211,8 @@ def test_concurrent_prepares_share_one_result(tmp_path):
   out = tmp_path / "out"
   script = (f"from sophia_lambda_jax import data; "
             f"data.prepare({str(src)!r}, {str(out)!r}, num_workers=1, val_fraction=0.1, "
-            f"progress=False, wait_for_lock=True); print(data.load_manifest({str(out)!r})['splits']['train']"
-            f"['tokens'])")
+            f"progress=False, wait_for_lock=True); "
+            f"print(data.load_manifest({str(out)!r})['splits']['train']['tokens'])")
   procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
   results = [p.communicate() for p in procs]
