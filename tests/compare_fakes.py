@@ -88,7 +88,9 @@ class FakeTrainer:
     # Tuned sweeps: the loss is lowest at lr 1e-3 and grows with the distance in decades.
     shift = (0.0 if config.learning_rate is None
              else 0.1 * abs(math.log10(config.learning_rate) + 3.0))
-    return write_fake_run(out, spec, steps=self.steps, interval=self.interval, shift=shift)
+    summary = write_fake_run(out, spec, steps=self.steps, interval=self.interval, shift=shift)
+    config.to_json(out / "config.json")  # the whole config, as run_training writes it
+    return summary
 
 
 @pytest.fixture

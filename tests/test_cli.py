@@ -48,9 +48,12 @@ def test_info_prints_parameter_count_and_the_describe_table(capsys):
   assert "would refuse" not in out
 
 
-def test_info_rejects_unknown_model():
-  with pytest.raises(ValueError, match="qwen-134m"):
+def test_info_rejects_unknown_model(capsys):
+  with pytest.raises(SystemExit) as exit_info:
     cli.main(["info", "--model", "gpt-9"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "unknown model 'gpt-9'" in err and "qwen-134m" in err and "Traceback" not in err
 
 
 def test_missing_training_stack_is_one_line(monkeypatch, capsys):

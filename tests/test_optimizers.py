@@ -852,3 +852,29 @@ def test_second_order_update_without_params_or_hessian_fn_raises(name, missing):
       tx.update(to_jax(GRADS[0]), state, None, hessian_fn=hfn)
     else:
       tx.update(to_jax(GRADS[0]), state, params)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input to the API: one ValueError naming the argument or leaf.
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, name", [
+    ({"learning_rate": "3e-4"}, "learning_rate"),
+    ({"learning_rate": 1e-3, "rho": "0.04"}, "rho"),
+    ({"learning_rate": 1e-3, "weight_decay": True}, "weight_decay"),
+])
+def test_numbers_given_as_strings_or_bools_are_refused(kwargs, name):
+  with pytest.raises(ValueError, match=f"{name} must be a number"):
+    slj.sophia_lambda(batch_tokens=64, **kwargs)
+
+
+def test_grads_and_hessian_estimates_of_another_shape_are_refused():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
+  tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=8, hessian_interval=1)
+  state = tx.init(params)
+  broadcastable = {"w": jnp.ones((1, 3)), "b": jnp.ones((3,))}  # (1, 3) broadcasts to (4, 3)
+  with pytest.raises(ValueError, match=r"updates \(gradients\) must have .*shapes of params"):
+    tx.update(broadcastable, state, params,
+              hessian_fn=lambda p: jax.tree.map(jnp.ones_like, p))
+  with pytest.raises(ValueError, match=r"hessian_fn\(params\) must have .*shapes of params"):
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params,
+              hessian_fn=lambda p: broadcastable)

@@ -14,7 +14,16 @@ Every (optimizer, seed[, learning rate]) of the protocol (see `sophia_lambda_jax
   * a run without one is (re)started, and the training script resumes it from its newest
     complete checkpoint, so an interrupted compare continues where it stopped;
   * a run that raised is recorded in `failed.json` next to its metrics and skipped on later
-    invocations unless `--retry-failed` is given (a diverged run diverges again).
+    invocations unless `--retry-failed` is given (a diverged run diverges again);
+  * an existing run directory whose config.json differs from the planned run in a field the
+    results depend on (`train.config.RESULTS_DEPEND_ON`: not the output, logging or
+    checkpoint cadence, mesh or hosts) is refused before anything runs, naming the fields:
+    `--overwrite` retrains those runs, or choose a new --out. So `plan.json` always
+    describes the runs in the tables.
+
+Every TrainConfig of the plan is built (and so validated) before the first run: a bad
+`--set` value is one line and exit 2, and no run is marked failed. One compare at a time
+writes into --out (`directory_lock`, on process 0).
 
 At the end the runner writes `<out>/results.json`, `<out>/results.md` (the papers' tables
 with our measurements side by side, see `sophia_lambda_jax.compare.tables`) and the loss-curve PNGs
@@ -26,8 +35,10 @@ its config); times and throughputs are measurements and vary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -36,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 from sophia_lambda_jax.compare import protocols
 from sophia_lambda_jax.compare.protocols import RunSpec
+from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 
 SUMMARY = "summary.json"
 FAILED = "failed.json"
@@ -96,6 +108,48 @@ def write_plan(root: Path, specs: Sequence[RunSpec], protocol: str, extra: dict 
   with open(tmp, "w") as f:
     json.dump(plan, f, indent=2, sort_keys=True)
   os.replace(tmp, root / PLAN)
+
+
+def conflicting_runs(specs: Sequence[RunSpec], root: Path) -> dict[str, list[str]]:
+  """{run name: differing fields} of the existing run directories whose config.json does
+  not match the planned run (`train.config.result_differences`)."""
+  from sophia_lambda_jax.train.config import result_differences
+
+  conflicts = {}
+  for spec in specs:
+    path = root / spec.run_name / "config.json"
+    if not path.is_file():
+      continue
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      saved = {}
+    diffs = result_differences(saved, spec.train_config(str(root / spec.run_name)))
+    if diffs:
+      conflicts[spec.run_name] = diffs
+  return conflicts
+
+
+def resolve_conflicts(specs: Sequence[RunSpec], root: Path, overwrite: bool,
+                      log=print) -> bool:
+  """Refuse (False, with the reasons on stderr) when existing runs were trained with other
+  settings; with `overwrite` delete those runs (they are trained again) and return True."""
+  conflicts = conflicting_runs(specs, root)
+  if not conflicts:
+    return True
+  if overwrite:
+    for name in conflicts:
+      if _is_main_process():
+        shutil.rmtree(root / name)
+    log(f"[compare] --overwrite: {len(conflicts)} run(s) trained with other settings "
+        f"deleted, trained again: {', '.join(conflicts)}")
+    return True
+  lines = [f"slj compare: error: {root} holds {len(conflicts)} run(s) trained with other "
+           "settings than this plan:"]
+  lines += [f"  {name}: {'; '.join(diffs)}" for name, diffs in conflicts.items()]
+  lines.append("  Use another --out, or --overwrite to train those runs again.")
+  print("\n".join(lines), file=sys.stderr)
+  return False
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -225,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
   p.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
   p.add_argument("--retry-failed", action="store_true", help="re-run runs that raised")
+  p.add_argument("--overwrite", action="store_true",
+                 help="retrain existing runs whose settings differ from the plan (default: "
+                      "refuse)")
   p.add_argument("--list", action="store_true", help="print the plan and exit")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--no-compile-cache", action="store_true",
@@ -259,9 +316,13 @@ def plan(args) -> list[RunSpec]:
                 if args.optimizers else None)
   overrides = _overrides(args)
   if args.protocol == "tuned":
-    return protocols.tuned_sweep(optimizers, **overrides)
-  seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS[args.protocol]
-  return protocols.get_protocol(args.protocol)(seeds, optimizers, **overrides)
+    specs = protocols.tuned_sweep(optimizers, **overrides)
+  else:
+    seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS[args.protocol]
+    specs = protocols.get_protocol(args.protocol)(seeds, optimizers, **overrides)
+  for spec in specs:  # every field and value checked before anything runs
+    spec.train_config("unused")
+  return specs
 
 
 def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -> int:
@@ -282,7 +343,20 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
             f"{args.seeds or protocols.DEFAULT_SEEDS['tuned']} seeds")
     return 0
 
+  lock = directory_lock(root, what="`slj compare`") if _is_main_process() \
+      else contextlib.nullcontext()
+  try:
+    with lock:
+      return _compare(args, specs, root, trainer)
+  except DirectoryInUse as e:
+    print(f"slj compare: error: {e}", file=sys.stderr)
+    return 1
+
+
+def _compare(args, specs: list[RunSpec], root: Path, trainer: Trainer | None) -> int:
   print(f"[compare] protocol {args.protocol}: {len(specs)} runs into {root}")
+  if not resolve_conflicts(specs, root, args.overwrite):
+    return 1
   write_plan(root, specs, args.protocol)
   if not args.no_compile_cache and trainer is None:
     enable_compilation_cache(root / ".compile_cache")
@@ -299,6 +373,8 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
             f" {k} {v}" for k, v in b["optimizer_kwargs"].items()) for o, b in best.items()))
     seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS["tuned"]
     final = protocols.tuned_final(best, seeds, **_overrides(args))
+    if not resolve_conflicts(final, root, args.overwrite):
+      return 1
     # The best lr's seed 0 is listed twice (sweep and final phase): one run directory.
     write_plan(root, list(specs) + final, "tuned", {"best_settings": best})
     statuses.update(execute(final, root, trainer=trainer, retry_failed=args.retry_failed))

@@ -17,14 +17,14 @@ Resumption: every file is written under a temporary name and renamed into place,
 run leaves only hidden `.NAME.tmp` files (deleted on the next run) and complete shards. The
 next run re-plans, checks the plan matches, skips units whose `unit-*.json` and shards are
 present and intact, and tokenises the rest. A second process that calls `prepare` on the same
-directory meanwhile waits on a file lock and then finds the finished manifest.
+directory meanwhile is refused, naming the first one's PID (`directory_lock`); the built-in
+corpus cache instead waits for it and then finds the finished manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sophia_lambda_jax.data import shards, sources
+from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokenizer
 
 FORMAT = "sophia-lambda-jax/token-shards"
@@ -55,22 +56,6 @@ _ENCODE_CHUNK_CHARS = 1 << 20
 def default_cache_dir() -> Path:
   return Path(os.environ.get("SLJ_DATA_CACHE") or
               Path.home() / ".cache" / "sophia_lambda_jax").expanduser()
-
-
-@contextlib.contextmanager
-def _directory_lock(directory: Path):
-  """Exclusive advisory lock on DIR/.lock (POSIX flock; released when the process dies)."""
-  try:
-    import fcntl
-  except ImportError:  # not POSIX: no cross-process lock, atomic renames still protect files
-    yield
-    return
-  with open(directory / ".lock", "a+") as f:
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _fingerprint(source: str, units: list[sources.WorkUnit]) -> str:
@@ -128,7 +113,8 @@ def _tokenize_unit(job: tuple[str, int, tuple, float]) -> dict:
   record = {"unit": index, "name": unit.name}
   for split, writer in writers.items():
     writer.close()
-    record[split] = {"file": writer.path.name, "tokens": writer.count, "documents": docs[split]}
+    record[split] = {"file": writer.path.name, "tokens": writer.count, "documents": docs[split],
+                     "crc32": writer.crc32}
   nonzero = np.flatnonzero(counts)
   counts_path = out_dir / f"unit-{index:05d}.counts.npy"
   with open(shards.temp_path(counts_path), "wb") as f:
@@ -189,9 +175,27 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
   return manifest
 
 
+def data_fingerprint(data_dir: str | os.PathLike) -> str:
+  """What a run resumed on this directory must find again: the source fingerprint of the
+  manifest, every shard's name, token count and checksum, and the files' sizes on disk.
+  Cheap (no shard is read); a shard rewritten in place with the same size is caught by its
+  checksum when the loader first reads it."""
+  data_dir = Path(data_dir)
+  manifest = load_manifest(data_dir)
+  h = hashlib.blake2b(digest_size=8)
+  h.update(f"{manifest['fingerprint']}\0{manifest.get('vocab_size')}\n".encode())
+  for split in ("train", "val"):
+    for entry in manifest["splits"][split]["shards"]:
+      path = data_dir / entry["file"]
+      size = path.stat().st_size if path.is_file() else -1
+      h.update(f"{split}\0{entry['file']}\0{entry['tokens']}\0{entry.get('crc32')}\0{size}"
+               "\n".encode())
+  return h.hexdigest()
+
+
 def prepare(source: str, out_dir: str | os.PathLike, *,
             val_fraction: float | None = None, num_workers: int | None = None,
-            progress: bool | None = None) -> Path:
+            progress: bool | None = None, wait_for_lock: bool = False) -> Path:
   """Tokenise `source` (see `sources`) into uint32 shards under `out_dir`; return `out_dir`.
 
   val_fraction: share of documents in the validation split (by key hash); None means
@@ -203,6 +207,8 @@ def prepare(source: str, out_dir: str | os.PathLike, *,
   workers are spawned, so a script that calls `prepare` at import time needs the usual
   `if __name__ == "__main__":` guard.
   `progress`: tqdm bar; None shows it only on a terminal.
+  wait_for_lock: another process preparing `out_dir` makes this call wait for it and then
+  find its result (True) or raise DirectoryInUse naming that process at once (False).
 
   Raises FileNotFoundError (missing source path), ValueError (empty corpus, no `text`
   column, bad records, out_dir prepared with other settings), ImportError (tfds:/hf: without
@@ -219,8 +225,7 @@ def prepare(source: str, out_dir: str | os.PathLike, *,
   settings = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "fingerprint": _fingerprint(source, units), "val_fraction": float(val_fraction),
               "vocab_size": QWEN_VOCAB_SIZE, "eos_id": EOS_ID, "tokenizer": "qwen2"}
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with _directory_lock(out_dir):
+  with directory_lock(out_dir, wait=wait_for_lock, what="`slj tokenize`"):
     if _check_existing(out_dir, MANIFEST, settings) is not None:
       return out_dir
     plan = dict(settings, source=source, units=[list(u) for u in units])
@@ -280,7 +285,11 @@ def _write_manifest(out_dir, source, units, records, settings) -> Path:
       entry = record[split]
       splits[split]["tokens"] += entry["tokens"]
       splits[split]["documents"] += entry["documents"]
-      splits[split]["shards"].append({"file": entry["file"], "tokens": entry["tokens"]})
+      crc = entry.get("crc32")  # a unit finished before checksums existed: compute it now
+      if crc is None:
+        crc = shards.payload_crc32(out_dir / entry["file"])
+      splits[split]["shards"].append({"file": entry["file"], "tokens": entry["tokens"],
+                                      "crc32": crc})
     ids, freq = np.load(out_dir / record["counts"])
     counts[ids] += freq
   if splits["train"]["tokens"] + splits["val"]["tokens"] == 0:
@@ -317,7 +326,7 @@ def builtin_dataset_dir(cache_dir: str | os.PathLike | None = None, *,
   target = cache / f"builtin-{sources.builtin_fingerprint()}"
   if (target / MANIFEST).is_file():
     return target
-  return prepare("builtin", target, progress=progress)
+  return prepare("builtin", target, progress=progress, wait_for_lock=True)
 
 
 def resolve_data(data: str | os.PathLike) -> Path:
@@ -353,6 +362,9 @@ def cli_tokenize(argv: list[str]) -> int:
   except (FileNotFoundError, ValueError, ImportError) as e:
     print(f"slj tokenize: error: {e}", file=sys.stderr)
     return 2
+  except DirectoryInUse as e:
+    print(f"slj tokenize: error: {e}", file=sys.stderr)
+    return 1
   train, val = manifest["splits"]["train"], manifest["splits"]["val"]
   print(f"{out}: train {train['tokens']:,} tokens ({train['documents']:,} documents), "
         f"val {val['tokens']:,} tokens ({val['documents']:,} documents) "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,6 +60,7 @@ class ShardWriter:
     self.path = Path(path)
     self.vocab = int(vocab)
     self.count = 0
+    self.crc32 = 0  # of the token bytes after the header (the manifest records it)
     self._tmp = temp_path(self.path)
     self._file = open(self._tmp, "wb")
     self._file.write(HEADER.pack(MAGIC, VERSION, self.vocab, 0))
@@ -67,7 +69,9 @@ class ShardWriter:
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) >= self.vocab:
       raise ValueError(f"{self.path}: token id {int(ids.max())} >= vocab {self.vocab}")
-    self._file.write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
+    payload = ids.astype(TOKEN_DTYPE, copy=False).tobytes()
+    self._file.write(payload)
+    self.crc32 = zlib.crc32(payload, self.crc32)
     self.count += int(ids.size)
 
   def close(self) -> Path:
@@ -120,6 +124,16 @@ def read_header(path: Path) -> ShardHeader:
     raise ValueError(f"{path}: truncated or corrupt token shard: header says {count} tokens "
                      f"({expected} bytes) but the file has {size} bytes")
   return ShardHeader(version, vocab, count)
+
+
+def payload_crc32(path: Path) -> int:
+  """CRC-32 of a shard's token bytes (everything after the header)."""
+  crc = 0
+  with open(path, "rb") as f:
+    f.seek(HEADER_SIZE)
+    while block := f.read(1 << 23):
+      crc = zlib.crc32(block, crc)
+  return crc
 
 
 def open_shard(path: Path) -> tuple[ShardHeader, np.ndarray]:

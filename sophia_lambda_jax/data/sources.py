@@ -273,8 +273,22 @@ def _iter_jsonl(unit: WorkUnit) -> Iterator[tuple[str, str]]:
         yield (f"id:{doc_id}" if doc_id is not None else f"{unit.name}:{line_no}"), text
 
 
+def _decode_text_file(path: Path) -> str:
+  """A txt file's text; ValueError naming it when it is binary: NUL bytes (no text format
+  has them) or more than 10% of its characters undecodable as UTF-8 (a few stray bytes of
+  another encoding are replaced, as elsewhere)."""
+  raw = Path(path).read_bytes()
+  if b"\0" in raw:
+    raise ValueError(f"{path}: binary file (it contains NUL bytes); expected UTF-8 text")
+  text = raw.decode("utf-8", errors="replace")
+  if text.count("\ufffd") > 0.1 * max(len(text), 1):
+    raise ValueError(f"{path}: not UTF-8 text (most of it does not decode); expected UTF-8 "
+                     "text")
+  return text
+
+
 def _iter_txt(unit: WorkUnit) -> Iterator[tuple[str, str]]:
-  text = Path(unit.path).read_bytes().decode("utf-8", errors="replace")
+  text = _decode_text_file(unit.path)
   docs, current = [], []
   for line in text.splitlines(keepends=True):
     if line.strip() == TXT_SEPARATOR:

@@ -19,12 +19,25 @@ restore, for resuming (`Checkpointer.restore`) and for loading (`restore_params`
 Saving is asynchronous: `save` returns once the arrays are copied off the devices and
 writes in a background thread. Orbax writes into a temporary directory and renames it when
 complete, so a process killed mid-write leaves no directory that `latest_step` would
-return: the newest complete checkpoint is always the one restored.
+return.
+
+Each step directory also holds `checksums.json`: the size and CRC-32 of every file of its
+items, written by process 0 from orbax's post-finalisation hook, i.e. after the items are
+complete and before the directory is renamed into place, so a committed checkpoint always
+has one (runs saved before it existed do not). `verify(step)` recomputes them, so a file
+overwritten, truncated or emptied later is found before it is restored. CRC-32 because
+the threat is accidental damage, not tampering, and it is the fastest checksum of the
+standard library (zlib, releases the GIL; 0.3-1.1 GB/s on a loaded 2-core CPU, about twice
+sha256's speed there, so 1.5-5 s for qwen-134m's 1.6 GB state): the cost lands on orbax's
+background thread, not on the train step; a restore pays it once more.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +48,54 @@ import orbax.checkpoint as ocp
 from sophia_lambda_jax.train.config import RESUME_MUST_MATCH
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+CHECKSUMS = "checksums.json"
+_ITEMS = ("state", "config", "meta")
+_BLOCK = 1 << 23
+
+
+def file_crc32(path: Path) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(_BLOCK):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def _item_files(step_dir: Path) -> list[Path]:
+  return sorted(p for item in _ITEMS for p in (step_dir / item).rglob("*") if p.is_file())
+
+
+def write_checksums(step_dir: Path) -> None:
+  """`checksums.json` of a step directory: {relative path: [size, crc32]} of its items."""
+  files = {str(p.relative_to(step_dir)): [p.stat().st_size, file_crc32(p)]
+           for p in _item_files(step_dir)}
+  tmp = step_dir / f".{CHECKSUMS}.tmp"
+  tmp.write_text(json.dumps({"algorithm": "crc32", "files": files}))
+  os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def checksum_problem(step_dir: Path) -> str | None:
+  """None when every file matches `checksums.json`, else what is wrong (one phrase).
+  FileNotFoundError when the directory has no checksums.json (saved before they existed)."""
+  path = step_dir / CHECKSUMS
+  if not path.is_file():
+    raise FileNotFoundError(path)
+  try:
+    expected = json.loads(path.read_text())["files"]
+  except (ValueError, KeyError, TypeError):
+    return f"{CHECKSUMS} is unreadable"
+  present = {str(p.relative_to(step_dir)) for p in _item_files(step_dir)}
+  for name in sorted(set(expected) - present):
+    return f"{name} is missing"
+  for name in sorted(present - set(expected)):
+    return f"{name} was added after the checkpoint was written"
+  for name, (size, crc) in sorted(expected.items()):
+    file = step_dir / name
+    if file.stat().st_size != size:
+      return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    if file_crc32(file) != crc:
+      return f"{name} differs from what was written (CRC-32 mismatch)"
+  return None
 
 
 def _flat_keys(tree: Any) -> list[str]:
@@ -115,11 +176,37 @@ class Checkpointer:
 
   def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
     self.directory = Path(directory).absolute()
+    self._async = async_save
+    self._saving: int | None = None  # the step whose save is in flight
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        async_options=ocp.options.AsyncOptions(
+            post_finalization_callback=self._write_checksums) if async_save else None)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_handlers())
+
+  def _write_checksums(self) -> None:
+    """After orbax finalised the step in flight: checksums into its (still temporary)
+    directory, so that it is renamed into place with them."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    step = self._saving
+    temporary = sorted(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+    step_dir = temporary[-1] if temporary else self.directory / str(step)
+    if step_dir.is_dir():
+      write_checksums(step_dir)
+
+  def step_dir(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def verify(self, step: int) -> str | None:
+    """None when the checkpoint matches its checksums, else the problem; FileNotFoundError
+    when it has none (written before checksums existed, or not by this class)."""
+    return checksum_problem(self.step_dir(step))
+
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
 
   def latest_step(self) -> int | None:
     """Newest complete checkpoint's step (partial writes are never listed)."""
@@ -128,19 +215,30 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, config: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, config: dict[str, Any],
+           data_fingerprint: str | None = None) -> None:
     rest = _without_params(state)
-    meta = {"step": int(step), "data_position": int(step), "keys": _flat_keys(rest)}
+    meta = {"step": int(step), "data_position": int(step), "keys": _flat_keys(rest),
+            "data_fingerprint": data_fingerprint}
+    self._manager.wait_until_finished()  # orbax would too: one save in flight
+    self._saving = int(step)
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params_by_name(state.params)),
         state=ocp.args.StandardSave(flatten_state(rest)),
         config=ocp.args.JsonSave(config),
         meta=ocp.args.JsonSave(meta)), force=True)
+    if not self._async:
+      self._write_checksums()
 
   def read_config(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))
     return dict(restored.config)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(restored.meta)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restore the state at `step` into the structure, dtypes and shardings of
@@ -156,9 +254,11 @@ class Checkpointer:
     params = params_from_names(abstract_state.params, restored.params)
     return unflatten_state(rest, dict(restored.state))._replace(params=params)
 
-  def check_config(self, step: int, config: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint written with a different model/optimizer/run config."""
-    diffs = config_differences(self.read_config(step), config)
+  def check_config(self, step: int, config: dict[str, Any],
+                   saved: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a checkpoint written with a different model/optimizer/run config
+    (`saved`: its config when already read)."""
+    diffs = config_differences(self.read_config(step) if saved is None else saved, config)
     if diffs:
       raise ValueError(
           f"refusing to resume from {self.directory} (step {step}): it was written with a "

@@ -58,6 +58,9 @@ RESUME_MUST_MATCH = (
     "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps",
     "batch_size", "seq_len",
     "grad_accum", "grad_clip", "data", "seed")
+# Fields a finished run's results depend on: the trajectory and how the final validation
+# loss is measured. A comparison reuses a finished run only when these match its plan.
+RESULTS_DEPEND_ON = RESUME_MUST_MATCH + ("eval_batches",)
 
 
 @dataclasses.dataclass
@@ -176,6 +179,26 @@ class TrainConfig:
                        "compute_dtype field (--compute-dtype)")
     parse_mesh(self.mesh)  # raises on a malformed spec
     self.resolved_hessian_estimator()  # raises on an unknown optimizer or estimator
+    self._check_builds()
+
+  def _check_builds(self) -> None:
+    """Build the optimizer and the model config (both cheap, no arrays), so that a bad
+    hyperparameter or model override is refused here, before any data, compile or run."""
+    from sophia_lambda_jax import optimizers
+    from sophia_lambda_jax.models import qwen
+
+    kwargs = dict(self.optimizer_kwargs)
+    if optimizers.resolve(self.optimizer).needs_batch_tokens:
+      kwargs["batch_tokens"] = self.batch_tokens
+    try:
+      optimizers.get_optimizer(self.optimizer, learning_rate=self.learning_rate or 1e-3,
+                               **kwargs)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"optimizer_kwargs: {e}") from None
+    try:
+      qwen.get_config(self.model, **self.model_overrides)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"model: {e}") from None
 
   # ------------------------------------------------------------------------- derived values
   @property
@@ -251,6 +274,17 @@ class TrainConfig:
 
   def to_json(self, path: str | Path) -> None:
     Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:
+  """"field: X there, Y planned" for each RESULTS_DEPEND_ON field where a run directory's
+  config.json (`saved`; fields it lacks take their defaults) differs from `planned`."""
+  defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
+              else f.default_factory() for f in dataclasses.fields(TrainConfig)}
+  saved = {**defaults, **saved}
+  planned_dict = json.loads(json.dumps(planned.to_dict()))  # tuples -> lists, as on disk
+  return [f"{name}: {saved.get(name)!r} there, {planned_dict.get(name)!r} planned"
+          for name in RESULTS_DEPEND_ON if saved.get(name) != planned_dict.get(name)]
 
 
 def parse_mesh(spec: str) -> dict[str, int] | None:

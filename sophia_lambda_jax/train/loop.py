@@ -1,27 +1,33 @@
 """`run_training(config)`: build everything, resume if possible, train, evaluate, summarise.
 
 Order of a run:
-1. jax.distributed (multi-host) and the device mesh;
-2. data (`TokenBatches`, each process reads only its rows), model, schedule, optimizer;
-3. shardings for params (logical axes -> mesh), optimizer state and batches;
-4. state: restored from the newest complete checkpoint in <out>/checkpoints (after checking
-   that the trajectory-changing config fields match), else initialised under jit directly
-   into its shardings;
-5. the jitted step, compiled ahead of time (its compiled memory analysis gives the peak
+1. jax.distributed (multi-host), the lock on <out> (process 0) and the device mesh;
+2. the checkpoints in <out>/checkpoints: verified against their checksums (a damaged one is
+   reported and skipped), the newest good one's config checked against this run's (the
+   trajectory-changing fields must match); a run already finished stops here;
+3. data (`TokenBatches`, each process reads only its rows; its fingerprint must match the
+   checkpoint's), model, schedule, optimizer;
+4. shardings for params (logical axes -> mesh), optimizer state and batches;
+5. state: restored from the newest good checkpoint, falling back to older ones, else
+   initialised under jit directly into its shardings;
+6. the jitted step, compiled ahead of time (its compiled memory analysis gives the peak
    device memory), then the loop: step, metrics, eval every eval_every, checkpoint every
    checkpoint_every, NaN/Inf guard;
-6. summary.json.
+7. summary.json, its timings over every segment of the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
@@ -275,32 +282,72 @@ class TrainProgram:
     return self.lower().compile()
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C during training; the message says where the run resumes."""
+
+
+def _say(message: str) -> None:
+  """One line on stderr from process 0 (warnings and refusals the user must see)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
 def run_training(config: TrainConfig) -> dict[str, Any]:
-  """Train (or resume) one run; returns the summary also written to <out>/summary.json."""
+  """Train (or resume) one run; returns the summary also written to <out>/summary.json.
+
+  Only one process writes into a run directory: process 0 holds `<out>/.lock` for the run
+  (a second `slj train` on the same --out is refused at once, naming the holder's PID)."""
   wall_start = time.perf_counter()
   config.validate()
   mesh_lib.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+  out = config.resolved_out().absolute()
+  lock = (directory_lock(out, what="training run") if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    # An existing run in `out` is resumed only with the same trajectory-changing settings:
+    # refuse before building anything.
+    checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
+    candidates, verified, saved_meta = _checkpoint_candidates(checkpointer, config.to_dict())
+    summary_path = out / "summary.json"
+    if candidates and candidates[0] == config.steps and summary_path.is_file():
+      checkpointer.close()
+      _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
+           f"({summary_path.name} left as it is)")
+      return json.loads(summary_path.read_text())
+    try:
+      run = _set_up(config, out, checkpointer, candidates, verified, saved_meta)
+    except BaseException:
+      checkpointer.close()
+      raise
+    return _train(config, out, run, wall_start)  # closes the checkpointer
+
+
+class _Run(NamedTuple):
+  """What `_set_up` prepared: everything the step loop needs."""
+  mesh: Any
+  model: _Model
+  program: TrainProgram | None
+  train_data: Any
+  val_data: Any
+  data_fingerprint: str | None
+  checkpointer: Checkpointer
+  start_step: int
+  state: Any
+
+
+def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidates: list[int],
+            verified: set[int], saved_meta: dict | None) -> _Run:
+  """Mesh, data (its fingerprint checked against the checkpoint's), model, program, and the
+  state: restored from the first good candidate checkpoint, or initialised."""
   from sophia_lambda_jax import data as data_lib
 
   process, process_count = jax.process_index(), jax.process_count()
-  is_main = process == 0
-  out = config.resolved_out().absolute()
-  config_dict = config.to_dict()
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.micro_batch_size % mesh.size:
     raise ValueError(
         f"batch_size / grad_accum = {config.micro_batch_size} sequences must be divisible by "
         f"the {mesh.size} devices of mesh {config.mesh!r} (the batch is split over data and "
         "fsdp)")
-
-  # An existing run in `out` is resumed only with the same trajectory-changing settings;
-  # refuse before building anything.
-  if is_main:
-    out.mkdir(parents=True, exist_ok=True)
-  checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-  start_step = checkpointer.latest_step()
-  if start_step is not None:
-    checkpointer.check_config(start_step, config_dict)
 
   # Data: each process reads only its rows of every global batch.
   model = _Model(config, mesh)
@@ -319,130 +366,242 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
       data_dir, "val", config.micro_batch_size, config.seq_len, config.seed,
       vocab_size=model.config.vocab_size, process_index=process,
       process_count=process_count)
+  fingerprint = train_data.fingerprint
+  if candidates:
+    _check_data_fingerprint(saved_meta, fingerprint, data_dir, checkpointer.directory)
 
   program = TrainProgram(config, model, mesh)
-  accum, batch_shape = config.grad_accum, program.batch_shape
-  batch_sharding = program.batch_sharding
-  eval_sharding = mesh_lib.batch_sharding(mesh)
-
-  # Resume from the newest complete checkpoint (its config was checked above), or start
-  # fresh.
-  if start_step is not None:
-    state = checkpointer.restore(start_step, program.abstract_state)
-  else:
-    start_step = 0
-    state = program.fresh_state()
-  if is_main:
+  start_step, state = _restore(checkpointer, candidates, verified, program)
+  if process == 0:
     config.to_json(out / "config.json")
     # What `models.load` needs to rebuild and decode the model without the presets, the
     # HF directory or the data folder.
     (out / "model.json").write_text(json.dumps(dataclasses.asdict(model.config)) + "\n")
     if train_data.vocab is not None:
       train_data.vocab.save(out / data_lib.COMPACT_VOCAB_FILE)
+  return _Run(mesh, model, program, train_data, val_data, fingerprint, checkpointer,
+              start_step, state)
 
+
+def _checkpoint_candidates(checkpointer: Checkpointer, config_dict: dict[str, Any]
+                           ) -> tuple[list[int], set[int], dict | None]:
+  """The steps to try restoring (best first), those verified, and the first one's meta.
+
+  Verified checkpoints (their files match `checksums.json`) newest first, then ones without
+  checksums (saved before they existed) newest first, each with a warning; a damaged or
+  unreadable one is reported in one line and skipped. The first readable one's config must
+  match this run's (a ValueError otherwise: that is a refusal, not damage)."""
+  verified, unverified = [], []
+  for step in sorted(checkpointer.all_steps(), reverse=True):
+    try:
+      problem = checkpointer.verify(step)
+    except FileNotFoundError:
+      unverified.append(step)
+      continue
+    if problem is None:
+      verified.append(step)
+    else:
+      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is damaged "
+           f"({problem}); using an older one")
+  candidates, meta = [], None
+  for step in verified + unverified:
+    try:
+      saved_config, saved_meta = checkpointer.read_config(step), checkpointer.read_meta(step)
+    except Exception as e:  # damaged JSON or metadata: orbax raises many kinds
+      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is unreadable "
+           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using an "
+           "older one")
+      continue
+    if not candidates:
+      checkpointer.check_config(step, config_dict, saved=saved_config)
+      meta = saved_meta
+    candidates.append(step)
+  return candidates, set(verified), meta
+
+
+def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
+                            directory: Path) -> None:
+  saved = meta.get("data_fingerprint")
+  if saved is None:
+    _say(f"warning: {directory} was saved without a data fingerprint (an older run); "
+         f"resuming on {data_dir} without checking it is the same data")
+  elif saved != fingerprint:
+    raise ValueError(
+        f"refusing to resume from {directory}: the data in {data_dir} is not the data the "
+        f"run started on (data fingerprint {fingerprint}, the checkpoint's {saved}); restore "
+        "that folder, or use another --out")
+
+
+def _restore(checkpointer: Checkpointer, candidates: list[int], verified: set[int],
+             program: TrainProgram):
+  """(start step, state) from the first candidate that restores, else (0, fresh state).
+  Checkpoints newer than the one used are deleted (their steps are trained again)."""
+  state, start_step = None, 0
+  had_checkpoints = bool(checkpointer.all_steps())
+  for step in candidates:
+    try:
+      state = checkpointer.restore(step, program.abstract_state)
+    except Exception as e:  # unreadable without checksums to tell: try the next
+      _say(f"warning: checkpoint step {step} in {checkpointer.directory} could not be "
+           f"restored ({type(e).__name__}); using an older one")
+      continue
+    if step not in verified:
+      _say(f"warning: checkpoint step {step} in {checkpointer.directory} has no checksums "
+           "(saved by an older version, or killed while writing them): resuming from it "
+           "unverified")
+    start_step = step
+    break
+  for step in checkpointer.all_steps():
+    if step > start_step:
+      checkpointer.delete(step)
+  if state is None:
+    if had_checkpoints:
+      _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run "
+           "restarts from step 0")
+    state = program.fresh_state()
+  return start_step, state
+
+
+def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict[str, Any]:
+  """Compile, run the steps from run.start_step (eval, checkpoints), write summary.json."""
+  is_main = jax.process_index() == 0
+  model, program, checkpointer = run.model, run.program, run.checkpointer
   compile_start = time.perf_counter()
   compiled_step = program.compile()
   compile_s = time.perf_counter() - compile_start
 
-  def load_batch(step: int) -> jax.Array:
-    rows = train_data.batch(step)  # (batch_size / processes, seq + 1)
-    if accum > 1:
-      # Micro-batch a takes rows a, a + A, a + 2A, ...: the same global rows whatever the
-      # number of processes (each process holds a contiguous block of rows).
-      rows = rows.reshape(-1, accum, rows.shape[-1]).swapaxes(0, 1)
-    return mesh_lib.global_batch(np.ascontiguousarray(rows), batch_sharding, batch_shape)
-
-  def evaluate() -> float:
-    n = min(config.eval_batches, val_data.num_batches)
-    total = 0.0
-    for i in range(n):
-      batch = mesh_lib.global_batch(val_data.batch(i), eval_sharding,
-                                    (config.micro_batch_size, config.seq_len + 1))
-      total += float(_host(model.eval_loss(state.params, batch)))
-    return total / n
-
-  logger = MetricsLogger(out, config.steps, start_step, enabled=is_main,
+  logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
                          log_every=config.log_every, tensorboard=config.tensorboard)
   logger.message(
       f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} params) | "
-      f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(mesh)} x "
-      f"{process_count} process(es) | {config.batch_tokens:,} tokens/step | "
-      + (f"resumed at step {start_step}" if start_step else "from scratch"))
-
-  step_times: list[float] = []
-  refresh_flags: list[bool] = []
-  last_val: float | None = None
+      f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(run.mesh)} x "
+      f"{jax.process_count()} process(es) | {config.batch_tokens:,} tokens/step | "
+      + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
   try:
-    batch = load_batch(start_step) if start_step < config.steps else None
-    for step in range(start_step, config.steps):
-      t0 = time.perf_counter()
-      state, metrics = compiled_step(state, batch)
-      if step + 1 < config.steps:
-        batch = load_batch(step + 1)  # overlaps the device's work on this step
-      metrics = {k: _host(v) for k, v in metrics.items()}
-      dt = time.perf_counter() - t0
-      done = step + 1
-      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        checkpointer.wait()
-        last_good = checkpointer.latest_step()
-        logger.log_step({"step": done, "loss": finite_or_none(loss),
-                         "grad_norm": finite_or_none(grad_norm),
-                         "lr": float(metrics["lr"]), "nonfinite": True})
-        raise FloatingPointError(
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-            f"(loss={loss}, grad_norm={grad_norm}) at step {done}; stopping. The last good "
-            f"checkpoint is "
-            + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
-               else "none (no checkpoint was written yet)")
-            + "; lower the learning rate or check the data.")
-      step_times.append(dt)
-      record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
-                "grad_norm": grad_norm, "step_time_s": dt,
-                "tokens_per_s": config.batch_tokens / dt}
-      if "hessian_interval" in metrics:
-        refreshed = bool(metrics["refresh"])
-        refresh_flags.append(refreshed)
-        record.update(hessian_interval=int(metrics["hessian_interval"]),
-                      hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed)
-        if refreshed:
-          record["hessian_relative_change"] = float(metrics["hessian_relative_change"])
-      record.update({k: float(v) for k, v in metrics.items() if k.startswith("clip_fraction")})
-      logger.log_step(record)
-      if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-        last_val = evaluate()
-        logger.log_eval(done, last_val)
-      if (config.checkpoint_every and done % config.checkpoint_every == 0) or \
-         done == config.steps:
-        checkpointer.save(done, state, config_dict)
-    if last_val is None and config.eval_every:  # resumed a finished run
-      last_val = evaluate()
+    last_val = _step_loop(config, run, compiled_step, logger)
+  except KeyboardInterrupt:
+    checkpointer.wait()
+    resume = checkpointer.latest_step()
+    raise TrainingInterrupted(
+        f"interrupted; the same command resumes from step {resume or 0}"
+        + (f" (the newest checkpoint in {checkpointer.directory})" if resume else
+           " (no checkpoint was written yet)")) from None
   finally:
     checkpointer.close()
     logger.close()
 
   summary = _summary(config, out, model, program.abstract_opt, compiled_step, compile_s,
-                     step_times, refresh_flags, last_val, wall_start)
+                     last_val, wall_start)
   if is_main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
 
 
-def _summary(config, out, model, abstract_opt, compiled_step, compile_s, step_times,
-             refresh_flags, last_val, wall_start) -> dict[str, Any]:
-  """Final losses, throughput, memory and Hessian overhead (timings of this process's steps;
-  the first step after start-up is left out of the means as warm-up)."""
-  records = [r for r in read_metrics(out / "metrics.jsonl")] \
-      if (out / "metrics.jsonl").exists() else []
+def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float | None:
+  """Steps run.start_step..config.steps: train, log, evaluate, checkpoint. Returns the last
+  validation loss (None when evaluation is off)."""
+  model, program, checkpointer = run.model, run.program, run.checkpointer
+  state, config_dict = run.state, config.to_dict()
+  accum, batch_shape = config.grad_accum, program.batch_shape
+  eval_sharding = mesh_lib.batch_sharding(run.mesh)
+
+  def load_batch(step: int) -> jax.Array:
+    rows = run.train_data.batch(step)  # (batch_size / processes, seq + 1)
+    if accum > 1:
+      # Micro-batch a takes rows a, a + A, a + 2A, ...: the same global rows whatever the
+      # number of processes (each process holds a contiguous block of rows).
+      rows = rows.reshape(-1, accum, rows.shape[-1]).swapaxes(0, 1)
+    return mesh_lib.global_batch(np.ascontiguousarray(rows), program.batch_sharding,
+                                 batch_shape)
+
+  def evaluate() -> float:
+    n = min(config.eval_batches, run.val_data.num_batches)
+    total = 0.0
+    for i in range(n):
+      batch = mesh_lib.global_batch(run.val_data.batch(i), eval_sharding,
+                                    (config.micro_batch_size, config.seq_len + 1))
+      total += float(_host(model.eval_loss(state.params, batch)))
+    return total / n
+
+  last_val: float | None = None
+  batch = load_batch(run.start_step) if run.start_step < config.steps else None
+  for step in range(run.start_step, config.steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled_step(state, batch)
+    if step + 1 < config.steps:
+      batch = load_batch(step + 1)  # overlaps the device's work on this step
+    metrics = {k: _host(v) for k, v in metrics.items()}
+    dt = time.perf_counter() - t0
+    done = step + 1
+    _check_finite(metrics, done, checkpointer, logger)
+    logger.log_step(_step_record(config, metrics, done, dt,
+                                 warmup=step == run.start_step))
+    if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+      last_val = evaluate()
+      logger.log_eval(done, last_val)
+    if (config.checkpoint_every and done % config.checkpoint_every == 0) or \
+       done == config.steps:
+      checkpointer.save(done, state, config_dict, run.data_fingerprint)
+  if last_val is None and config.eval_every:  # resumed a run whose last checkpoint is final
+    last_val = evaluate()
+  return last_val
+
+
+def _check_finite(metrics: dict, done: int, checkpointer: Checkpointer, logger) -> None:
+  """Stop on a non-finite loss or gradient norm, naming the last good checkpoint."""
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    return
+  checkpointer.wait()
+  last_good = checkpointer.latest_step()
+  logger.log_step({"step": done, "loss": finite_or_none(loss),
+                   "grad_norm": finite_or_none(grad_norm),
+                   "lr": float(metrics["lr"]), "nonfinite": True})
+  raise FloatingPointError(
+      f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+      f"(loss={loss}, grad_norm={grad_norm}) at step {done}; stopping. The last good "
+      f"checkpoint is "
+      + (f"step {last_good} in {checkpointer.directory}" if last_good is not None
+         else "none (no checkpoint was written yet)")
+      + "; lower the learning rate or check the data.")
+
+
+def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
+                 warmup: bool) -> dict[str, Any]:
+  """The metrics.jsonl record of one step. `warmup` marks the first step a process runs
+  (start-up and caches: left out of the summary's timings, for every segment of a resumed
+  run)."""
+  record = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
+            "grad_norm": float(metrics["grad_norm"]), "step_time_s": dt,
+            "tokens_per_s": config.batch_tokens / dt}
+  if warmup:
+    record["warmup"] = True
+  if "hessian_interval" in metrics:
+    refreshed = bool(metrics["refresh"])
+    record.update(hessian_interval=int(metrics["hessian_interval"]),
+                  hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed)
+    if refreshed:
+      record["hessian_relative_change"] = float(metrics["hessian_relative_change"])
+  record.update({k: float(v) for k, v in metrics.items() if k.startswith("clip_fraction")})
+  return record
+
+
+def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_val,
+             wall_start) -> dict[str, Any]:
+  """Final losses, throughput, memory and Hessian overhead. Timings come from the step
+  records of metrics.jsonl, so a resumed run's cover all its segments; each segment's
+  first step is left out of the means as warm-up."""
+  records = read_metrics(out / "metrics.jsonl")
   train_losses = [r["loss"] for r in records if "loss" in r and r.get("loss") is not None]
   tail = train_losses[-max(1, min(10, len(train_losses) // 10)):] if train_losses else []
-  times = step_times[1:] if len(step_times) > 1 else step_times
-  flags = refresh_flags[1:] if len(refresh_flags) > 1 else refresh_flags
+  timed = [r for r in records if "step_time_s" in r]
+  steady = [r for r in timed if not r.get("warmup")] or timed
+  times = [r["step_time_s"] for r in steady]
   mean_step = float(np.mean(times)) if times else None
   overhead = None
-  if flags:
-    refresh_t = [t for t, f in zip(times, flags) if f]
-    other_t = [t for t, f in zip(times, flags) if not f]
+  if any("refresh" in r for r in steady):
+    refresh_t = [r["step_time_s"] for r in steady if r.get("refresh")]
+    other_t = [r["step_time_s"] for r in steady if not r.get("refresh")]
     if refresh_t and other_t:
       overhead = {
           "refresh_step_s": float(np.mean(refresh_t)),
@@ -486,12 +645,20 @@ def cli_train(argv: list[str]) -> int:
   """`slj train [flags]`: parse flags (see train.config), run, print the summary."""
   try:
     config = config_from_argv(list(argv))
+  except ValueError as e:  # a bad field or value: a usage error, before anything runs
+    if os.environ.get("SLJ_DEBUG"):
+      raise
+    print(f"slj train: error: {e}", file=sys.stderr)
+    return 2
+  try:
     summary = run_training(config)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, DirectoryInUse) as e:
+    if os.environ.get("SLJ_DEBUG"):
+      raise
     print(f"slj train: error: {e}", file=sys.stderr)
     return 1
   if jax.process_index() == 0:
-    print(json.dumps({k: summary[k] for k in (
+    print(json.dumps({k: summary.get(k) for k in (
         "final_train_loss", "final_val_loss", "tokens_per_s", "wall_s", "peak_memory_bytes",
         "opt_state_bytes")}, indent=2))
   return 0

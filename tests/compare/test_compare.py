@@ -2,6 +2,7 @@
 the tuned two-phase protocol, and one real (tiny) training run end to end."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,47 @@ def test_real_tiny_training_run_is_skipped_when_finished_and_reproducible(tmp_pa
 
   assert losses(fresh) == losses(out)
   assert len(losses(out)) == 4        # 3 train records and the final evaluation
+
+
+def test_rerun_with_other_settings_is_refused_then_overwritten(tmp_path, fake_trainer,
+                                                               capsys):
+  assert _run(tmp_path, fake_trainer(), "--steps", "3") == 0
+  capsys.readouterr()
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer, "--steps", "5") == 1
+  err = capsys.readouterr().err
+  assert "adamw/seed0: steps: 3 there, 5 planned" in err and "--overwrite" in err
+  assert trainer.calls == []
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert {r["fields"]["steps"] for r in plan["runs"]} == {3}  # still describes the table
+
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer, "--steps", "5", "--overwrite") == 0
+  assert len(trainer.calls) == 3
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert {r["fields"]["steps"] for r in plan["runs"]} == {5}
+  for name in ("adamw", "lion", "sophia_lambda"):
+    assert json.loads((tmp_path / name / "seed0/config.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("bogus_field=1", "bogus_field"),
+    ("steps=-1", "steps must be a positive integer"),
+    ('model_overrides={"num_layers": 0}', "num_layers must be a positive integer"),
+])
+def test_bad_set_values_are_refused_before_any_run(tmp_path, fake_trainer, capsys, setting,
+                                                   message):
+  trainer = fake_trainer()
+  with pytest.raises(SystemExit) as exit_info:
+    _run(tmp_path, trainer, "--set", setting)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert trainer.calls == [] and not list(tmp_path.rglob("failed.json"))
+
+
+def test_second_compare_on_one_out_is_refused(tmp_path, fake_trainer, capsys):
+  from sophia_lambda_jax.directory_lock import directory_lock
+
+  with directory_lock(tmp_path):  # held by "another" compare (this process's own fd)
+    assert _run(tmp_path, fake_trainer()) == 1
+  assert f"in use by process {os.getpid()}" in capsys.readouterr().err

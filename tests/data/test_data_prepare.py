@@ -206,12 +206,13 @@ def main_cli(argv):
 
 
 def test_concurrent_prepares_share_one_result(tmp_path):
+  """wait_for_lock=True (the built-in corpus cache): the second waits, finds the result."""
   src = multi_file_source(tmp_path)
   out = tmp_path / "out"
   script = (f"from sophia_lambda_jax import data; "
             f"data.prepare({str(src)!r}, {str(out)!r}, num_workers=1, val_fraction=0.1, "
-            f"progress=False); print(data.load_manifest({str(out)!r})['splits']['train']"
-            f"['tokens'])")
+            f"progress=False, wait_for_lock=True); "
+            f"print(data.load_manifest({str(out)!r})['splits']['train']['tokens'])")
   procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
   results = [p.communicate() for p in procs]
@@ -323,3 +324,28 @@ def test_bad_arguments(jsonl_corpus, tmp_path):
   (tmp_path / "notes.md").write_text("# notes")
   with pytest.raises(ValueError, match="notes.md.*unsupported file type"):
     data.prepare(str(tmp_path / "notes.md"), tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8,                      # NUL bytes
+                                     bytes(range(0x80, 0x100)) * 16])          # not UTF-8
+def test_tokenize_refuses_binary_input_naming_the_file(tmp_path, capsys, content):
+  source = tmp_path / "blob.txt"
+  source.write_bytes(content)
+  assert main_cli(["tokenize", str(source), str(tmp_path / "out"), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert str(source) in err and "UTF-8 text" in err and "Traceback" not in err
+  assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_shard_overwritten_in_place_is_caught_on_first_use(jsonl_corpus, tmp_path):
+  out = data.prepare(str(jsonl_corpus[0]), tmp_path / "out", val_fraction=0.1, num_workers=1,
+                     progress=False)
+  entry = data.load_manifest(out)["splits"]["train"]["shards"][0]
+  assert entry["crc32"] == shards.payload_crc32(out / entry["file"])
+  path = out / entry["file"]
+  with open(path, "r+b") as f:  # same size, tokens zeroed
+    f.seek(shards.HEADER_SIZE)
+    f.write(bytes(path.stat().st_size - shards.HEADER_SIZE))
+  batches = data.TokenBatches(out, "train", batch_size=2, seq_len=16)
+  with pytest.raises(ValueError, match=f"{path}: token shard differs .*checksum"):
+    batches.batch(0)

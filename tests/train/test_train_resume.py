@@ -90,7 +90,7 @@ def test_sigkill_and_restart_ends_bitwise_identical(runs):
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"optimizer": "adamw"}, "optimizer"),
+    ({"optimizer": "sophia"}, "optimizer"),
     ({"model_overrides": {"num_layers": 3}}, "model_overrides"),
     ({"optimizer_kwargs": {"hessian_interval": 3, "rho": 0.02}}, "optimizer_kwargs"),
     ({"batch_size": 8}, "batch_size"),
