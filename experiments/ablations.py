@@ -10,11 +10,14 @@ is the shared `baseline` run of every family:
   block_size       block_size in {1, 8, 64, 256} (1 is exactly Sophia's full diagonal); the
                    table also gives the optimizer-state bytes, which is what blocks buy.
   layer_scale      lambda_l = c * sqrt(d_l / n_l) on (baseline) or off (layer_scale=None).
-  interval         fixed (baseline), the adaptive rule (the project's reconstruction, see
-                   docs/design.md section 4.3), and the adaptive rule with bias correction (which
-                   removes the 1/k artefact of an EMA that starts at 0); the plot shows the
-                   interval over training (the `hessian_interval` metric).
-  bias_correction  the Hessian EMA read as h / (1 - b2^k), toggled against the baseline.
+  interval         fixed (baseline) and the adaptive rule (the project's reconstruction,
+                   docs/design.md section 4.3), with the baseline's bias correction and
+                   with the other setting (without it, the 1/k artefact of an EMA that
+                   starts at 0 drives the interval down); the plot shows the interval over
+                   training (the `hessian_interval` metric).
+  bias_correction  the Hessian EMA read as h / (1 - b2^k) or not, the other setting at the
+                   rho calibrated for it (bias correction changes h's scale, so at the same
+                   rho one of the two would leave the band).
   estimator        GNB (baseline) against Hutchinson on Sophia-Lambda itself (the
                    `hessian_estimator` training field; B becomes 1 as in Sophia-H).
 
@@ -59,12 +62,16 @@ def ablation_specs(seeds: int = 2, **overrides) -> list[RunSpec]:
     if b != DEFAULT_BLOCK_SIZE:
       specs += spec(f"block_size_{b}", "block_size", block_size=b)
   specs += spec("layer_scale_off", "layer_scale", layer_scale=None)
+  # Bias correction changes the scale of h, so its other setting runs at the rho calibrated
+  # for that setting: both variants stay in the regime and the family compares them there.
+  other = not regime["bias_correction"]
+  other_kwargs = {"bias_correction": other,
+                  "rho": protocols.CPU_CALIBRATED_RHO["sophia_lambda"][other]}
+  tag = "on" if other else "off"
   specs += spec("adaptive_interval", "interval", adaptive_interval=True)
-  specs += spec("adaptive_interval_bc", "interval", adaptive_interval=True,
-                bias_correction=True)
-  specs += spec("bias_correction_on" if not regime["bias_correction"] else
-                "bias_correction_off", "bias_correction",
-                bias_correction=not regime["bias_correction"])
+  specs += spec(f"adaptive_interval_bc_{tag}", "interval", adaptive_interval=True,
+                **other_kwargs)
+  specs += spec(f"bias_correction_{tag}", "bias_correction", **other_kwargs)
   specs += spec("hutchinson", "estimator", extra_fields={"hessian_estimator": "hutchinson"})
   return specs
 
@@ -74,9 +81,10 @@ def _describe(label: str) -> str:
       "baseline": "default (block 64, layer scale, fixed interval 10, GNB, calibrated rho)",
       "layer_scale_off": "layer scale off",
       "adaptive_interval": "adaptive interval (r_low 0.002, r_high 0.02)",
-      "adaptive_interval_bc": "adaptive interval + bias correction",
-      "bias_correction_on": "bias correction on",
-      "bias_correction_off": "bias correction off",
+      "adaptive_interval_bc_on": "adaptive interval, bias correction on (its own rho)",
+      "adaptive_interval_bc_off": "adaptive interval, bias correction off (its own rho)",
+      "bias_correction_on": "bias correction on (its own calibrated rho)",
+      "bias_correction_off": "bias correction off (its own calibrated rho)",
       "hutchinson": "Hutchinson estimator (B = 1)",
   }.get(label, label.replace("block_size_", "block size "))
 

@@ -8,8 +8,10 @@ enters it). This sweeps rho (log-spaced by 5) with and without the Hessian EMA's
 correction, every other setting as in the `cpu` protocol (default learning rates), and
 writes `calibration.md` / `calibration.json` into DIR: for each optimizer and bias-correction
 setting, the unclipped fraction over the second half of training (overall and per
-parameter role) and the final validation loss of every rho, and the rho chosen: the
-in-band rho with the lowest validation loss (the loss-best rho is reported beside it).
+parameter role) and the final validation loss of every rho, and the rho chosen: the rho
+with the lowest validation loss among those at least MARGIN inside the 10-50 % band (so
+that other seeds stay in it; the loss-best rho is reported beside it). The protocol setting
+of each optimizer is then the better of its two choices (bias correction off / on).
 Restartable like `slj compare` (finished runs are skipped).
 """
 
@@ -24,6 +26,9 @@ from typing import Sequence
 
 from sophia_lambda_jax.compare import protocols
 from sophia_lambda_jax.compare.protocols import RunSpec
+
+# How far inside the band a calibrated rho must sit (one seed decides; others vary).
+MARGIN = 0.05
 
 RHOS = {
     "sophia": (0.04, 0.2, 1.0, 5.0),
@@ -49,7 +54,9 @@ def calibration_specs(seeds: int = 1, optimizers: Sequence[str] = tuple(RHOS),
 
 def calibration_report(root: Path) -> dict:
   from sophia_lambda_jax.compare import tables
-  from sophia_lambda_jax.train.metrics import in_unclipped_band
+  from sophia_lambda_jax.train.metrics import UNCLIPPED_BAND, in_unclipped_band
+
+  low, high = UNCLIPPED_BAND[0] + MARGIN, UNCLIPPED_BAND[1] - MARGIN
 
   _, records = tables.load_results(root)
   aggs = tables.aggregate(records)
@@ -70,13 +77,22 @@ def calibration_report(root: Path) -> dict:
               and r["val_loss"] is not None]
       if not mine:
         continue
-      in_band = [r for r in mine if in_unclipped_band(r["unclipped"])]
+      in_band = [r for r in mine if r["unclipped"] is not None and
+                 low <= r["unclipped"] <= high]
       best = min(mine, key=lambda r: r["val_loss"])
       pick = min(in_band, key=lambda r: r["val_loss"]) if in_band else None
       chosen[f"{opt}{'-bc' if bc else ''}"] = {
           "in_band_rho": pick and pick["rho"], "in_band_val_loss": pick and pick["val_loss"],
           "best_rho": best["rho"], "best_val_loss": best["val_loss"],
           "best_unclipped": best["unclipped"]}
+  protocol = {}
+  for opt in RHOS:
+    options = [(c["in_band_val_loss"], key.endswith("-bc"), c["in_band_rho"])
+               for key, c in chosen.items()
+               if key.removesuffix("-bc") == opt and c["in_band_rho"] is not None]
+    if options:
+      _, bias_correction, rho = min(options)
+      protocol[opt] = {"rho": rho, "bias_correction": bias_correction}
   role_names = sorted({k for r in rows for k in r["unclipped_by_role"]})
   header = (["Optimizer", "bias correction", "rho", "unclipped (all)"] + role_names
             + ["val loss"])
@@ -89,7 +105,10 @@ def calibration_report(root: Path) -> dict:
          f"{r['rho']:g}", pct(r["unclipped"]) + band]
         + [pct(r["unclipped_by_role"].get(k)) for k in role_names]
         + ["n/a" if r["val_loss"] is None else f"{r['val_loss']:.3f}"]) + " |")
-  md += ["", "| Optimizer | bias correction | in-band rho (val loss) | loss-best rho "
+  md += ["", f"Chosen: the lowest validation loss with {100 * low:.0f}-{100 * high:.0f} % "
+         "unclipped (the band less a margin of "
+         f"{100 * MARGIN:.0f} points); the loss-best rho beside it.", "",
+         "| Optimizer | bias correction | in-band rho (val loss) | loss-best rho "
          "(val loss, unclipped) |", "|---|---|---|---|"]
   for key, c in chosen.items():
     opt, bc = key.removesuffix("-bc"), key.endswith("-bc")
@@ -97,7 +116,11 @@ def calibration_report(root: Path) -> dict:
                f"{c['in_band_rho']:g} ({c['in_band_val_loss']:.3f})")
     md.append(f"| {tables.display_name(opt)} | {'on' if bc else 'off'} | {in_band} | "
               f"{c['best_rho']:g} ({c['best_val_loss']:.3f}, {pct(c['best_unclipped'])}) |")
-  return {"rows": rows, "chosen": chosen, "markdown": "\n".join(md) + "\n"}
+  md += ["", "Protocol settings (the better of bias correction off / on): " + "; ".join(
+      f"{tables.display_name(o)} rho {p['rho']:g}, bias correction "
+      f"{'on' if p['bias_correction'] else 'off'}" for o, p in protocol.items()) + "."]
+  return {"rows": rows, "chosen": chosen, "protocol": protocol,
+          "markdown": "\n".join(md) + "\n"}
 
 
 def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
@@ -120,7 +143,7 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
   statuses = runner.execute(specs, root, trainer=trainer)
   report = calibration_report(root)
   (root / "calibration.json").write_text(json.dumps(
-      {k: report[k] for k in ("rows", "chosen")}, indent=2) + "\n")
+      {k: report[k] for k in ("rows", "chosen", "protocol")}, indent=2) + "\n")
   tmp = root / "calibration.md.tmp"
   tmp.write_text("# rho calibration (cpu setting)\n\n" + report["markdown"])
   os.replace(tmp, root / "calibration.md")

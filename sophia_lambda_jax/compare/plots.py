@@ -170,7 +170,7 @@ def plot_clip_fraction(records: Sequence[RunRecord], path: Path, title: str = ""
             if any(clip_curve(r.metrics) for r in rs)}
   if not groups:
     return None
-  fig = Figure(figsize=(7, 4.5), constrained_layout=True)
+  fig = Figure(figsize=(7 + 2.5 * (len(groups) > 6), 4.5), constrained_layout=True)
   ax = fig.subplots()
   low, high = UNCLIPPED_BAND
   ax.axhspan(1 - high, 1 - low, color="0.85", label=f"{100 * low:.0f}-{100 * high:.0f} % unclipped")
@@ -179,7 +179,7 @@ def plot_clip_fraction(records: Sequence[RunRecord], path: Path, title: str = ""
   ax.set_xlabel("step")
   ax.set_ylabel("clip fraction (EMA 0.9)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   if title:
     ax.set_title(title)
   path = Path(path)

@@ -150,9 +150,9 @@ def test_cpu_protocol_fields_are_pinned():
               "qwen-cpu", "builtin", 120, 8, 128, 12, 30, 8, "float32")
   assert {o: s.fields["optimizer_kwargs"] for o, s in specs.items() if s.fields[
       "optimizer_kwargs"]} == {
-          "sophia": {"rho": 1.0, "bias_correction": False},
-          "sophia_h": {"rho": 0.01, "bias_correction": False},
-          "sophia_lambda": {"rho": 1.0, "bias_correction": False}}
+          "sophia": {"rho": 0.2, "bias_correction": True},
+          "sophia_h": {"rho": 0.05, "bias_correction": True},
+          "sophia_lambda": {"rho": 0.2, "bias_correction": True}}
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

@@ -27,10 +27,12 @@ def test_every_family_changes_one_thing_against_the_baseline():
 
   assert changed("layer_scale_off") == {"layer_scale": None}
   assert changed("adaptive_interval") == {"adaptive_interval": True}
-  assert changed("adaptive_interval_bc") == {"adaptive_interval": True,
-                                             "bias_correction": True}
-  toggled = next(l for l in by_label if l.startswith("bias_correction_"))
-  assert changed(toggled) == {"bias_correction": not regime["bias_correction"]}
+  other = not regime["bias_correction"]
+  other_kwargs = {"bias_correction": other,
+                  "rho": protocols.CPU_CALIBRATED_RHO["sophia_lambda"][other]}
+  tag = "on" if other else "off"
+  assert changed(f"adaptive_interval_bc_{tag}") == {"adaptive_interval": True, **other_kwargs}
+  assert changed(f"bias_correction_{tag}") == other_kwargs
   hutch = by_label["hutchinson"]
   assert hutch.fields["hessian_estimator"] == "hutchinson" and changed("hutchinson") == {}
   assert [s.seed for s in specs if s.label == "hutchinson"] == [0, 1]
