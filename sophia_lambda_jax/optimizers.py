@@ -302,7 +302,7 @@ def sophia_lambda(
     r_low: float = 0.002,
     r_high: float = 0.02,
     layer_scale: Union[bool, None, Callable[[Any], Any]] = True,
-    bias_correction: bool = False,
+    bias_correction: bool = True,
     rules: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-Lambda (Sophia-Lambda paper, eqs. 1-2): Sophia-G with a block-wise Hessian EMA,
@@ -334,8 +334,10 @@ def sophia_lambda(
     the k-th refresh whatever the curvature does (h starts at 0), so the rule shrinks the
     interval to ``min_interval``; with ``bias_correction=True`` r measures the change of
     the estimate itself.
-  * ``bias_correction``: read h as h / (1 - b2^k) after k refreshes (the official SophiaG
-    code has none).
+  * ``bias_correction`` (default on): read h as h / (1 - b2^k) after k refreshes. The
+    official SophiaG code has none, and ``sophia`` / ``sophia_h`` keep it off to match it;
+    for Sophia-Lambda the ablation in its regime chose it (docs/results/ablations-cpu,
+    docs/design.md section 3.4).
 
   The defaults follow the ablations in ``docs/results/`` (``python -m
   experiments.ablations``). The paper's eq. (1) has no eps and no weight decay; we keep

@@ -834,7 +834,8 @@ def clip_fraction(state, groups=None):
   SophiaG code); Liu et al. 2023 choose rho so that it is 10-50 %.
 
   ``groups``: optional pytree like params of hashable labels (e.g. each leaf's role); the
-  result is then a dict label -> fraction over that label's coordinates.
+  result is then a dict label -> fraction over that label's coordinates, and None -> the
+  fraction over all of them (one pass over m for both).
 
   Recomputed from the state (which holds exactly the m and h of the last update): one read
   of m, so call it on logging steps (inside or outside jit), not necessarily every step.
@@ -854,4 +855,8 @@ def clip_fraction(state, groups=None):
     totals[label] = totals.get(label, 0) + int(np.prod(m.shape))
   fractions = {label: jnp.asarray(hits[label], jnp.float32) / max(totals[label], 1)
                for label in hits}
-  return fractions.get(None, jnp.zeros([], jnp.float32)) if groups is None else fractions
+  if groups is None:
+    return fractions.get(None, jnp.zeros([], jnp.float32))
+  total_hits = sum(hits.values(), jnp.zeros([], jnp.int32))
+  fractions[None] = total_hits.astype(jnp.float32) / max(sum(totals.values()), 1)
+  return fractions

@@ -424,7 +424,8 @@ def test_sophia_lambda_matches_reference(block_size):
   got, state = run_library(tx, SOPHIA_GRADS, PARAMS0, hs)
   want, _, _ = ref_sophia_family(
       PARAMS0, SOPHIA_GRADS, hs, lr_schedule, b1=0.965, b2=0.99, eps=1e-15, wd=0.1, rho=0.04,
-      batch=256, block_size=block_size, interval=2, scales=ref_layer_scales())
+      batch=256, block_size=block_size, interval=2, scales=ref_layer_scales(),
+      bias_correction=True)  # Sophia-Lambda's default
   assert_histories_close(got, want)
   # The stored h has the block-reduced shapes of the largest-divisor rule.
   ema = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
@@ -484,6 +485,7 @@ def test_bias_correction_clip_fraction_reads_the_corrected_h():
 def test_sophia_lambda_block_size_1_is_sophia():
   hs = hessians(900, 4, scale=1e-5)
   a = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, block_size=1, layer_scale=None,
+                        bias_correction=False,
                         adaptive_interval=False, hessian_interval=2)
   b = slj.sophia(learning_rate=0.01, batch_tokens=64, hessian_interval=2)
   got_a, _ = run_library(a, SOPHIA_GRADS[:4], PARAMS0, hs)
@@ -560,6 +562,7 @@ def test_adaptive_interval_halves_while_the_ema_warms_up():
   hs = constant_hessians(np.full(num_steps, 1e-5))
   grads = [random_flat(1200 + t, scale=1e-2) for t in range(num_steps)]
   tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=64, hessian_interval=8,
+                         bias_correction=False,
                          min_interval=2, adaptive_interval=True)
   got, state = run_library(tx, grads, PARAMS0, hs)
   want, intervals, refresh_steps = ref_sophia_family(
@@ -869,7 +872,7 @@ def test_numbers_given_as_strings_or_bools_are_refused(kwargs, name):
 
 def test_grads_and_hessian_estimates_of_another_shape_are_refused():
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones((3,))}
-  tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=8, hessian_interval=1)
+  tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=8, hessian_interval=1, layer_scale=None)
   state = tx.init(params)
   broadcastable = {"w": jnp.ones((1, 3)), "b": jnp.ones((3,))}  # (1, 3) broadcasts to (4, 3)
   with pytest.raises(ValueError, match=r"updates \(gradients\) must have .*shapes of params"):

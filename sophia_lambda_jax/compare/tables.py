@@ -358,7 +358,10 @@ def paper_table(table: str, aggs: dict[str, dict], protocol: str) -> str:
   adamw_label = _label_of(aggs, "adamw")
   adamw_mem = (aggs[adamw_label]["peak_memory_bytes"].mean if adamw_label else None)
   paper_adamw_mem = next((c.memory_gb for c in claims if c.optimizer == "adamw"), None)
-  header = ["Method", "Val loss: paper", "Val loss: ours", "Unclipped: ours"]
+  with_unclipped = any(c.optimizer in OPTIMIZERS and OPTIMIZERS[c.optimizer].second_order
+                       for c in claims)
+  header = ["Method", "Val loss: paper", "Val loss: ours"]
+  header += ["Unclipped: ours"] if with_unclipped else []
   if with_memory:
     header += ["Memory GB: paper (x AdamW)", "Peak memory GB: ours (x AdamW)"]
   header += ["Protocol"]
@@ -367,8 +370,8 @@ def paper_table(table: str, aggs: dict[str, dict], protocol: str) -> str:
     label = _label_of(aggs, claim.optimizer)
     agg = aggs.get(label) if label else None
     val = agg["final_val_loss"] if agg else Stat(None, None, 0)
-    row = [claim.method, f"{claim.val_loss:.3f}", val.fmt(3),
-           unclipped_cell(agg) if agg else "-"]
+    row = [claim.method, f"{claim.val_loss:.3f}", val.fmt(3)]
+    row += [unclipped_cell(agg) if agg else "-"] if with_unclipped else []
     if with_memory:
       paper_ratio = (f" ({claim.memory_gb / paper_adamw_mem:.2f}x)"
                      if claim.memory_gb and paper_adamw_mem else "")

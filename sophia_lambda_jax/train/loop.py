@@ -81,13 +81,13 @@ def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
     out["hessian_refreshes"] = jnp.asarray(count, jnp.int32)
     out["hessian_relative_change"] = jnp.asarray(
         optimizers.hessian_relative_change(opt_state), jnp.float32)
-  fraction = optimizers.clip_fraction(opt_state)
-  if fraction is not None:
-    out["clip_fraction"] = jnp.asarray(fraction, jnp.float32)
-    if roles is not None:
-      by_role = optimizers.clip_fraction(opt_state, roles)
-      out.update({f"clip_fraction/{r}": jnp.asarray(f, jnp.float32)
-                  for r, f in by_role.items()})
+  fractions = optimizers.clip_fraction(opt_state, roles)
+  if fractions is None:
+    return out
+  if roles is None:
+    fractions = {None: fractions}
+  out.update({"clip_fraction" if r is None else f"clip_fraction/{r}":
+              jnp.asarray(f, jnp.float32) for r, f in fractions.items()})
   return out
 
 

@@ -82,7 +82,7 @@ def test_paper_tables_show_claim_ours_and_protocol(fake_compare):
   adamw = tables.stat([_val("adamw", s) for s in range(3)])
   assert f"| AdamW | 4.927 | {adamw.fmt(3)} | - | 31.5 (1.00x) |" in md
   assert "| 20.0 ± 0.0 % | 36.8 (1.17x) |" in md  # Sophia-Lambda: in band
-  assert "LAVSM | 4.899 | n/a | - | cpu (not run)" in md
+  assert "LAVSM | 4.899 | n/a | cpu (not run)" in md  # no Sophia row: no unclipped column
   # Sophia-Lambda paper ordering: SL < LAMVS < AdamW < Sophia; ours lacks LAMVS and Sophia.
   assert "Paper ordering: Sophia-Lambda < LAMVS < AdamW < Sophia" in md
   assert "Our ordering:   Sophia-Lambda < AdamW" in md
