@@ -39,7 +39,7 @@ import jax
 
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
-from sophia_lambda_jax.train.loop import TrainProgram, _Model
+from sophia_lambda_jax.train.loop import TrainProgram, ModelFunctions
 
 # The Sophia-Lambda paper's Table 1, "Memory (GB)" (134M Qwen, batch 512 x 2048, A100).
 PAPER_MEMORY_GB = {"adamw": 31.5, "sophia": 39.7, "lamvs": 37.2, "sophia_lambda": 36.8}
@@ -76,7 +76,7 @@ def step_config(optimizer: str, model: str = "qwen-134m", batch_size: int = PAPE
 def compiled_step_memory(config: TrainConfig) -> dict:
   """Compile (only) the train step of `config`: {"bytes": memory_of(...), "compile_s"}."""
   device_mesh = mesh_lib.make_mesh(config.mesh)
-  program = TrainProgram(config, _Model(config, device_mesh), device_mesh)
+  program = TrainProgram(config, ModelFunctions(config, device_mesh), device_mesh)
   t0 = time.perf_counter()
   compiled = program.compile()
   return {"bytes": memory_of(compiled), "compile_s": time.perf_counter() - t0}

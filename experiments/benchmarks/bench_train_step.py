@@ -46,7 +46,7 @@ from experiments.benchmarks.bench_memory import memory_of
 from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
-from sophia_lambda_jax.train.loop import TrainProgram, _Model
+from sophia_lambda_jax.train.loop import TrainProgram, ModelFunctions
 
 INTERVAL = 10
 
@@ -76,7 +76,7 @@ class _Runner:
   """One optimizer's compiled step, state and device-resident batches."""
 
   def __init__(self, config: TrainConfig, mesh, batches):
-    self.model = _Model(config, mesh)
+    self.model = ModelFunctions(config, mesh)
     self.program = TrainProgram(config, self.model, mesh)
     t0 = time.perf_counter()
     self.step_fn = self.program.compile()
@@ -115,7 +115,7 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
           **common),
   }
   device_mesh = mesh_lib.make_mesh(mesh)
-  probe = _Model(configs["adamw"], device_mesh)
+  probe = ModelFunctions(configs["adamw"], device_mesh)
   loader = data_lib.TokenBatches(data_lib.resolve_data(data), "train", batch_size, seq_len,
                                  seed=0, vocab_size=probe.config.vocab_size)
   host_batches = [loader.batch(i) for i in range(4)]

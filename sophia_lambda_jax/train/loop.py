@@ -128,7 +128,7 @@ def _peak_memory(compiled) -> int | None:
              - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
-class _Model:
+class ModelFunctions:
   """The Qwen model as pure functions: features, logical axes, and (cached) jitted
   init/eval.
 
@@ -222,7 +222,7 @@ class TrainProgram:
   Used by `run_training` and by the benchmarks (which time `compile()`'s step directly).
   """
 
-  def __init__(self, config: TrainConfig, model: "_Model", mesh):
+  def __init__(self, config: TrainConfig, model: "ModelFunctions", mesh):
     self.config, self.model, self.mesh = config, model, mesh
     # Optimizer with a warmup + cosine schedule; batch_tokens from the global batch.
     self.peak_lr = config.resolved_learning_rate(model.config.hidden_size)
@@ -325,7 +325,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 class _Run(NamedTuple):
   """What `_set_up` prepared: everything the step loop needs."""
   mesh: Any
-  model: _Model
+  model: ModelFunctions
   program: TrainProgram | None
   train_data: Any
   val_data: Any
@@ -350,7 +350,7 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
         "fsdp)")
 
   # Data: each process reads only its rows of every global batch.
-  model = _Model(config, mesh)
+  model = ModelFunctions(config, mesh)
   data_dir = data_lib.resolve_data(config.data)
   data_vocab = int(data_lib.load_manifest(data_dir)["vocab_size"])
   if config.init_from and model.config.vocab_size < data_vocab:

@@ -125,6 +125,120 @@ def _loss_grads_and_pullback(features_fn: FeaturesFn, params: PyTree, tokens: ja
   return loss, pullback.gradient(), pullback
 
 
+def accumulate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, grad_accum: int):
+  """Mean loss and gradient over the micro-batches; the last one's pullback is kept."""
+  if grad_accum == 1:
+    return _loss_grads_and_pullback(features_fn, params, batch)
+
+  def body(carry, tokens):
+    loss_sum, grad_sum = carry
+    loss, grads, _ = _loss_grads_and_pullback(features_fn, params, tokens)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                         batch[:-1])
+  loss, grads, last = _loss_grads_and_pullback(features_fn, params, batch[-1])
+  loss = (loss_sum + loss) / grad_accum
+  grads = jax.tree.map(lambda s, g: (s + g) / grad_accum, grad_sum, grads)
+  return loss, grads, last
+
+
+def gnb_estimate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, last: _Pullback,
+                 key: jax.Array, grad_accum: int) -> PyTree:
+  """g_hat * g_hat over the step's whole batch, reusing the last micro-batch's pullback
+  and recomputing the forward of the others (A > 1)."""
+  if grad_accum == 1:
+    return jax.tree.map(jnp.square, last.gnb_gradient(key))
+  keys = jax.random.split(key, grad_accum)
+
+  def body(g_sum, tokens_and_key):
+    tokens, k = tokens_and_key
+    g_hat = _forward(features_fn, params, tokens)[1].gnb_gradient(k)
+    return jax.tree.map(jnp.add, g_sum, g_hat), None
+
+  g_sum, _ = jax.lax.scan(body, last.gnb_gradient(keys[-1]), (batch[:-1], keys[:-1]))
+  return jax.tree.map(lambda g: jnp.square(g / grad_accum), g_sum)
+
+
+def _last_micro_batch(batch: jax.Array, grad_accum: int) -> jax.Array:
+  return batch if grad_accum == 1 else batch[-1]
+
+
+def _gradients_and_gnb(features_fn, grad_accum, refresh: bool, params, batch, key):
+  """Loss, gradient and, on refresh steps, the GNB estimate from the same forward pass
+  (zeros on other steps, where the optimizer does not read it)."""
+  loss, grads, last = accumulate(features_fn, params, batch, grad_accum)
+  if refresh:
+    return loss, grads, gnb_estimate(features_fn, params, batch, last, key, grad_accum)
+  return loss, grads, jax.tree.map(jnp.zeros_like, params)
+
+
+def _recomputed_gnb(features_fn, grad_accum, params, batch, key):
+  """A GNB hessian_fn that runs the last micro-batch's forward pass itself."""
+  def hessian_fn(_):
+    _, last = _forward(features_fn, params, _last_micro_batch(batch, grad_accum))
+    return gnb_estimate(features_fn, params, batch, last, key, grad_accum)
+  return hessian_fn
+
+
+def loss_grads_and_hessian_fn(features_fn: FeaturesFn, estimator: str | None,
+                              grad_accum: int, state: TrainState, batch: jax.Array):
+  """(loss, gradient, hessian_fn or None) of one step, the estimate per `estimator`."""
+  params = state.params
+  key = jax.random.fold_in(state.rng, state.step)
+  if estimator is None:
+    loss, grads, _ = accumulate(features_fn, params, batch, grad_accum)
+    return loss, grads, None
+  if estimator == "hutchinson":
+    loss, grads, _ = accumulate(features_fn, params, batch, grad_accum)
+    x, y = _split_batch(_last_micro_batch(batch, grad_accum))
+    return loss, grads, hessian_lib.hutchinson(
+        lambda p: cross_entropy(logits(*features_fn(p, x)), y), key)
+  # The estimate is formed in the step's own branch on the optimizer's refresh test, not
+  # inside the optimizer's cond: as operands of that cond the backward's residuals slowed
+  # every step down (docs/decisions.md). Should the optimizer ever refresh when `due` is
+  # False, it gets a recomputed estimate, never the zeros.
+  due = transforms.hessian_refresh_due(state.opt_state)
+  loss, grads, estimate = jax.lax.cond(
+      due, functools.partial(_gradients_and_gnb, features_fn, grad_accum, True),
+      functools.partial(_gradients_and_gnb, features_fn, grad_accum, False),
+      params, batch, key)
+  recomputed = _recomputed_gnb(features_fn, grad_accum, params, batch, key)
+  hessian_fn = lambda p: jax.lax.cond(due, lambda _: estimate, recomputed, p)  # noqa: E731
+  return loss, grads, hessian_fn
+
+
+def train_step(state: TrainState, batch: jax.Array, *, features_fn: FeaturesFn,
+               tx: optax.GradientTransformationExtraArgs, estimator: str | None,
+               grad_accum: int, clip: optax.GradientTransformation | None,
+               learning_rate_fn, optimizer_metrics) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step (see the module docstring); `make_train_step` binds the options."""
+  loss, grads, hessian_fn = loss_grads_and_hessian_fn(features_fn, estimator, grad_accum,
+                                                      state, batch)
+  params = state.params
+  grad_norm = optax.tree.norm(grads)
+  if clip is not None:
+    grads, _ = clip.update(grads, clip.init(params))
+  if hessian_fn is None:
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+  else:
+    updates, opt_state = tx.update(grads, state.opt_state, params, hessian_fn=hessian_fn)
+  params = optax.apply_updates(params, updates)
+  metrics = {"loss": loss, "grad_norm": grad_norm}
+  if learning_rate_fn is not None:
+    metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  if optimizer_metrics is not None:
+    after = optimizer_metrics(opt_state)
+    metrics.update(after)
+    if "hessian_refreshes" in after:  # did this step refresh the curvature estimate?
+      before = optimizer_metrics(state.opt_state)["hessian_refreshes"]
+      metrics["refresh"] = after["hessian_refreshes"] > before
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=state.rng)
+  return new_state, metrics
+
+
 def make_train_step(features_fn: FeaturesFn, tx: optax.GradientTransformationExtraArgs, *,
                     estimator: str | None, grad_accum: int = 1,
                     grad_clip: float | None = 1.0,
@@ -148,103 +262,10 @@ def make_train_step(features_fn: FeaturesFn, tx: optax.GradientTransformationExt
   """
   if estimator not in (None, "gnb", "hutchinson"):
     raise ValueError(f"estimator must be None, 'gnb' or 'hutchinson', got {estimator!r}")
-  clip = optax.clip_by_global_norm(grad_clip) if grad_clip is not None else None
-
-  def accumulate(params, batch):
-    """Mean loss and gradient over the micro-batches; the last one's pullback is kept."""
-    if grad_accum == 1:
-      return _loss_grads_and_pullback(features_fn, params, batch)
-
-    def body(carry, tokens):
-      loss_sum, grad_sum = carry
-      loss, grads, _ = _loss_grads_and_pullback(features_fn, params, tokens)
-      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                           batch[:-1])
-    loss, grads, last = _loss_grads_and_pullback(features_fn, params, batch[-1])
-    loss = (loss_sum + loss) / grad_accum
-    grads = jax.tree.map(lambda s, g: (s + g) / grad_accum, grad_sum, grads)
-    return loss, grads, last
-
-  def gnb_estimate(params, batch, last: _Pullback, key):
-    """g_hat * g_hat over the step's whole batch, reusing the last micro-batch's pullback
-    and recomputing the forward of the others (A > 1)."""
-    if grad_accum == 1:
-      return jax.tree.map(jnp.square, last.gnb_gradient(key))
-    keys = jax.random.split(key, grad_accum)
-
-    def body(g_sum, tokens_and_key):
-      tokens, k = tokens_and_key
-      g_hat = _forward(features_fn, params, tokens)[1].gnb_gradient(k)
-      return jax.tree.map(jnp.add, g_sum, g_hat), None
-
-    g_sum, _ = jax.lax.scan(body, last.gnb_gradient(keys[-1]), (batch[:-1], keys[:-1]))
-    return jax.tree.map(lambda g: jnp.square(g / grad_accum), g_sum)
-
-  def last_micro_batch(batch):
-    return batch if grad_accum == 1 else batch[-1]
-
-  def gradients_and_gnb(params, batch, key, refresh: bool):
-    """Loss, gradient and, on refresh steps, the GNB estimate from the same forward pass
-    (zeros on other steps, where the optimizer does not read it)."""
-    loss, grads, last = accumulate(params, batch)
-    if refresh:
-      return loss, grads, gnb_estimate(params, batch, last, key)
-    return loss, grads, jax.tree.map(jnp.zeros_like, params)
-
-  def recomputed_gnb(params, batch, key):
-    """A GNB hessian_fn that runs the last micro-batch's forward pass itself."""
-    def hessian_fn(_):
-      _, last = _forward(features_fn, params, last_micro_batch(batch))
-      return gnb_estimate(params, batch, last, key)
-    return hessian_fn
-
-  def train_step(state: TrainState, batch: jax.Array):
-    params = state.params
-    key = jax.random.fold_in(state.rng, state.step)
-    if estimator is None:
-      loss, grads, _ = accumulate(params, batch)
-      hessian_fn = None
-    elif estimator == "hutchinson":
-      loss, grads, _ = accumulate(params, batch)
-      x, y = _split_batch(last_micro_batch(batch))
-      hessian_fn = hessian_lib.hutchinson(
-          lambda p: cross_entropy(logits(*features_fn(p, x)), y), key)
-    else:
-      # The estimate is formed in the step's own branch on the optimizer's refresh test,
-      # not inside the optimizer's cond: as operands of that cond the backward's residuals
-      # slowed every step down (docs/decisions.md). Should the optimizer ever refresh when
-      # `due` is False, it gets a recomputed estimate, never the zeros.
-      due = transforms.hessian_refresh_due(state.opt_state)
-      loss, grads, estimate = jax.lax.cond(
-          due, functools.partial(gradients_and_gnb, refresh=True),
-          functools.partial(gradients_and_gnb, refresh=False), params, batch, key)
-      hessian_fn = lambda p: jax.lax.cond(  # noqa: E731
-          due, lambda _: estimate, recomputed_gnb(params, batch, key), p)
-    grad_norm = optax.tree.norm(grads)
-    if clip is not None:
-      grads, _ = clip.update(grads, clip.init(params))
-    if hessian_fn is None:
-      updates, opt_state = tx.update(grads, state.opt_state, params)
-    else:
-      updates, opt_state = tx.update(grads, state.opt_state, params, hessian_fn=hessian_fn)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": grad_norm}
-    if learning_rate_fn is not None:
-      metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-    if optimizer_metrics is not None:
-      after = optimizer_metrics(opt_state)
-      metrics.update(after)
-      if "hessian_refreshes" in after:  # did this step refresh the curvature estimate?
-        before = optimizer_metrics(state.opt_state)["hessian_refreshes"]
-        metrics["refresh"] = after["hessian_refreshes"] > before
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           rng=state.rng)
-    return new_state, metrics
-
-  return train_step
+  return functools.partial(
+      train_step, features_fn=features_fn, tx=tx, estimator=estimator, grad_accum=grad_accum,
+      clip=optax.clip_by_global_norm(grad_clip) if grad_clip is not None else None,
+      learning_rate_fn=learning_rate_fn, optimizer_metrics=optimizer_metrics)
 
 
 def make_eval_step(features_fn: FeaturesFn):

@@ -102,7 +102,7 @@ def test_runs_with_the_old_checkpoint_layout_load_and_resume(compact_run, tmp_pa
 
   config = train.TrainConfig.from_json(compact_run / "config.json")
   mesh = mesh_lib.make_mesh(config.mesh)
-  program = loop.TrainProgram(config, loop._Model(config, mesh), mesh)
+  program = loop.TrainProgram(config, loop.ModelFunctions(config, mesh), mesh)
   states = [checkpoint.Checkpointer(run / "checkpoints", keep=2).restore(
       STEPS, program.abstract_state) for run in (compact_run, legacy)]
   _assert_trees_equal(states[1], states[0])
