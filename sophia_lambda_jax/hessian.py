@@ -173,37 +173,6 @@ def gnb_logits_cotangent(logits: jax.Array, key: jax.Array, mask=None) -> jax.Ar
   return (residual * weights[..., None]).astype(logits.dtype)
 
 
-def gnb_cotangent_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
-                                    key: jax.Array) -> jax.Array:
-  """The GNB cotangent of ``gnb_logits_cotangent``, from the training loss's own cotangent.
-
-  A training step that differentiates the token-mean cross-entropy over N tokens already
-  holds dlogits = (softmax(z) - onehot(y)) / N. Then softmax(z) = N * dlogits + onehot(y)
-  (no second softmax over the vocabulary), y_hat is drawn from it by
-  ``sample_from_ce_cotangent`` as ``gnb_logits_cotangent`` draws it, and
-
-      (softmax(z) - onehot(y_hat)) / N = dlogits + (onehot(y) - onehot(y_hat)) / N.
-
-  For the same key the draw is that of ``gnb_logits_cotangent(z, key)`` up to float
-  rounding of the recovered probabilities. No token mask: every token counts, as in the
-  token-mean loss.
-
-  Args:
-    dlogits: (..., vocab) gradient of the token-mean cross-entropy w.r.t. the logits.
-    labels: (...) int labels y of that loss.
-    key: PRNG key for the label draw.
-
-  Returns:
-    An array with the shape and dtype of ``dlogits``.
-  """
-  y_hat = sample_from_ce_cotangent(dlogits, labels, key)  # validates the shapes
-  vocab, tokens = dlogits.shape[-1], max(1, labels.size)
-  d = jax.lax.stop_gradient(dlogits).astype(jnp.float32)
-  correction = (jax.nn.one_hot(labels, vocab, dtype=jnp.float32)
-                - jax.nn.one_hot(y_hat, vocab, dtype=jnp.float32))
-  return (d + correction / tokens).astype(dlogits.dtype)
-
-
 def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array,
                         head: jax.Array, dhidden: jax.Array, dhead: jax.Array,
                         key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -212,7 +181,7 @@ def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array
   For logits z = hidden @ head (hidden (N, d), head (d, V)) and the token-mean
   cross-entropy over N tokens with cotangent dz, the step's backward through the head gives
   dhidden = dz head^T and dhead = hidden^T dz. The GNB cotangent at the logits is
-  dz_hat = dz + (onehot(y) - onehot(y_hat)) / N (``gnb_cotangent_from_ce_cotangent``),
+  dz_hat = (softmax(z) - onehot(y_hat)) / N = dz + (onehot(y) - onehot(y_hat)) / N,
   which differs from dz in two entries per row, so
 
       dhidden_hat = dhidden + (head[:, y] - head[:, y_hat])^T / N      (a gather)

@@ -298,33 +298,11 @@ def test_sample_categorical_matches_the_distribution(vocab):
   assert np.all(np.abs(freq - p) <= tolerance), np.max(np.abs(freq - p) - tolerance)
 
 
-def test_cotangent_from_ce_cotangent_equals_the_logits_form():
-  """Recovering softmax(z) from the loss's cotangent draws the same labels (same key) and
-  gives the same GNB cotangent as sampling from the logits."""
-  rng = np.random.default_rng(4)
-  logits = jnp.asarray(rng.normal(size=(4, 32, 300)) * 3, jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 300, size=(4, 32)), jnp.int32)
-  dlogits = _ce_cotangent(logits, labels)
-  for seed in range(3):
-    key = jax.random.key(seed)
-    want = hessian.gnb_logits_cotangent(logits, key)
-    got = hessian.gnb_cotangent_from_ce_cotangent(dlogits, labels, key)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_allclose(got, want, atol=1e-8)
-    # Each row is (softmax(z) - onehot(y_hat)) / N, so it sums to 0.
-    np.testing.assert_allclose(np.asarray(got).sum(-1), 0.0, atol=1e-8)
-
-
-def test_cotangent_from_ce_cotangent_rejects_mismatched_labels():
-  with pytest.raises(ValueError, match="dlogits must have shape labels.shape"):
-    hessian.gnb_cotangent_from_ce_cotangent(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32),
-                                            jax.random.key(0))
-
-
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
 def test_head_cotangents_equal_the_pullback_of_the_gnb_logits_cotangent(dtype, tol):
   """The gather / scatter-add form equals pulling the dense GNB cotangent back through
-  logits = hidden @ head, and draws the labels gnb_cotangent_from_ce_cotangent draws."""
+  logits = hidden @ head: the labels drawn from the loss's cotangent are those drawn from
+  the logits (`test_sample_from_ce_cotangent_draws_the_labels_of_the_recovered_probabilities`)."""
   rng = np.random.default_rng(5)
   hidden = jnp.asarray(rng.normal(size=(3, 16, 8)), dtype)
   head = jnp.asarray(rng.normal(size=(8, 300)), dtype)
@@ -335,7 +313,7 @@ def test_head_cotangents_equal_the_pullback_of_the_gnb_logits_cotangent(dtype, t
   dhidden, dhead = vjp_head(dlogits)
   for seed in range(3):
     key = jax.random.key(seed)
-    want = vjp_head(hessian.gnb_cotangent_from_ce_cotangent(dlogits, labels, key))
+    want = vjp_head(hessian.gnb_logits_cotangent(z, key))
     got = hessian.gnb_head_cotangents(dlogits, labels, hidden, head, dhidden, dhead, key)
     for g, w in zip(got, want):
       assert g.shape == w.shape and g.dtype == w.dtype == dtype

@@ -152,6 +152,16 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def ratios() -> dict:
+  """For experiments.benchmarks.run_all: each optimizer's step memory / AdamW's (qwen-134m,
+  8 x 2048, the default table)."""
+  result = memory_table("qwen-134m", PAPER_MICRO_BATCH, PAPER_SEQ_LEN, 1, "bfloat16",
+                        list(OPTIMIZERS))
+  return {f"{name} / adamw step memory": row["ratio_to_adamw"]
+          for name, row in result["optimizers"].items()
+          if name != "adamw" and row["ratio_to_adamw"] is not None}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_memory",
                                    description=__doc__.split("\n\n")[0])

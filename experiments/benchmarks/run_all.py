@@ -9,11 +9,8 @@ against PyTorch, loader against train-step throughput). A benchmark module expos
     ratios() -> {name: value}  or  {name: {"value": v, "goal": "<= 0.9", ...}}
              or  [{"name": ..., "value": ..., "goal": ...}, ...]
 
-(`run_ratios` / `benchmark_ratios` are accepted too). Every benchmark runs in its own
-Python process, so each gets a fresh JAX with its own flags and memory. A module without
-such a function is run as a script (`python -m experiments.benchmarks.bench_x`) and every
-printed line of the form `NAME: 0.83x` / `NAME = 0.83x` / `NAME ratio 0.83` is taken as a
-ratio; the table says which benchmarks were parsed that way.
+Every benchmark runs in its own Python process, so each gets a fresh JAX with its own flags
+and memory. A `bench_*.py` without `ratios()` is reported as an error.
 
 Goals are written "<= 0.9" or ">= 1.0"; a ratio with a goal is marked pass/FAIL.
 """
@@ -33,13 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 HERE = Path(__file__).resolve().parent
-RATIO_FUNCTIONS = ("ratios", "run_ratios", "benchmark_ratios")
 _MARK = "@@RUN_ALL_RATIOS@@"
-# "name: 0.83x", "name = 0.83 x", "name: 0.83x (goal <= 0.9)"; or "name ratio 0.83".
-_VALUE = r"(?P<value>[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*x?\b"
-_GOAL = r"(?:.*?\bgoal\b\s*(?P<goal>[<>]=?\s*[-+]?\d+(?:\.\d+)?))?"
-_LINES = (re.compile(r"^\s*(?P<name>[A-Za-z][^:=]*?)\s*[:=]\s*" + _VALUE + _GOAL),
-          re.compile(r"^\s*(?P<name>[A-Za-z].*?\bratio)\s+" + _VALUE + _GOAL))
 
 
 class Ratio(NamedTuple):
@@ -47,21 +38,19 @@ class Ratio(NamedTuple):
   name: str
   value: float | None
   goal: str | None
-  source: str          # "function" or "parsed output"
 
 
 def discover(directory: Path = HERE) -> list[Path]:
   return sorted(directory.glob("bench_*.py"))
 
 
-def ratio_function(path: Path) -> str | None:
-  """The name of the module's top-level ratio function, found without importing it."""
+def has_ratios(path: Path) -> bool:
+  """Whether the module defines a top-level `ratios()`, found without importing it."""
   try:
     tree = ast.parse(path.read_text(), filename=str(path))
   except SyntaxError:
-    return None
-  names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
-  return next((f for f in RATIO_FUNCTIONS if f in names), None)
+    return False
+  return any(isinstance(n, ast.FunctionDef) and n.name == "ratios" for n in tree.body)
 
 
 def check_goal(value: float | None, goal: str | None) -> bool | None:
@@ -76,7 +65,7 @@ def check_goal(value: float | None, goal: str | None) -> bool | None:
           ">": value > bound}[op]
 
 
-def normalise(bench: str, result: Any, source: str) -> list[Ratio]:
+def normalise(bench: str, result: Any) -> list[Ratio]:
   """Turn a ratio function's return value into Ratio rows (see the module docstring)."""
   rows = []
   if isinstance(result, dict):
@@ -94,21 +83,7 @@ def normalise(bench: str, result: Any, source: str) -> list[Ratio]:
     elif isinstance(value, (list, tuple)) and len(value) == 2:
       value, goal = value
     value = float(value) if isinstance(value, (int, float)) else None
-    rows.append(Ratio(bench, str(name), value, None if goal is None else str(goal), source))
-  return rows
-
-
-def parse_output(bench: str, text: str) -> list[Ratio]:
-  """Ratios printed by a script, one per matching line."""
-  rows = []
-  for line in text.splitlines():
-    if "ratio" not in line.lower() and not re.search(r"\d\s*x\b", line):
-      continue
-    m = _LINES[0].match(line) or _LINES[1].match(line)
-    if m:
-      rows.append(Ratio(bench, m.group("name").strip(), float(m.group("value")),
-                        m.group("goal").replace(" ", "") if m.group("goal") else None,
-                        "parsed output"))
+    rows.append(Ratio(bench, str(name), value, None if goal is None else str(goal)))
   return rows
 
 
@@ -117,20 +92,18 @@ def run_bench(path: Path, timeout: float, quick: bool) -> tuple[list[Ratio], str
   path = Path(path).resolve()
   in_package = path.parent == HERE
   module = f"experiments.benchmarks.{path.stem}"
-  fn = ratio_function(path)
+  if not has_ratios(path):
+    return [], "defines no ratios()", 0.0
   env = dict(os.environ)
   if quick:
     env["SLJ_BENCH_QUICK"] = "1"
-  if fn:
-    load = (f"import {module} as m\n" if in_package else
-            "import importlib.util as u\n"
-            f"s = u.spec_from_file_location({path.stem!r}, {str(path)!r})\n"
-            "m = u.module_from_spec(s); s.loader.exec_module(m)\n")
-    code = (f"import json\n{load}r = m.{fn}()\n"
-            f"print({_MARK!r} + json.dumps(r, default=float))\n")
-    cmd = [sys.executable, "-c", code]
-  else:
-    cmd = [sys.executable, "-m", module] if in_package else [sys.executable, str(path)]
+  load = (f"import {module} as m\n" if in_package else
+          "import importlib.util as u\n"
+          f"s = u.spec_from_file_location({path.stem!r}, {str(path)!r})\n"
+          "m = u.module_from_spec(s); s.loader.exec_module(m)\n")
+  code = (f"import json\n{load}r = m.ratios()\n"
+          f"print({_MARK!r} + json.dumps(r, default=float))\n")
+  cmd = [sys.executable, "-c", code]
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -141,26 +114,23 @@ def run_bench(path: Path, timeout: float, quick: bool) -> tuple[list[Ratio], str
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return [], f"exit {proc.returncode}: " + " / ".join(tail), seconds
-  if fn:
-    payload = [l for l in proc.stdout.splitlines() if l.startswith(_MARK)]
-    if not payload:
-      return [], f"{fn}() printed no result", seconds
-    return normalise(path.stem, json.loads(payload[-1][len(_MARK):]), "function"), "", seconds
-  rows = parse_output(path.stem, proc.stdout)
-  return rows, "" if rows else "no ratio found in its output", seconds
+  payload = [l for l in proc.stdout.splitlines() if l.startswith(_MARK)]
+  if not payload:
+    return [], "ratios() printed no result", seconds
+  return normalise(path.stem, json.loads(payload[-1][len(_MARK):])), "", seconds
 
 
 def format_table(rows: Sequence[Ratio], errors: dict[str, str],
                  seconds: dict[str, float]) -> str:
-  header = ["Benchmark", "Ratio", "Value", "Goal", "Result", "Source"]
+  header = ["Benchmark", "Ratio", "Value", "Goal", "Result"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     ok = check_goal(r.value, r.goal)
     lines.append("| " + " | ".join([
         r.bench, r.name, "n/a" if r.value is None else f"{r.value:.3f}", r.goal or "",
-        "" if ok is None else ("pass" if ok else "FAIL"), r.source]) + " |")
+        "" if ok is None else ("pass" if ok else "FAIL")]) + " |")
   for bench, err in errors.items():
-    lines.append(f"| {bench} | (no ratios) | | | error | {err} |")
+    lines.append(f"| {bench} | (no ratios) | | | error: {err} |")
   total = sum(seconds.values())
   lines.append("")
   lines.append(f"{len(seconds)} benchmark(s) in {total:.0f} s: " + ", ".join(
