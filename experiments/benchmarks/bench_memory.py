@@ -39,7 +39,7 @@ import jax
 
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
-from sophia_lambda_jax.train.loop import TrainProgram, ModelFunctions
+from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_memory
 
 # The Sophia-Lambda paper's Table 1, "Memory (GB)" (134M Qwen, batch 512 x 2048, A100).
 PAPER_MEMORY_GB = {"adamw": 31.5, "sophia": 39.7, "lamvs": 37.2, "sophia_lambda": 36.8}
@@ -48,21 +48,6 @@ PAPER_MICRO_BATCH = 8
 PAPER_SEQ_LEN = 2048
 FORMULA = "argument + output - alias + temp"
 GB = 1e9
-
-
-def memory_of(compiled) -> dict[str, int] | None:
-  """The byte counts of `compiled.memory_analysis()` and their total (FORMULA), or None
-  where the backend has no memory analysis."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if stats is None:
-    return None
-  parts = {name: int(getattr(stats, f"{name}_size_in_bytes"))
-           for name in ("argument", "output", "alias", "temp")}
-  parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
-  return parts
 
 
 def step_config(optimizer: str, model: str = "qwen-134m", batch_size: int = PAPER_MICRO_BATCH,
@@ -74,12 +59,12 @@ def step_config(optimizer: str, model: str = "qwen-134m", batch_size: int = PAPE
 
 
 def compiled_step_memory(config: TrainConfig) -> dict:
-  """Compile (only) the train step of `config`: {"bytes": memory_of(...), "compile_s"}."""
+  """Compile (only) the train step of `config`: {"bytes": compiled_memory(...), "compile_s"}."""
   device_mesh = mesh_lib.make_mesh(config.mesh)
   program = TrainProgram(config, ModelFunctions(config, device_mesh), device_mesh)
   t0 = time.perf_counter()
   compiled = program.compile()
-  return {"bytes": memory_of(compiled), "compile_s": time.perf_counter() - t0}
+  return {"bytes": compiled_memory(compiled), "compile_s": time.perf_counter() - t0}
 
 
 def measurement_label(backend: str) -> str:
@@ -95,7 +80,7 @@ def memory_table(model: str = "qwen-134m", batch_size: int = PAPER_MICRO_BATCH,
                  deadline: float | None = None) -> dict:
   """Step memory of each optimizer in GB and as a ratio to AdamW's.
 
-  known: optimizer -> {"bytes": memory_of(...), "source": text} for steps already compiled
+  known: optimizer -> {"bytes": compiled_memory(...), "source": text} for steps already compiled
     with these shapes elsewhere (gpu_check passes the throughput section's); they are not
     compiled again.
   deadline: time.perf_counter() value after which no further step is compiled (the

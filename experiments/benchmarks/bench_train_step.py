@@ -27,7 +27,7 @@ measured FLOP/s of a jitted square matmul in the compute dtype.
 With `time_budget_s` the timed cycles stop at the first cycle boundary after that many
 seconds from the call (compiles and warm-up included; at least one cycle is timed), and
 `cycles` in the result is the number timed. Each optimizer's entry also holds its compiled
-step's memory (`bench_memory.memory_of`).
+step's memory (`train.loop.compiled_memory`).
 
 Goal: sophia_lambda mean step time <= 1.07 x adamw's.
 """
@@ -42,11 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks.bench_memory import memory_of
 from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
-from sophia_lambda_jax.train.loop import TrainProgram, ModelFunctions
+from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_memory
 
 INTERVAL = 10
 
@@ -155,7 +154,7 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
              "tokens_per_s": batch_size * seq_len / step_s,
              "achieved_flops_per_s": flops_step / step_s,
              "fraction_of_matmul_flops": flops_step / step_s / peak,
-             "memory": memory_of(runners[name].step_fn)}
+             "memory": compiled_memory(runners[name].step_fn)}
     refresh = [t for t, f in zip(times[name], flags[name]) if f]
     plain = [t for t, f in zip(times[name], flags[name]) if not f]
     if refresh:

@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
     for spec in specs:
       print(f"{spec.run_name}: {json.dumps(spec.fields, sort_keys=True)}")
     if args.protocol == "tuned":
-      print(f"... then the best learning rate of each optimizer with "
+      print(f"... then the chosen setting of each optimizer with "
             f"{args.seeds or protocols.DEFAULT_SEEDS['tuned']} seeds")
     return 0
 

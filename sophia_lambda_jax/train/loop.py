@@ -116,16 +116,20 @@ def _tree_bytes(tree) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def _peak_memory(compiled) -> int | None:
-  """Peak device bytes of one step from XLA's compiled memory analysis."""
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """The byte counts of a compiled step's `memory_analysis()` (argument, output, alias,
+  temp) and their total argument + output - alias + temp: the step's peak as XLA's buffer
+  assignment plans it. None where the backend has no memory analysis."""
   try:
     stats = compiled.memory_analysis()
   except Exception:  # not every backend implements it
     return None
   if stats is None:
     return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  parts = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+           for name in ("argument", "output", "alias", "temp")}
+  parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+  return parts
 
 
 class ModelFunctions:
@@ -628,7 +632,7 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "tokens_per_s": config.batch_tokens / mean_step if mean_step else None,
       "wall_s": time.perf_counter() - wall_start,
       "compile_s": compile_s,
-      "peak_memory_bytes": _peak_memory(compiled_step),
+      "peak_memory_bytes": (compiled_memory(compiled_step) or {}).get("total"),
       "device_peak_bytes_in_use": device_peak,
       "opt_state_bytes": _tree_bytes(abstract_opt),
       "hessian_overhead": overhead,

@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.benchmarks import bench_memory
+from sophia_lambda_jax.train.loop import compiled_memory
 
 
-def test_memory_of_counts_donated_inputs_once():
+def test_compiled_memory_counts_donated_inputs_once():
   x = jnp.zeros((1000,), jnp.float32)
-  plain = bench_memory.memory_of(jax.jit(lambda a: a * 2).lower(x).compile())
-  donated = bench_memory.memory_of(
+  plain = compiled_memory(jax.jit(lambda a: a * 2).lower(x).compile())
+  donated = compiled_memory(
       jax.jit(lambda a: a * 2, donate_argnums=0).lower(x).compile())
   for m in (plain, donated):
     assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"]
