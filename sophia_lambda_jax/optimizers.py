@@ -14,7 +14,8 @@ keep a float32 master copy and cast it to bf16 for the forward pass.
 
 The registry ``OPTIMIZERS`` (name -> ``OptimizerSpec``) is the one place that knows each
 optimizer: its factory, aliases, display name, source, default learning rate and Hessian
-estimator; ``register`` adds one. Second-order optimizers (``OPTIMIZERS[name].second_order``) need ``params`` and ``hessian_fn`` (params ->
+estimator; ``register`` adds one. Second-order optimizers
+(``OPTIMIZERS[name].second_order``) need ``params`` and ``hessian_fn`` (params ->
 pytree like params, a fresh Hessian-diagonal estimate, e.g. ``slj.hessian.
 gauss_newton_bartlett``) in ``update``; ``hessian_fn`` runs only on refresh steps.
 

@@ -362,8 +362,9 @@ def hessian_ema(
 
     fixed:    next_refresh = t + hessian_interval
     adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
-              over all blocks of all leaves (of h_hat with bias correction): r < r_low -> interval = min(2 interval,
-              max_interval); r > r_high -> interval = max(interval // 2, min_interval);
+              over all blocks of all leaves (of h_hat with bias correction):
+              r < r_low -> interval = min(2 interval, max_interval);
+              r > r_high -> interval = max(interval // 2, min_interval);
               next_refresh = t + interval.   (docs/design.md section 4.3.)
 
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the

@@ -1,6 +1,6 @@
 """Loss-curve plots of a compare run (matplotlib figures without pyplot, PNG).
 
-    python -m sophia_lambda_jax.compare.plots RUN_DIR      # writes RUN_DIR/curves.png (+ ablations.png)
+    python -m sophia_lambda_jax.compare.plots RUN_DIR   # RUN_DIR/curves.png (+ ablations.png)
 
 `curves.png`: four panels, training and validation loss against optimizer step and against
 training wall-clock seconds (the sum of the logged step times: compilation, evaluations and

@@ -1,14 +1,15 @@
 """Compare the optimizers under a protocol: `slj compare --protocol cpu`.
 
     python -m sophia_lambda_jax.compare.runner --protocol cpu [--seeds N] [--out DIR]
-    python -m sophia_lambda_jax.compare.runner --protocol paper-short --data DIR [--set mesh=data=8,fsdp=1]
+    python -m sophia_lambda_jax.compare.runner --protocol paper-short --data DIR \
+        [--set mesh=data=8,fsdp=1]
     # multi-host: the same command on every host, with its own --process-id
     python -m sophia_lambda_jax.compare.runner --protocol paper --coordinator HOST0:1234 \
         --num-processes 2 --process-id 0 --set mesh=data=2,fsdp=8
 
-Every (optimizer, seed[, learning rate]) of the protocol (see `sophia_lambda_jax.compare.protocols`) is one
-`sophia_lambda_jax.train.run_training` call writing into its own run directory
-`<out>/<label>/seed<seed>`. The runner is restartable:
+Every (optimizer, seed[, learning rate]) of the protocol (see
+`sophia_lambda_jax.compare.protocols`) is one `sophia_lambda_jax.train.run_training` call
+writing into its own run directory `<out>/<label>/seed<seed>`. The runner is restartable:
 
   * a run whose `summary.json` exists is finished and is skipped;
   * a run without one is (re)started, and the training script resumes it from its newest

@@ -2,8 +2,9 @@
 
     python -m sophia_lambda_jax.compare.tables RUN_DIR      # (re)writes RUN_DIR/results.{json,md}
 
-Input: a compare root (see `sophia_lambda_jax.compare.compare`) holding `plan.json` and one directory per
-run with the training script's `summary.json`, `config.json` and `metrics.jsonl`.
+Input: a compare root (see `sophia_lambda_jax.compare.runner`) holding `plan.json` and one
+directory per run with the training script's `summary.json`, `config.json` and
+`metrics.jsonl`.
 
 Every table row has three parts: the paper's claim, our measurement as mean +- sample std
 over seeds (n given; "n=1" means one seed, no spread), and the protocol that produced it.
@@ -466,7 +467,8 @@ def chosen_settings_text(best: dict[str, dict]) -> str:
       u = b["unconstrained"]
       if not b["in_band"]:
         line += " - **no setting reached the 10-50 % band**; this is the loss-best one"
-      elif u["learning_rate"] != b["learning_rate"] or u["optimizer_kwargs"] != b["optimizer_kwargs"]:
+      elif (u["learning_rate"], u["optimizer_kwargs"]) != (b["learning_rate"],
+                                                           b["optimizer_kwargs"]):
         pct = "n/a" if u["unclipped"] is None else f"{100 * u['unclipped']:.1f} %"
         line += (f"; unconstrained best: {setting(u)} (val {u['val_loss']:.3f}, "
                  f"{pct} unclipped)")
