@@ -133,8 +133,10 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
   p.add_argument("--optimizers", default=",".join(RHOS))
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-  specs = calibration_specs(args.seeds, [o for o in args.optimizers.split(",") if o],
-                            **runner._parse_set(args.set))
+  optimizers = [o for o in args.optimizers.split(",") if o]
+  if not optimizers or set(optimizers) - set(RHOS):
+    p.error(f"--optimizers must be a non-empty subset of {list(RHOS)}, got {optimizers}")
+  specs = calibration_specs(args.seeds, optimizers, **runner._parse_set(args.set))
   root = Path(args.out)
   root.mkdir(parents=True, exist_ok=True)
   runner.write_plan(root, specs, "rho-calibration")

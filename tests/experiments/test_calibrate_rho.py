@@ -26,3 +26,12 @@ def test_report_picks_the_in_margin_rho_with_the_lowest_loss(tmp_path, fake_trai
   assert report["protocol"]["sophia"]["rho"] == calibrate_rho.RHOS["sophia"][0]
   md = (tmp_path / "calibration.md").read_text()
   assert "15-45 % unclipped" in md and "Protocol settings" in md
+
+
+def test_unknown_optimizer_is_one_usage_error(tmp_path, capsys):
+  import pytest
+
+  with pytest.raises(SystemExit) as exit_info:
+    calibrate_rho.main(["--out", str(tmp_path), "--optimizers", "adamw"])
+  assert exit_info.value.code == 2
+  assert "--optimizers must be a non-empty subset" in capsys.readouterr().err
