@@ -461,7 +461,7 @@ def chosen_settings_text(best: dict[str, dict]) -> str:
 
   lines = ["Chosen settings (lowest seed-0 validation loss; the Sophia family only among "
            "settings with 10-50 % unclipped):", ""]
-  for opt, b in best.items():
+  for opt, b in sorted(best.items(), key=lambda kv: optimizer_rank(kv[0])):
     line = f"- {display_name(opt)}: {setting(b)} (val {b['val_loss']:.3f})"
     if "unconstrained" in b:
       u = b["unconstrained"]
