@@ -304,15 +304,21 @@ def latest_step(directory: str | Path) -> int | None:
     manager.close()
 
 
+def _step_or_newest(manager, directory: Path, step: int | None) -> int:
+  """`step`, or the newest complete checkpoint's; FileNotFoundError when there is none."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+  return step
+
+
 def restore_arrays(directory: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
   """The flat {key: numpy array} of a checkpoint (the `state` item's keys, and each
   parameter as "params/<path>"), for tests and inspection."""
   directory = Path(directory).absolute()
   manager = _read_only_manager(directory)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    step = _step_or_newest(manager, directory, step)
     flat = dict(_restore_item(manager, step, "state"))
     if _has_params_item(directory, step):
       params = _restore_item(manager, step, "params")
@@ -331,9 +337,7 @@ def restore_params(directory: str | Path, abstract_params: Any,
   directory = Path(directory).absolute()
   manager = _read_only_manager(directory)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    step = _step_or_newest(manager, directory, step)
     if _has_params_item(directory, step):
       named = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
           _on_one_device(params_by_name(abstract_params))))).params

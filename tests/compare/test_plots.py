@@ -32,19 +32,24 @@ def test_curves_png_for_every_optimizer(fake_compare):
   assert width > 1000 and height > 700
 
 
-def test_clip_fraction_figure_draws_only_the_sophia_family(fake_compare, monkeypatch):
-  root, _ = fake_compare
-  _, records = tables.load_results(root)
-  captured = {}
-  real_savefig = plots.Figure.savefig
+def _capture_saved_figures(monkeypatch) -> list:
+  """Figures passed to Figure.savefig from now on (still saved)."""
+  saved, real_savefig = [], plots.Figure.savefig
 
   def spy(fig, path, **kw):
-    captured["fig"] = fig
+    saved.append(fig)
     return real_savefig(fig, path, **kw)
 
   monkeypatch.setattr(plots.Figure, "savefig", spy)
+  return saved
+
+
+def test_clip_fraction_figure_draws_only_the_sophia_family(fake_compare, monkeypatch):
+  root, _ = fake_compare
+  _, records = tables.load_results(root)
+  saved = _capture_saved_figures(monkeypatch)
   assert plots.plot_clip_fraction(records, root / "clip.png") == root / "clip.png"
-  (ax,) = captured["fig"].axes
+  (ax,) = saved[-1].axes
   assert [line.get_label() for line in ax.get_lines()] == ["Sophia-Lambda"]
   y = ax.get_lines()[0].get_ydata()
   assert y[0] == pytest.approx(0.99) and 0.8 < y[-1] < 0.9   # EMA towards 0.8
@@ -55,16 +60,9 @@ def test_clip_fraction_figure_draws_only_the_sophia_family(fake_compare, monkeyp
 def test_four_panels_with_one_line_per_finished_optimizer(fake_compare, monkeypatch):
   root, _ = fake_compare
   _, records = tables.load_results(root)
-  captured = {}
-  real_savefig = plots.Figure.savefig
-
-  def spy(fig, path, **kw):
-    captured["axes"] = fig.axes
-    return real_savefig(fig, path, **kw)
-
-  monkeypatch.setattr(plots.Figure, "savefig", spy)
+  saved = _capture_saved_figures(monkeypatch)
   plots.plot_curves(records, root / "x.png")
-  axes = captured["axes"]
+  axes = saved[-1].axes
   assert len(axes) == 4
   for ax in axes:
     assert len(ax.get_lines()) == 3          # adamw, lion, sophia_lambda (lamvs failed)
