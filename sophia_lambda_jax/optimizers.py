@@ -427,16 +427,6 @@ def resolve(name: str) -> OptimizerSpec:
   return spec
 
 
-def canonical_name(name: str) -> str:
-  """Registry name for ``name`` (aliases resolved); unknown names raise ValueError."""
-  return resolve(name).name
-
-
-def hyperparameter_names(name: str) -> tuple[str, ...]:
-  """The hyperparameters ``get_optimizer(name, ...)`` accepts."""
-  return resolve(name).hyperparameters()
-
-
 def get_optimizer(name: str, skip_nonfinite: Union[bool, int] = False,
                   **hyperparams) -> optax.GradientTransformationExtraArgs:
   """Builds optimizer ``name`` (a key of ``OPTIMIZERS`` or an alias) with ``hyperparams``.
