@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,40 @@ def test_missing_training_stack_is_one_line(monkeypatch, capsys):
   err = capsys.readouterr().err
   assert "pip install 'sophia-lambda-jax[train]'" in err and "'flax'" in err
   assert len(err.strip().splitlines()) == 1
+
+
+def _execve_calls(monkeypatch, argv, env):
+  calls = []
+  monkeypatch.setattr(cli.os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setattr(cli.sys, "platform", "linux")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  cli.restart_with_huge_pages(argv)
+  return calls
+
+
+def test_train_and_compare_restart_with_malloc_huge_pages(monkeypatch):
+  for command in ("train", "compare"):
+    (path, args, env), = _execve_calls(monkeypatch, [command, "--steps", "3"], {})
+    assert path == sys.executable
+    assert args == [sys.executable, "-m", "sophia_lambda_jax.cli", command, "--steps", "3"]
+    assert env["GLIBC_TUNABLES"] == cli.HUGE_PAGES_TUNABLE == "glibc.malloc.hugetlb=1"
+
+
+def test_huge_pages_restart_respects_the_user_s_tunables_and_other_commands(monkeypatch):
+  assert _execve_calls(monkeypatch, ["train"], {"GLIBC_TUNABLES": ""}) == []
+  assert _execve_calls(monkeypatch, ["compare"],
+                       {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == []
+  assert _execve_calls(monkeypatch, ["info"], {}) == []
+  assert _execve_calls(monkeypatch, [], {}) == []
+
+
+def test_restarted_command_runs_once_and_keeps_its_output():
+  """End to end: `slj train --help` without GLIBC_TUNABLES re-executes itself (once: the new
+  process has the variable) and its output arrives."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  out = subprocess.run([sys.executable, "-m", "sophia_lambda_jax.cli", "train", "--help"],
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "usage: slj train" in out.stdout

@@ -22,7 +22,9 @@ bench_loader.py).
 Achieved FLOP/s counts the model FLOPs of a step, 6 N + 12 L T d_attn per token (N the
 parameter count with the tied head, L layers, T the sequence length, d_attn = heads x
 head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
-measured FLOP/s of a jitted square matmul in the compute dtype.
+measured FLOP/s of a jitted square matmul in the compute dtype, and by the model's own
+forward matmul shapes at this batch (`bench_cpu_throughput.shape_ceiling`): small matmuls
+cannot reach a large one's FLOP/s, so the second is the step's real ceiling.
 
 With `time_budget_s` the timed cycles stop at the first cycle boundary after that many
 seconds from the call (compiles and warm-up included; at least one cycle is timed), and
@@ -139,10 +141,13 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(probe.abstract_params)))
   flops_step = model_flops_per_step(probe.config, batch_size, seq_len, params)
   peak = matmul_flops_per_s(probe.config.dtype)
+  from experiments.benchmarks.bench_cpu_throughput import shape_ceiling
+  ceiling = shape_ceiling(probe.config, batch_size, seq_len, probe.config.dtype)["flops_per_s"]
   result = {"model": model, "params": params, "batch_size": batch_size, "seq_len": seq_len,
             "compute_dtype": compute_dtype, "devices": device_mesh.size,
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "cycles": timed, "cycles_requested": cycles, "matmul_flops_per_s": peak,
+            "shape_ceiling_flops_per_s": ceiling,
             "model_flops_per_step": flops_step}
   # Every cycle starts on a refresh: the warm-up left both runners at step 10.
   assert all(flags["sophia_lambda"][::INTERVAL]) and sum(flags["sophia_lambda"]) == timed
@@ -154,6 +159,7 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
              "tokens_per_s": batch_size * seq_len / step_s,
              "achieved_flops_per_s": flops_step / step_s,
              "fraction_of_matmul_flops": flops_step / step_s / peak,
+             "fraction_of_shape_ceiling": flops_step / step_s / ceiling,
              "memory": compiled_memory(runners[name].step_fn)}
     refresh = [t for t, f in zip(times[name], flags[name]) if f]
     plain = [t for t, f in zip(times[name], flags[name]) if not f]
@@ -176,6 +182,8 @@ def ratios() -> dict:
           "value": r["sophia_lambda_over_adamw"], "goal": "<= 1.07"},
       "adamw achieved / matmul FLOP/s": {
           "value": r["adamw"]["fraction_of_matmul_flops"]},
+      "adamw achieved / its own matmul shapes' FLOP/s": {
+          "value": r["adamw"]["fraction_of_shape_ceiling"]},
   }
 
 
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
         f"{result['sophia_lambda_over_adamw_plain_mean']:.3f}x)")
   print(f"achieved / matmul FLOP/s (adamw): {a['fraction_of_matmul_flops']:.3f}x "
         f"({a['achieved_flops_per_s'] / 1e9:.2f} of {result['matmul_flops_per_s'] / 1e9:.2f} "
-        "GFLOP/s)")
+        f"GFLOP/s); / its own matmul shapes: {a['fraction_of_shape_ceiling']:.3f}x "
+        f"(of {result['shape_ceiling_flops_per_s'] / 1e9:.2f} GFLOP/s)")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

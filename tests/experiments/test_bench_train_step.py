@@ -25,3 +25,4 @@ def test_benchmark_times_whole_refresh_cycles_within_its_budget():
   assert math.isclose(result["sophia_lambda_over_adamw"],
                       sophia["cycle_step_s"] / adamw["cycle_step_s"])
   assert 0 < result["adamw"]["fraction_of_matmul_flops"]
+  assert 0 < result["adamw"]["fraction_of_shape_ceiling"]
