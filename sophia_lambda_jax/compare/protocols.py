@@ -22,6 +22,9 @@ Protocols (docs/design.md section 8):
                five log-spaced learning rates (x1/4 .. x4, factor 2) around each optimizer's
                default with seed 0, then the best learning rate of each with three seeds
                (40 sweep runs + 16 more seeds: about an hour on 2 CPU cores).
+  cpu-long     the cpu setting at a longer budget (CPU_LONG_STEPS steps of 8 x 128 tokens):
+               AdamW, Sophia-G, Sophia-Lambda, LAVSM and LAMVS, each at the setting the
+               tuned protocol chose for it (CPU_LONG_SETTINGS), three seeds.
 """
 
 from __future__ import annotations
@@ -65,6 +68,24 @@ TUNED_RHO_FACTORS: tuple[float, ...] = (0.5, 1.0, 2.0)
 # script uses when TrainConfig.learning_rate is None (the registry's base_learning_rate,
 # scaled 1/width); the factors are log-spaced by 2 on either side.
 SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+# --- cpu-long protocol -------------------------------------------------------------------
+# The cpu setting (batch, sequence, model, data) with CPU_LONG_STEPS steps, so that AdamW ends
+# well below the cpu protocol's validation loss; the size was chosen with a pilot AdamW run
+# (docs/decisions.md). Warmup stays a tenth of the run, as in cpu.
+CPU_LONG_STEPS = 3000
+CPU_LONG_EVAL_EVERY = 100
+# Each optimizer at the setting `slj compare --protocol tuned` chose for it on the cpu setting
+# (docs/results/tuned-cpu/results.json, "best_settings"; a test keeps the two equal).
+CPU_LONG_SETTINGS: dict[str, dict[str, Any]] = {
+    "adamw": {"learning_rate": 1.5e-3, "optimizer_kwargs": {}},
+    "sophia": {"learning_rate": 1e-3,
+               "optimizer_kwargs": {"rho": 0.4, "bias_correction": True}},
+    "sophia_lambda": {"learning_rate": 1e-3,
+                      "optimizer_kwargs": {"rho": 0.4, "bias_correction": True}},
+    "lavsm": {"learning_rate": 3e-3, "optimizer_kwargs": {}},
+    "lamvs": {"learning_rate": 3e-3, "optimizer_kwargs": {}},
+}
 
 # The papers' shared hyperparameters ("same hyperparameters" for every optimizer).
 PAPER_OPTIMIZER_KWARGS: dict[str, Any] = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
@@ -164,6 +185,16 @@ def cpu_fields(**overrides) -> dict:
   return fields
 
 
+def cpu_long_fields(**overrides) -> dict:
+  """TrainConfig fields of the cpu-long setting: the cpu setting, CPU_LONG_STEPS steps (a
+  `steps` override also rescales warmup and checkpoints)."""
+  steps = overrides.get("steps", CPU_LONG_STEPS)
+  return cpu_fields(**{
+      "steps": steps, "warmup_steps": steps // 10,
+      "eval_every": min(CPU_LONG_EVAL_EVERY, steps), "checkpoint_every": max(steps // 10, 1),
+      "log_every": 50, **overrides})
+
+
 def paper_fields(**overrides) -> dict:
   """TrainConfig fields of the papers' setting (LAVSM paper section 4).
 
@@ -216,6 +247,27 @@ def cpu(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) ->
   family at its calibrated rho (CPU_REGIME_KWARGS; `--set optimizer_kwargs=...` overrides)."""
   return _per_optimizer("cpu", cpu_fields(**overrides), seeds, optimizers,
                         regime=CPU_REGIME_KWARGS)
+
+
+def cpu_long(seeds: int = 3, optimizers: Sequence[str] | None = None,
+             **overrides) -> list[RunSpec]:
+  """AdamW, Sophia-G, Sophia-Lambda, LAVSM and LAMVS on the cpu setting at CPU_LONG_STEPS
+  steps, each at its tuned setting (CPU_LONG_SETTINGS)."""
+  _check_seeds(seeds)
+  chosen = check_optimizers(list(CPU_LONG_SETTINGS) if optimizers is None else optimizers)
+  missing = [o for o in chosen if o not in CPU_LONG_SETTINGS]
+  if missing:
+    raise ValueError(f"optimizers: cpu-long has tuned settings only for "
+                     f"{list(CPU_LONG_SETTINGS)}, got {missing}")
+  base = cpu_long_fields(**overrides)
+  specs = []
+  for opt in chosen:
+    setting = CPU_LONG_SETTINGS[opt]
+    fields = dict(base, optimizer=opt,
+                  learning_rate=overrides.get("learning_rate", setting["learning_rate"]),
+                  optimizer_kwargs={**setting["optimizer_kwargs"], **base["optimizer_kwargs"]})
+    specs += [RunSpec(opt, opt, s, fields, "cpu-long", "main", opt) for s in range(seeds)]
+  return specs
 
 
 def paper(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
@@ -327,9 +379,10 @@ PROTOCOLS: dict[str, Callable[..., list[RunSpec]]] = {
     "paper": paper,
     "paper-short": paper_short,
     "tuned": tuned_sweep,   # the runner follows it with tuned_final
+    "cpu-long": cpu_long,
 }
 
-DEFAULT_SEEDS = {"cpu": 1, "paper": 1, "paper-short": 1, "tuned": 3}
+DEFAULT_SEEDS = {"cpu": 1, "paper": 1, "paper-short": 1, "tuned": 3, "cpu-long": 3}
 
 
 def get_protocol(name: str) -> Callable[..., list[RunSpec]]:

@@ -261,15 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
                   "against the papers' claims. Restartable: finished runs are skipped.")
   p.add_argument("--protocol", default="cpu", choices=sorted(protocols.PROTOCOLS),
                  help="cpu (default): qwen-cpu on the built-in corpus; paper / paper-short: "
-                      "qwen-134m on FineWeb shards (GPU); tuned: per-optimizer lr sweep")
+                      "qwen-134m on FineWeb shards (GPU); tuned: per-optimizer lr sweep; "
+                      "cpu-long: five optimizers at their tuned settings, 25x cpu's steps")
   p.add_argument("--seeds", type=int, default=None,
-                 help="number of seeds 0..N-1 (default: 1; tuned: 3 for the final runs)")
+                 help="number of seeds 0..N-1 (default: 1; tuned: 3 for the final runs; "
+                      "cpu-long: 3)")
   p.add_argument("--out", default=None, help="run directory (default: runs/compare-PROTOCOL)")
   p.add_argument("--optimizers", default=None,
                  help="comma-separated optimizer names (default: every registered one)")
   p.add_argument("--data", default=None,
-                 help="prepared token directory (`slj tokenize`); default: 'builtin' for cpu "
-                      f"and tuned, ./{protocols.PAPER_DATA} for paper and paper-short")
+                 help="prepared token directory (`slj tokenize`); default: 'builtin' for cpu, "
+                      f"cpu-long and tuned, ./{protocols.PAPER_DATA} for paper and paper-short")
   p.add_argument("--steps", type=int, default=None, help="override the protocol's steps")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override any TrainConfig field for every run, e.g. --set "

@@ -15,6 +15,7 @@ Beside the papers' columns we report what they lack:
                       checkpoints and start-up are left out) until the first evaluation at or
                       below the target loss (default: AdamW's mean final validation loss in
                       the same compare)
+  steps to target     the step of that evaluation (resolution: the protocol's eval_every)
   opt-state MB        summary `opt_state_bytes` (bytes of the optimizer state)
   Hessian overhead    mean train-step time / mean non-refresh step time - 1 (summary
                       `hessian_overhead.mean_over_other`): what the Sophia family's Hessian
@@ -198,6 +199,14 @@ def time_to_target(metrics: Sequence[dict], target: float) -> float | None:
   return None
 
 
+def steps_to_target(metrics: Sequence[dict], target: float) -> int | None:
+  """The step of the first evaluation with val_loss <= target (None: never reached)."""
+  for step, loss, _ in val_curve(metrics):
+    if loss <= target:
+      return step
+  return None
+
+
 def hessian_overhead(summary: dict) -> float | None:
   """Extra train-step time that Hessian refreshes cost, as a fraction of a plain step,
   averaged over all steps (the papers' "adds 15% compute"). The training script reports
@@ -273,6 +282,7 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> dict
     if target is not None:
       times = [time_to_target(r.metrics, target) for r in done]
       agg["time_to_target_s"] = stat(times)
+      agg["steps_to_target"] = stat(steps_to_target(r.metrics, target) for r in done)
       agg["reached_target"] = sum(t is not None for t in times)
     out[label] = agg
   return out
@@ -397,7 +407,7 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
   """Every configuration: losses, the comparison with AdamW and the costs."""
   header = ["Optimizer", "lr", "Val loss", "vs AdamW", "Unclipped", "Train loss", "tokens/s",
             f"time to {target:.3f} (s)" if target is not None else "time to target",
-            "Opt-state MB", "Hessian overhead", "Peak memory GB", "Runs"]
+            "steps to target", "Opt-state MB", "Hessian overhead", "Peak memory GB", "Runs"]
   rows = []
   for label in _order(aggs, aggs):
     a = aggs[label]
@@ -422,7 +432,8 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
     rows.append([
         name, "default" if lr is None else f"{lr:.2e}", a["final_val_loss"].fmt(3), vs_s,
         unclipped_cell(a), a["final_train_loss"].fmt(3), a["tokens_per_s"].fmt(0),
-        ttt_s, a["opt_state_bytes"].fmt(2, 1e-6),
+        ttt_s, a.get("steps_to_target", Stat(None, None, 0)).fmt(0),
+        a["opt_state_bytes"].fmt(2, 1e-6),
         "n/a" if oh.mean is None else f"{100 * oh.mean:.1f}%",
         _gb(a["peak_memory_bytes"].mean),
         f"{a['finished']}/{a['runs']}" + (f" ({len(a['failed'])} failed)" if a["failed"]

@@ -1,7 +1,9 @@
 """Protocol definitions: every spec is a valid TrainConfig and each protocol keeps the
 promises of docs/design.md section 8 (same token budget, same hyperparameters, sweep shape)."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ def _tokens(spec):
 
 
 ALL = tuple(slj.OPTIMIZERS)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_compared_optimizers_are_the_library_s():
@@ -153,6 +156,51 @@ def test_cpu_protocol_fields_are_pinned():
           "sophia": {"rho": 0.2, "bias_correction": True},
           "sophia_h": {"rho": 0.05, "bias_correction": True},
           "sophia_lambda": {"rho": 0.2, "bias_correction": True}}
+
+
+def test_cpu_long_protocol_fields_are_pinned():
+  """Committed results (docs/results/cpu-long) were produced with these settings."""
+  specs = protocols.cpu_long()
+  assert len(specs) == 15 and {s.seed for s in specs} == {0, 1, 2}
+  by_opt = {s.optimizer: s for s in specs}
+  assert list(by_opt) == ["adamw", "sophia", "sophia_lambda", "lavsm", "lamvs"]
+  f = by_opt["adamw"].fields
+  assert (f["model"], f["data"], f["steps"], f["batch_size"], f["seq_len"],
+          f["warmup_steps"], f["eval_every"], f["eval_batches"], f["compute_dtype"]) == (
+              "qwen-cpu", "builtin", protocols.CPU_LONG_STEPS, 8, 128,
+              protocols.CPU_LONG_STEPS // 10, 100, 8, "float32")
+  assert protocols.CPU_LONG_STEPS == 3000
+  assert {o: (s.fields["learning_rate"], s.fields["optimizer_kwargs"])
+          for o, s in by_opt.items()} == {
+              "adamw": (1.5e-3, {}), "sophia": (1e-3, {"rho": 0.4, "bias_correction": True}),
+              "sophia_lambda": (1e-3, {"rho": 0.4, "bias_correction": True}),
+              "lavsm": (3e-3, {}), "lamvs": (3e-3, {})}
+  # Only the run length differs from the cpu setting.
+  cpu = protocols.cpu_fields()
+  same = {k for k in cpu if k not in ("steps", "warmup_steps", "eval_every",
+                                      "checkpoint_every", "log_every", "learning_rate",
+                                      "optimizer_kwargs")}
+  assert {k: f[k] for k in same} == {k: cpu[k] for k in same}
+
+
+def test_cpu_long_settings_are_the_tuned_protocol_s_choices():
+  results = json.loads((REPO / "docs/results/tuned-cpu/results.json").read_text())
+  for opt, setting in protocols.CPU_LONG_SETTINGS.items():
+    chosen = results["best_settings"][opt]
+    assert setting["learning_rate"] == chosen["learning_rate"], opt
+    assert setting["optimizer_kwargs"] == chosen["optimizer_kwargs"], opt
+
+
+def test_cpu_long_refuses_optimizers_it_has_no_setting_for():
+  with pytest.raises(ValueError, match=r"cpu-long has tuned settings only for .*'lion'"):
+    protocols.cpu_long(optimizers=["adamw", "lion"])
+  assert [s.optimizer for s in protocols.cpu_long(1, ["sophia_g"])] == ["sophia"]
+
+
+def test_cpu_long_steps_override_rescales_warmup_and_checkpoints():
+  f = protocols.cpu_long(1, ["adamw"], steps=200)[0].fields
+  assert (f["steps"], f["warmup_steps"], f["checkpoint_every"], f["eval_every"]) == (
+      200, 20, 20, 100)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
