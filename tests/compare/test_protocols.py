@@ -161,9 +161,16 @@ def test_cpu_protocol_fields_are_pinned():
 def test_cpu_long_protocol_fields_are_pinned():
   """Committed results (docs/results/cpu-long) were produced with these settings."""
   specs = protocols.cpu_long()
-  assert len(specs) == 15 and {s.seed for s in specs} == {0, 1, 2}
-  by_opt = {s.optimizer: s for s in specs}
-  assert list(by_opt) == ["adamw", "sophia", "sophia_lambda", "lavsm", "lamvs"]
+  assert len(specs) == 21 and {s.seed for s in specs} == {0, 1, 2}
+  by_label = {s.label: s for s in specs}
+  assert list(by_label) == ["adamw", "sophia", "sophia/rho0.2", "sophia_lambda",
+                            "sophia_lambda/rho0.2", "lavsm", "lamvs"]
+  for opt in ("sophia", "sophia_lambda"):
+    lower = by_label[f"{opt}/rho0.2"].fields
+    assert lower["optimizer_kwargs"] == {"rho": 0.2, "bias_correction": True}
+    assert dict(lower, optimizer_kwargs=None) == dict(by_label[opt].fields,
+                                                      optimizer_kwargs=None)
+  by_opt = {s.optimizer: s for s in specs if s.label == s.optimizer}
   f = by_opt["adamw"].fields
   assert (f["model"], f["data"], f["steps"], f["batch_size"], f["seq_len"],
           f["warmup_steps"], f["eval_every"], f["eval_batches"], f["compute_dtype"]) == (
@@ -194,7 +201,7 @@ def test_cpu_long_settings_are_the_tuned_protocol_s_choices():
 def test_cpu_long_refuses_optimizers_it_has_no_setting_for():
   with pytest.raises(ValueError, match=r"cpu-long has tuned settings only for .*'lion'"):
     protocols.cpu_long(optimizers=["adamw", "lion"])
-  assert [s.optimizer for s in protocols.cpu_long(1, ["sophia_g"])] == ["sophia"]
+  assert [s.label for s in protocols.cpu_long(1, ["sophia_g"])] == ["sophia", "sophia/rho0.2"]
 
 
 def test_cpu_long_steps_override_rescales_warmup_and_checkpoints():
