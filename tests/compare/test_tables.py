@@ -175,3 +175,20 @@ def test_claims_are_the_papers_numbers():
                 "lion": 6.114}
   with pytest.raises(ValueError, match="table"):
     paper_claims.claim_for("table2", "adamw")
+
+
+def _agg(optimizer, unclipped=None):
+  return {"optimizer": optimizer,
+          "unclipped_fraction": tables.Stat(unclipped, None, 1) if unclipped is not None
+          else None}
+
+
+def test_the_paper_tables_take_an_in_band_configuration_over_one_outside_the_band():
+  aggs = {"sophia": _agg("sophia", 0.58), "sophia/rho0.2": _agg("sophia", 0.31),
+          "adamw": _agg("adamw")}
+  assert tables._label_of(aggs, "sophia") == "sophia/rho0.2"
+  assert tables._label_of(aggs, "adamw") == "adamw"
+  # With none in band, the first in table order stands for the optimizer (and is marked).
+  aggs["sophia/rho0.2"] = _agg("sophia", 0.7)
+  assert tables._label_of(aggs, "sophia") == "sophia"
+  assert tables._label_of(aggs, "lion") is None
