@@ -31,10 +31,10 @@ tolerance is not a candidate default).
 
 Achieved FLOP/s uses the model FLOPs of `bench_train_step.model_flops_per_step`. It is
 divided by two references, both measured in each variant's own process: a 1024^3 matmul in
-the compute dtype (what the cores can do on a large matmul), and `shape ceiling`, the model's
-own forward matmul shapes at this batch (projections, MLP, tied head and attention, each
-timed alone, FLOP-weighted): what matmuls this small can reach, so achieved / shape ceiling
-says how far the step is from its own matmuls.
+the compute dtype (what the cores can do on a large matmul), and `shape ceiling`
+(`bench_train_step.shape_ceiling`), the model's own forward matmul shapes at this batch: what
+matmuls this small can reach, so achieved / shape ceiling says how far the step is from its
+own matmuls.
 """
 
 from __future__ import annotations
@@ -65,54 +65,13 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def _time_best(fn, *args, repeats: int = 20) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
-def shape_ceiling(model_config, batch: int, seq: int, dtype: str) -> dict:
-  """FLOP/s of the model's forward matmuls, each shape timed alone, FLOP-weighted."""
-  import jax
-  import jax.numpy as jnp
-
-  c = model_config
-  m, h = batch * seq, c.hidden_size
-  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  # (count per forward, lhs shape, rhs shape): per layer q/k/v/o, gate/up/down; the head.
-  shapes = [(c.num_layers, (m, h), (h, q)), (2 * c.num_layers, (m, h), (h, kv)),
-            (c.num_layers, (m, q), (q, h)), (2 * c.num_layers, (m, h), (h, c.intermediate_size)),
-            (c.num_layers, (m, c.intermediate_size), (c.intermediate_size, h)),
-            (1, (m, h), (h, c.vocab_size))]
-  key = jax.random.PRNGKey(0)
-  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  flops = seconds = 0.0
-  for count, a_shape, b_shape in shapes:
-    a = jax.random.normal(key, a_shape).astype(dtype)
-    b = jax.random.normal(key, b_shape).astype(dtype)
-    flops += count * 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    seconds += count * _time_best(matmul, a, b)
-  # Attention scores and values: per (batch, head) a (seq, head_dim) x (head_dim, seq) and
-  # a (seq, seq) x (seq, head_dim) matmul.
-  scores = jax.jit(lambda x, y: jnp.einsum("bqd,bkd->bqk", x, y,
-                                           preferred_element_type=jnp.float32))
-  x = jax.random.normal(key, (batch * c.num_heads, seq, c.head_dim)).astype(dtype)
-  flops += 2 * c.num_layers * 2 * batch * c.num_heads * seq * seq * c.head_dim
-  seconds += 2 * c.num_layers * _time_best(scores, x, x)
-  return {"flops_per_s": flops / seconds, "forward_matmul_flops": flops}
-
-
 def worker(name: str, steps: int) -> dict:
   """Run one variant in this process (its environment already set) and return its figures."""
   import jax
   import numpy as np
 
-  from experiments.benchmarks.bench_train_step import matmul_flops_per_s, model_flops_per_step
+  from experiments.benchmarks.bench_train_step import (matmul_flops_per_s,
+                                                         model_flops_per_step, shape_ceiling)
   from sophia_lambda_jax import data as data_lib
   from sophia_lambda_jax.compare.protocols import cpu_fields
   from sophia_lambda_jax.train import mesh as mesh_lib
@@ -128,15 +87,7 @@ def worker(name: str, steps: int) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   model = ModelFunctions(config, mesh)
   program = TrainProgram(config, model, mesh)
-  if variant.get("donate", True):
-    step_fn = program.compile()
-  else:
-    abstract_batch = jax.ShapeDtypeStruct(program.batch_shape, np.int32,
-                                          sharding=program.batch_sharding)
-    step_fn = jax.jit(program.train_step(),
-                      in_shardings=(program.state_shardings, program.batch_sharding),
-                      out_shardings=(program.state_shardings, program.replicated)
-                      ).lower(program.abstract_state, abstract_batch).compile()
+  step_fn = program.compile(donate=variant.get("donate", True))
   loader = data_lib.TokenBatches(data_lib.resolve_data(config.data), "train", BATCH, SEQ,
                                  seed=0, vocab_size=model.config.vocab_size)
   total = WARMUP_STEPS + steps
@@ -282,15 +233,24 @@ def main(argv=None) -> int:
   if args.worker:
     print(json.dumps(worker(args.worker, args.steps)))
     return 0
+  if args.rounds < 1 or args.steps < 1:
+    parser.error(f"--rounds and --steps must be >= 1, got {args.rounds} and {args.steps}")
   if args.from_json:
-    result = json.loads(Path(args.from_json).read_text())
+    try:
+      result = json.loads(Path(args.from_json).read_text())
+      result["variants"]["baseline"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      parser.error(f"--from-json {args.from_json}: not a result of this benchmark ({e})")
     for entry in result["variants"].values():  # figures added since that run
       if "error" not in entry:
         entry["fraction_of_baseline_shape_ceiling"] = (
             entry["achieved_flops_per_s"]
             / result["variants"]["baseline"]["shape_ceiling_flops_per_s"])
   else:
-    result = benchmark(args.rounds, args.steps, args.only.split(",") if args.only else None)
+    try:
+      result = benchmark(args.rounds, args.steps, args.only.split(",") if args.only else None)
+    except ValueError as e:
+      parser.error(str(e))
   text = markdown(result)
   print(text)
   if args.json:

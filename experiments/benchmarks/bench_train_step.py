@@ -23,7 +23,7 @@ Achieved FLOP/s counts the model FLOPs of a step, 6 N + 12 L T d_attn per token 
 parameter count with the tied head, L layers, T the sequence length, d_attn = heads x
 head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
 measured FLOP/s of a jitted square matmul in the compute dtype, and by the model's own
-forward matmul shapes at this batch (`bench_cpu_throughput.shape_ceiling`): small matmuls
+forward matmul shapes at this batch (`shape_ceiling`): small matmuls
 cannot reach a large one's FLOP/s, so the second is the step's real ceiling.
 
 With `time_budget_s` the timed cycles stop at the first cycle boundary after that many
@@ -52,19 +52,54 @@ from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_
 INTERVAL = 10
 
 
+_matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+
+
+def best_time(fn, *args, repeats: int = 20) -> float:
+  """Fastest of `repeats` timed calls of fn(*args), after one untimed call."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def shape_ceiling(model_config, batch: int, seq: int, dtype: str) -> dict:
+  """FLOP/s of the model's forward matmuls (projections, MLP, tied head and attention) at
+  this batch, each shape timed alone, FLOP-weighted: the ceiling for matmuls this small."""
+  c = model_config
+  m, h = batch * seq, c.hidden_size
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  # (count per forward, lhs shape, rhs shape): per layer q/k/v/o, gate/up/down; the head.
+  shapes = [(c.num_layers, (m, h), (h, q)), (2 * c.num_layers, (m, h), (h, kv)),
+            (c.num_layers, (m, q), (q, h)), (2 * c.num_layers, (m, h), (h, c.intermediate_size)),
+            (c.num_layers, (m, c.intermediate_size), (c.intermediate_size, h)),
+            (1, (m, h), (h, c.vocab_size))]
+  key = jax.random.PRNGKey(0)
+  flops = seconds = 0.0
+  for count, a_shape, b_shape in shapes:
+    a = jax.random.normal(key, a_shape).astype(dtype)
+    b = jax.random.normal(key, b_shape).astype(dtype)
+    flops += count * 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    seconds += count * best_time(_matmul, a, b)
+  # Attention scores and values: per (batch, head) a (seq, head_dim) x (head_dim, seq) and
+  # a (seq, seq) x (seq, head_dim) matmul.
+  scores = jax.jit(lambda x, y: jnp.einsum("bqd,bkd->bqk", x, y,
+                                           preferred_element_type=jnp.float32))
+  x = jax.random.normal(key, (batch * c.num_heads, seq, c.head_dim)).astype(dtype)
+  flops += 2 * c.num_layers * 2 * batch * c.num_heads * seq * seq * c.head_dim
+  seconds += 2 * c.num_layers * best_time(scores, x, x)
+  return {"flops_per_s": flops / seconds, "forward_matmul_flops": flops}
+
+
 def matmul_flops_per_s(dtype: str, n: int = 1024, repeats: int = 20) -> float:
   """Best-of FLOP/s of a jitted (n, n) @ (n, n) matmul (2 n^3 FLOPs) in `dtype`."""
   key = jax.random.PRNGKey(0)
   a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
+  return 2 * n**3 / best_time(_matmul, a, b, repeats=repeats)
 
 
 def model_flops_per_step(model_config, batch_size: int, seq_len: int, params: int) -> float:
@@ -141,7 +176,6 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(probe.abstract_params)))
   flops_step = model_flops_per_step(probe.config, batch_size, seq_len, params)
   peak = matmul_flops_per_s(probe.config.dtype)
-  from experiments.benchmarks.bench_cpu_throughput import shape_ceiling
   ceiling = shape_ceiling(probe.config, batch_size, seq_len, probe.config.dtype)["flops_per_s"]
   result = {"model": model, "params": params, "batch_size": batch_size, "seq_len": seq_len,
             "compute_dtype": compute_dtype, "devices": device_mesh.size,

@@ -272,18 +272,20 @@ class TrainProgram:
                                              roles=parameter_roles(self.model.abstract_params))
                            if self.estimator else None))
 
-  def lower(self):
+  def lower(self, donate: bool = True):
     abstract_batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32,
                                           sharding=self.batch_sharding)
     return jax.jit(
         self.train_step(), in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,),
+        out_shardings=(self.state_shardings, self.replicated),
+        donate_argnums=(0,) if donate else (),
     ).lower(self.abstract_state, abstract_batch)
 
-  def compile(self):
+  def compile(self, donate: bool = True):
     """The jitted step compiled ahead of time: compiled(state, batch) -> (state, metrics);
-    the state argument is donated."""
-    return self.lower().compile()
+    the state argument is donated (`donate=False` only to measure what donation is worth,
+    experiments/benchmarks/bench_cpu_throughput.py)."""
+    return self.lower(donate).compile()
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -34,15 +34,14 @@ def test_unknown_variant_is_refused():
     bench.benchmark(rounds=1, only=["turbo"])
 
 
-def test_shape_ceiling_counts_the_forward_matmuls():
-  from sophia_lambda_jax.models import qwen
 
-  c = qwen.get_config("qwen-tiny")
-  out = bench.shape_ceiling(c, 2, 16, "float32")
-  m, h = 32, c.hidden_size
-  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  expected = (2 * m * c.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size)
-              + 2 * m * h * c.vocab_size + 2 * c.num_layers * 2 * 2 * c.num_heads * 16 * 16
-              * c.head_dim)
-  assert out["forward_matmul_flops"] == expected
-  assert out["flops_per_s"] > 0
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "turbo"], "unknown variant"),
+    (["--rounds", "0"], "--rounds and --steps must be >= 1"),
+    (["--from-json", "/nonexistent.json"], "--from-json /nonexistent.json"),
+])
+def test_bad_arguments_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err

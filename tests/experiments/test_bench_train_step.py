@@ -26,3 +26,17 @@ def test_benchmark_times_whole_refresh_cycles_within_its_budget():
                       sophia["cycle_step_s"] / adamw["cycle_step_s"])
   assert 0 < result["adamw"]["fraction_of_matmul_flops"]
   assert 0 < result["adamw"]["fraction_of_shape_ceiling"]
+
+
+def test_shape_ceiling_counts_the_forward_matmuls():
+  from sophia_lambda_jax.models import qwen
+
+  c = qwen.get_config("qwen-tiny")
+  out = bench_train_step.shape_ceiling(c, 2, 16, "float32")
+  m, h = 32, c.hidden_size
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  expected = (2 * m * c.num_layers * (h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size)
+              + 2 * m * h * c.vocab_size + 2 * c.num_layers * 2 * 2 * c.num_heads * 16 * 16
+              * c.head_dim)
+  assert out["forward_matmul_flops"] == expected
+  assert out["flops_per_s"] > 0
