@@ -333,6 +333,59 @@ def _refresh_due(state: HessianEMAState) -> Array:
   return state.count >= state.next_refresh
 
 
+def _estimate_of(hessian_fn: HessianFn, params) -> Any:
+  """hessian_fn(params), checked to be a pytree shaped like params."""
+  try:
+    estimate = hessian_fn(params)
+  except Exception as error:
+    if "different trace level" in str(error):  # Flax NNX's TraceContextError & co.
+      raise ValueError(_NNX_CLOSURE_HINT) from error
+    raise
+  if jax.tree.structure(estimate) != jax.tree.structure(params):
+    raise ValueError(
+        "hessian_fn(params) must return a pytree with the structure of params; got "
+        f"{jax.tree.structure(estimate)} for params {jax.tree.structure(params)}")
+  check_shapes_like_params("hessian_fn(params)", estimate, params)
+  return estimate
+
+
+def _block_ema(h, estimate, blocks, b2):
+  """h = b2 h + (1 - b2) block_mean(estimate), per leaf, in float32."""
+  return jax.tree.map(
+      lambda h, e, b: (b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b)).astype(
+          jnp.float32),
+      h, estimate, blocks)
+
+
+def _debias_factor(b2, refresh_count: Array, bias_correction: bool) -> Array:
+  """The factor h is read with after ``refresh_count`` refreshes: 1 / (1 - b2^k) with bias
+  correction, else 1."""
+  if not bias_correction:
+    return jnp.ones([], jnp.float32)
+  # k = 0 only before the first refresh, when h is 0 whatever it is multiplied by.
+  debias = 1.0 - jnp.asarray(b2, jnp.float32) ** refresh_count.astype(jnp.float32)
+  return jnp.where(refresh_count > 0, 1.0 / jnp.maximum(debias, 1e-30), 1.0)
+
+
+def _relative_change(h_after, h_before, correction_after, correction_before) -> Array:
+  """r = ||h_hat_after - h_hat_before|| / (||h_hat_before|| + 1e-30) over all blocks."""
+  change = _global_norm(jax.tree.map(
+      lambda a, b: correction_after * a - correction_before * b, h_after, h_before))
+  return change / (correction_before * _global_norm(h_before) + _RELATIVE_CHANGE_EPS)
+
+
+def _adapted_interval(interval: Array, r: Array, refreshed: Array, refresh_count: Array,
+                      min_interval, max_interval, r_low, r_high) -> Array:
+  """The adaptive refresh schedule (docs/design.md section 4.3): from the
+  ``FIRST_ADAPTIVE_REFRESH``-th refresh on, double the interval (up to max_interval) when
+  r < r_low and halve it (down to min_interval) when r > r_high."""
+  adapt = refreshed & (refresh_count >= FIRST_ADAPTIVE_REFRESH)
+  longer = jnp.minimum(2 * interval, max_interval)
+  shorter = jnp.maximum(interval // 2, min_interval)
+  return jnp.where(adapt & (r < r_low), longer,
+                   jnp.where(adapt & (r > r_high), shorter, interval))
+
+
 def hessian_ema(
     b2: float = 0.99,
     block_size: int = 1,
@@ -368,9 +421,9 @@ def hessian_ema(
               next_refresh = t + interval.   (docs/design.md section 4.3.)
 
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
-  current block-reduced h (h_hat with bias correction) in place of the updates. ``update`` needs ``params`` and
-  ``hessian_fn`` (a function params -> pytree like params) and raises ValueError without.
-  ``block_size`` must be static under ``inject_hyperparams``.
+  current block-reduced h (h_hat with bias correction) in place of the updates. ``update``
+  needs ``params`` and ``hessian_fn`` (a function params -> pytree like params) and raises
+  ValueError without. ``block_size`` must be static under ``inject_hyperparams``.
   """
   check_beta("b2", b2)
   check_number("block_size", block_size, low=1, integer=True)
@@ -403,13 +456,6 @@ def hessian_ema(
         correction=jnp.ones([], jnp.float32),
     )
 
-  def correction_after(refresh_count):
-    if not bias_correction:
-      return jnp.ones([], jnp.float32)
-    # k = 0 only before the first refresh, when h is 0 whatever it is multiplied by.
-    debias = 1.0 - jnp.asarray(b2, jnp.float32) ** refresh_count.astype(jnp.float32)
-    return jnp.where(refresh_count > 0, 1.0 / jnp.maximum(debias, 1e-30), 1.0)
-
   def update_fn(updates, state, params=None, hessian_fn: Optional[HessianFn] = None,
                 **extra_args):
     del updates, extra_args
@@ -421,35 +467,15 @@ def hessian_ema(
       raise ValueError(
           "hessian_fn must be passed to update() of a second-order optimizer as a function "
           "params -> pytree like params: tx.update(grads, state, params, hessian_fn=fn)")
-    blocks = blocks_of(params)
-    params_treedef = jax.tree.structure(params)
-    t = state.count
     do_refresh = _refresh_due(state)
 
     def refresh(h_before):
-      try:
-        estimate = hessian_fn(params)
-      except Exception as error:
-        if "different trace level" in str(error):  # Flax NNX's TraceContextError & co.
-          raise ValueError(_NNX_CLOSURE_HINT) from error
-        raise
-      if jax.tree.structure(estimate) != params_treedef:
-        raise ValueError(
-            "hessian_fn(params) must return a pytree with the structure of params; got "
-            f"{jax.tree.structure(estimate)} for params {params_treedef}")
-      check_shapes_like_params("hessian_fn(params)", estimate, params)
-      h_after = jax.tree.map(
-          lambda h, e, b: b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b),
-          h_before, estimate, blocks)
-      h_after = jax.tree.map(lambda x: x.astype(jnp.float32), h_after)
-      if adaptive_interval:
-        before = state.correction
-        after = correction_after(state.refresh_count + 1)
-        change = _global_norm(jax.tree.map(lambda a, b: after * a - before * b,
-                                           h_after, h_before))
-        r = change / (before * _global_norm(h_before) + _RELATIVE_CHANGE_EPS)
-      else:
-        r = jnp.zeros([], jnp.float32)
+      h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks_of(params), b2)
+      if not adaptive_interval:
+        return h_after, jnp.zeros([], jnp.float32)
+      r = _relative_change(h_after, h_before,
+                           _debias_factor(b2, state.refresh_count + 1, bias_correction),
+                           state.correction)
       return h_after, r.astype(jnp.float32)
 
     def keep(h_before):
@@ -457,20 +483,17 @@ def hessian_ema(
 
     h, r = jax.lax.cond(do_refresh, refresh, keep, state.h)
     refresh_count = state.refresh_count + do_refresh.astype(jnp.int32)
-    interval = state.interval
     if adaptive_interval:
-      adapt = do_refresh & (refresh_count >= FIRST_ADAPTIVE_REFRESH)
-      longer = jnp.minimum(2 * interval, max_interval)
-      shorter = jnp.maximum(interval // 2, min_interval)
-      interval = jnp.where(adapt & (r < r_low), longer,
-                           jnp.where(adapt & (r > r_high), shorter, interval))
+      interval = _adapted_interval(state.interval, r, do_refresh, refresh_count,
+                                   min_interval, max_interval, r_low, r_high)
     else:
       interval = jnp.broadcast_to(jnp.asarray(hessian_interval), ())
     interval = interval.astype(jnp.int32)
-    next_refresh = jnp.where(do_refresh, t + interval, state.next_refresh).astype(jnp.int32)
-    correction = correction_after(refresh_count)
+    next_refresh = jnp.where(do_refresh, state.count + interval,
+                             state.next_refresh).astype(jnp.int32)
+    correction = _debias_factor(b2, refresh_count, bias_correction)
     new_state = HessianEMAState(
-        count=optax.safe_increment(t),
+        count=optax.safe_increment(state.count),
         h=h,
         interval=interval,
         next_refresh=next_refresh,
