@@ -35,6 +35,11 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
+# outcome(spec) -> (final validation loss or None, unclipped fraction or None) of a run that
+# ended (a diverged run has no loss), or None while it has not: what adaptive protocols plan
+# from.
+Outcome = Callable[["RunSpec"], "tuple[float | None, float | None] | None"]
+
 # --- cpu protocol size -------------------------------------------------------------------
 # Tokens per optimizer step = CPU_BATCH * CPU_SEQ = 1,024; CPU_STEPS * 1,024 = 122,880 tokens
 # per run, identical for every optimizer. CPU_STEPS is sized so that one seed of every
@@ -94,6 +99,25 @@ CPU_LONG_SETTINGS: dict[str, dict[str, Any]] = {
 # runs both at half that rho, labelled "<optimizer>/rho<value>"; the tables mark whichever
 # configuration is out of band (docs/decisions.md).
 CPU_LONG_LOWER_RHO: dict[str, float] = {"sophia": 0.2, "sophia_lambda": 0.2}
+
+# --- cpu-long-tuned protocol -------------------------------------------------------------
+# The cpu-long setting with every optimizer tuned at that horizon: a learning-rate sweep on a
+# selection seed that no table reports, then the chosen setting on seeds 0, 1, 2.
+CPU_LONG_TUNED_SELECTION_SEED = 100
+# Centre of each optimizer's sweep: the rate the tuned (120-step) protocol chose for it
+# (docs/results/tuned-cpu/results.json "best_settings"; a test keeps the two equal).
+CPU_LONG_TUNED_CENTRES: dict[str, float] = {
+    "adamw": 1.5e-3, "lion": 1.2e-3, "stable_adamw": 3e-3, "lavsm": 3e-3, "lamvs": 3e-3,
+    "sophia": 1e-3, "sophia_h": 2e-3, "sophia_lambda": 1e-3}
+# Where the best rate is at an end of the sweep, the next rate in that direction (x2 or /2)
+# is added, up to this many times per direction.
+CPU_LONG_TUNED_MAX_EXTENSIONS = 3
+# AdamW's b2 at its best rate: the library default 0.95 (the sweep) and this one.
+CPU_LONG_TUNED_ADAMW_B2 = 0.99
+# The Sophia family holds its unclipped band with the rho controller instead of a rho sweep.
+CPU_LONG_TUNED_REGIME: dict[str, dict[str, Any]] = {
+    opt: {"rho": "auto", "bias_correction": True}
+    for opt in ("sophia", "sophia_h", "sophia_lambda")}
 
 # The papers' shared hyperparameters ("same hyperparameters" for every optimizer).
 PAPER_OPTIMIZER_KWARGS: dict[str, Any] = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
@@ -186,7 +210,8 @@ def cpu_fields(**overrides) -> dict:
   fields = dict(
       model="qwen-cpu", data="builtin", steps=CPU_STEPS, batch_size=CPU_BATCH,
       seq_len=CPU_SEQ, warmup_steps=CPU_WARMUP, eval_every=CPU_EVAL_EVERY,
-      eval_batches=CPU_EVAL_BATCHES, checkpoint_every=CPU_STEPS // 2, keep_checkpoints=1,
+      eval_batches=CPU_EVAL_BATCHES, final_eval_batches=CPU_EVAL_BATCHES,
+      checkpoint_every=CPU_STEPS // 2, keep_checkpoints=1,
       log_every=25, tensorboard=False, mesh="data=1,fsdp=1", compute_dtype="float32",
       learning_rate=None, optimizer_kwargs={})
   fields.update(overrides)
@@ -216,6 +241,7 @@ def paper_fields(**overrides) -> dict:
   fields = dict(
       model="qwen-134m", data=PAPER_DATA, steps=50_000, batch_size=512, seq_len=2048,
       grad_accum=64, warmup_steps=2_000, eval_every=1_000, eval_batches=50,
+      final_eval_batches=50,
       checkpoint_every=1_000, keep_checkpoints=2, log_every=10, mesh="auto",
       compute_dtype="bfloat16", learning_rate=PAPER_LR,
       optimizer_kwargs=dict(PAPER_OPTIMIZER_KWARGS))
@@ -232,7 +258,8 @@ def paper_short_fields(**overrides) -> dict:
   for eight (plus compiles and evaluations).
   """
   fields = paper_fields(steps=1_000, batch_size=64, grad_accum=8, warmup_steps=100,
-                        eval_every=100, eval_batches=20, checkpoint_every=250)
+                        eval_every=100, eval_batches=20, final_eval_batches=20,
+                        checkpoint_every=250)
   fields.update(overrides)
   return fields
 
@@ -340,18 +367,118 @@ def tuned_sweep(optimizers: Sequence[str] | None = None, **overrides) -> list[Ru
 
 
 def tuned_final(best: dict[str, dict], seeds: int = 3, **overrides) -> list[RunSpec]:
-  """Phase 2 of `tuned`: each optimizer at its chosen setting (``best_settings``) with
-  `seeds` seeds (seed 0 is the sweep's own run, which the runner finds already finished)."""
+  """Phase 2 of `tuned`: each optimizer at its chosen setting (``best_settings``) on seeds
+  1..`seeds`; seed 0 chose the setting, so it is never reported."""
   _check_seeds(seeds)
   check_optimizers(list(best))
   base = cpu_fields(**overrides)
   return [_tuned_spec(opt, setting, s, base, "final")
-          for opt, setting in best.items() for s in range(seeds)]
+          for opt, setting in best.items() for s in range(1, seeds + 1)]
 
 
-def best_settings(sweep: Sequence[RunSpec],
-                  outcome: Callable[[RunSpec], tuple[float | None, float | None]]
-                  ) -> dict[str, dict]:
+def tuned(seeds: int = 3, optimizers: Sequence[str] | None = None,
+          outcome: Outcome | None = None, **overrides) -> list[RunSpec]:
+  """The tuned protocol as far as `outcome` allows: the sweep, then, once every sweep run
+  has finished, the final runs of each optimizer's chosen setting."""
+  sweep = tuned_sweep(optimizers, **overrides)
+  if outcome is None or any(outcome(spec) is None for spec in sweep):
+    return sweep
+  return sweep + tuned_final(best_settings(sweep, outcome), seeds, **overrides)
+
+
+def _rate(x: float) -> float:
+  return float(f"{x:.6g}")
+
+
+def _long_tuned_spec(opt: str, lr: float, kwargs: dict, seed: int, base: dict,
+                     phase: str) -> RunSpec:
+  fields = dict(base, optimizer=opt, learning_rate=lr,
+                optimizer_kwargs={**kwargs, **base["optimizer_kwargs"]})
+  label = f"{opt}/{lr_tag(lr)}" + (f"/b2{kwargs['b2']:g}" if "b2" in kwargs else "")
+  return RunSpec(label, opt, seed, fields, "cpu-long-tuned", phase, opt)
+
+
+def _long_tuned_selection(opt: str, base: dict, outcome: Outcome
+                          ) -> tuple[list[RunSpec], dict | None]:
+  """The selection runs of `opt` known so far and its chosen setting (None until chosen).
+
+  Five rates x{1/4, 1/2, 1, 2, 4} around CPU_LONG_TUNED_CENTRES; while the best (by
+  `best_settings`' rule) is the lowest or highest rate, the next rate beyond it is added
+  (at most CPU_LONG_TUNED_MAX_EXTENSIONS per direction); AdamW then also runs its best rate
+  with b2 = CPU_LONG_TUNED_ADAMW_B2, and the better of the two is chosen."""
+  kwargs = dict(CPU_LONG_TUNED_REGIME.get(opt, {}))
+  centre = CPU_LONG_TUNED_CENTRES[opt]
+  rates = [_rate(centre * f) for f in SWEEP_FACTORS]
+  seed = CPU_LONG_TUNED_SELECTION_SEED
+
+  def spec(lr, extra=None):
+    return _long_tuned_spec(opt, lr, {**kwargs, **(extra or {})}, seed, base, "sweep")
+
+  down = up = 0
+  while True:
+    sweep = [spec(lr) for lr in rates]
+    if any(outcome(s) is None for s in sweep):
+      return sweep, None
+    best = best_settings(sweep, outcome)[opt]
+    if best["learning_rate"] == rates[0] and down < CPU_LONG_TUNED_MAX_EXTENSIONS:
+      rates.insert(0, _rate(rates[0] / 2))
+      down += 1
+    elif best["learning_rate"] == rates[-1] and up < CPU_LONG_TUNED_MAX_EXTENSIONS:
+      rates.append(_rate(rates[-1] * 2))
+      up += 1
+    else:
+      break
+  if opt != "adamw":
+    return sweep, best
+  b2 = spec(best["learning_rate"], {"b2": CPU_LONG_TUNED_ADAMW_B2})
+  if outcome(b2) is None:
+    return sweep + [b2], None
+  pair = [s for s in sweep if s.fields["learning_rate"] == best["learning_rate"]] + [b2]
+  return sweep + [b2], best_settings(pair, outcome)[opt]
+
+
+def cpu_long_tuned(seeds: int = 3, optimizers: Sequence[str] | None = None,
+                   outcome: Outcome | None = None, **overrides) -> list[RunSpec]:
+  """Every optimizer tuned at the cpu-long horizon, as far as `outcome` allows: the
+  selection runs on CPU_LONG_TUNED_SELECTION_SEED (`_long_tuned_selection`), then each
+  chosen setting on seeds 0..`seeds`-1. The final evaluation covers the whole validation
+  split (`final_eval_batches` None)."""
+  _check_seeds(seeds)
+  outcome = outcome or (lambda spec: None)
+  base = cpu_long_fields(**{"final_eval_batches": None, **overrides})
+  sweep, final = [], []
+  for opt in check_optimizers(optimizers):
+    runs, chosen = _long_tuned_selection(opt, base, outcome)
+    sweep += runs
+    if chosen is not None:
+      kwargs = {**CPU_LONG_TUNED_REGIME.get(opt, {}), **chosen["optimizer_kwargs"]}
+      final += [_long_tuned_spec(opt, chosen["learning_rate"], kwargs, s, base, "final")
+                for s in range(seeds)]
+  return sweep + final
+
+
+def cpu_long_tuned_extensions(specs: Sequence[RunSpec]) -> dict[str, list[float]]:
+  """Per optimizer, the selection rates of a cpu-long-tuned plan beyond its first five (the
+  runs added because the best rate was at an end of the sweep)."""
+  out: dict[str, list[float]] = {}
+  for spec in specs:
+    if spec.phase != "sweep" or "b2" in spec.fields["optimizer_kwargs"]:
+      continue
+    first = {_rate(CPU_LONG_TUNED_CENTRES[spec.optimizer] * f) for f in SWEEP_FACTORS}
+    if spec.fields["learning_rate"] not in first:
+      out.setdefault(spec.optimizer, []).append(spec.fields["learning_rate"])
+  return {opt: sorted(rates) for opt, rates in out.items()}
+
+
+def chosen_settings(specs: Sequence[RunSpec], outcome: Outcome) -> dict[str, dict]:
+  """The `best_settings` record of each optimizer that has final runs in `specs` (an
+  adaptive protocol's plan), over its selection runs: the setting its final runs use."""
+  finals = {s.optimizer for s in specs if s.phase == "final"}
+  return best_settings([s for s in specs if s.phase == "sweep" and s.optimizer in finals],
+                       outcome)
+
+
+def best_settings(sweep: Sequence[RunSpec], outcome: Outcome) -> dict[str, dict]:
   """Per optimizer, the sweep setting the tuned protocol continues with.
 
   outcome(spec) -> (final validation loss, unclipped fraction or None). First-order
@@ -365,12 +492,15 @@ def best_settings(sweep: Sequence[RunSpec],
 
   results: dict[str, list[tuple[float, dict]]] = {}
   for spec in sweep:
-    loss, unclipped = outcome(spec)
+    result = outcome(spec)
+    if result is None:  # not finished yet
+      continue
+    loss, unclipped = result
     if loss is None or not math.isfinite(loss):
       continue
     setting = {"learning_rate": spec.fields["learning_rate"],
                "optimizer_kwargs": {k: v for k, v in spec.fields["optimizer_kwargs"].items()
-                                    if k in ("rho", "bias_correction")},
+                                    if k in ("rho", "bias_correction", "b2")},
                "val_loss": loss, "unclipped": unclipped, "in_band": in_unclipped_band(unclipped)}
     results.setdefault(spec.optimizer, []).append((loss, setting))
   missing = sorted({s.optimizer for s in sweep} - set(results))
@@ -392,11 +522,15 @@ PROTOCOLS: dict[str, Callable[..., list[RunSpec]]] = {
     "cpu": cpu,
     "paper": paper,
     "paper-short": paper_short,
-    "tuned": tuned_sweep,   # the runner follows it with tuned_final
+    "tuned": tuned,
     "cpu-long": cpu_long,
+    "cpu-long-tuned": cpu_long_tuned,
 }
+# Protocols whose later runs depend on the results of earlier ones: called with `outcome=`.
+ADAPTIVE = ("tuned", "cpu-long-tuned")
 
-DEFAULT_SEEDS = {"cpu": 1, "paper": 1, "paper-short": 1, "tuned": 3, "cpu-long": 3}
+DEFAULT_SEEDS = {"cpu": 1, "paper": 1, "paper-short": 1, "tuned": 3, "cpu-long": 3,
+                 "cpu-long-tuned": 3}
 
 
 def get_protocol(name: str) -> Callable[..., list[RunSpec]]:

@@ -40,6 +40,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -159,11 +160,13 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def execute(specs: Sequence[RunSpec], root: Path, *, trainer: Trainer | None = None,
-            retry_failed: bool = False, log=print) -> dict[str, str]:
+            retry_failed: bool = False, deadline: float | None = None,
+            log=print) -> dict[str, str]:
   """Train every spec not yet finished, in order; return {run_name: final status}.
 
   Skips finished runs (summary.json), resumes partial ones (the training script continues
   from its checkpoints), records exceptions in failed.json and goes on with the next run.
+  Starts no run once `time.monotonic()` has passed `deadline` (those stay pending).
   """
   trainer = trainer or _default_trainer
   root = Path(root)
@@ -183,6 +186,9 @@ def execute(specs: Sequence[RunSpec], root: Path, *, trainer: Trainer | None = N
          if any(s == "failed" for s in statuses.values()) else ""))
   started = time.perf_counter()
   for i, spec in enumerate(todo):
+    if deadline is not None and time.monotonic() >= deadline:
+      log(f"[compare] stage time is up: {len(todo) - i} run(s) left for the next invocation")
+      break
     run_dir = root / spec.run_name
     resume = " (resuming)" if statuses[spec.run_name] == "partial" else ""
     elapsed = time.perf_counter() - started
@@ -229,9 +235,13 @@ def enable_compilation_cache(directory: Path) -> bool:
   return True
 
 
-def _outcome(root: Path) -> Callable[[RunSpec], tuple[float | None, float | None]]:
-  """spec -> (final validation loss, unclipped fraction) from the run's summary.json."""
-  def get(spec: RunSpec) -> tuple[float | None, float | None]:
+def _outcome(root: Path) -> protocols.Outcome:
+  """spec -> (final validation loss, unclipped fraction) from the run's summary.json, (None,
+  None) for a run that failed, None for one that has not ended."""
+  def get(spec: RunSpec) -> tuple[float | None, float | None] | None:
+    status = run_status(root / spec.run_name)
+    if status not in ("done", "failed"):
+      return None
     summary = read_summary(root / spec.run_name) or {}
     val, unclipped = summary.get("final_val_loss"), summary.get("unclipped_fraction")
     return (float(val) if isinstance(val, (int, float)) else None,
@@ -262,10 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--protocol", default="cpu", choices=sorted(protocols.PROTOCOLS),
                  help="cpu (default): qwen-cpu on the built-in corpus; paper / paper-short: "
                       "qwen-134m on FineWeb shards (GPU); tuned: per-optimizer lr sweep; "
-                      "cpu-long: five optimizers at their tuned settings, 25x cpu's steps")
+                      "cpu-long: five optimizers at their tuned settings, 25x cpu's steps; "
+                      "cpu-long-tuned: every optimizer tuned at cpu-long's length")
   p.add_argument("--seeds", type=int, default=None,
-                 help="number of seeds 0..N-1 (default: 1; tuned: 3 for the final runs; "
-                      "cpu-long: 3)")
+                 help="number of seeds 0..N-1 (default: 1; tuned: 3 final seeds 1..3; "
+                      "cpu-long and cpu-long-tuned: 3)")
   p.add_argument("--out", default=None, help="run directory (default: runs/compare-PROTOCOL)")
   p.add_argument("--optimizers", default=None,
                  help="comma-separated optimizer names (default: every registered one)")
@@ -285,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="retrain existing runs whose settings differ from the plan (default: "
                       "refuse)")
+  p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                 help="start no new run after MINUTES (a stage of a long protocol); the same "
+                      "command continues it")
   p.add_argument("--list", action="store_true", help="print the plan and exit")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--no-compile-cache", action="store_true",
@@ -313,19 +327,56 @@ def _overrides(args) -> dict:
   return overrides
 
 
-def plan(args) -> list[RunSpec]:
-  """The specs the arguments ask for (for tuned: the sweep; the final phase comes later)."""
+def plan(args, outcome: protocols.Outcome | None = None) -> list[RunSpec]:
+  """The specs the arguments ask for; an adaptive protocol's as far as `outcome` (the results
+  so far; None: none yet) allows. Every spec's TrainConfig is built, so checked."""
   optimizers = (tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
                 if args.optimizers else None)
-  overrides = _overrides(args)
-  if args.protocol == "tuned":
-    specs = protocols.tuned_sweep(optimizers, **overrides)
-  else:
-    seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS[args.protocol]
-    specs = protocols.get_protocol(args.protocol)(seeds, optimizers, **overrides)
+  seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS[args.protocol]
+  adaptive = {"outcome": outcome} if args.protocol in protocols.ADAPTIVE else {}
+  specs = protocols.get_protocol(args.protocol)(seeds, optimizers, **adaptive,
+                                                **_overrides(args))
   for spec in specs:  # every field and value checked before anything runs
     spec.train_config("unused")
   return specs
+
+
+def code_version() -> dict:
+  """The git commit of the checkout this package runs from and whether tracked files differ
+  from it ({"commit": None} when it is not a git checkout, e.g. an installed wheel)."""
+  from sophia_lambda_jax import __version__
+
+  repo = Path(__file__).resolve().parents[2]
+  version = {"commit": None, "dirty": None, "version": __version__}
+  if not (repo / ".git").exists():
+    return version
+  try:
+    git = ["git", "-C", str(repo)]
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                            timeout=30, check=True).stdout.strip()
+    status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return version
+  return dict(version, commit=commit, dirty=bool(status.strip()))
+
+
+def mixed_code(root: Path, code: dict) -> str | None:
+  """Why `root`'s runs must not be continued by this code (they were made by another
+  commit), or None."""
+  plan_path = root / PLAN
+  if not plan_path.is_file():
+    return None
+  try:
+    before = (json.loads(plan_path.read_text()).get("code") or {}).get("commit")
+  except json.JSONDecodeError:
+    return None
+  if not before or not code.get("commit") or before == code["commit"]:
+    return None
+  return (f"{root} holds runs made by commit {before[:12]} and this is {code['commit'][:12]}: "
+          f"the runs of one comparison come from one commit. Continue from a checkout of "
+          f"{before[:12]} (e.g. `git worktree add ../at-{before[:7]} {before[:12]}`), or use "
+          f"another --out.")
 
 
 def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -> int:
@@ -334,16 +385,18 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
   root = Path(args.out or f"runs/compare-{args.protocol}")
   global _PROCESS_ID
   _PROCESS_ID = args.process_id
+  if args.stop_after is not None and not args.stop_after > 0:
+    parser.error(f"--stop-after must be a number of minutes > 0, got {args.stop_after}")
   try:
-    specs = plan(args)
+    specs = plan(args, _outcome(root))
   except ValueError as e:
     parser.error(str(e))
   if args.list:
     for spec in specs:
       print(f"{spec.run_name}: {json.dumps(spec.fields, sort_keys=True)}")
-    if args.protocol == "tuned":
-      print(f"... then the chosen setting of each optimizer with "
-            f"{args.seeds or protocols.DEFAULT_SEEDS['tuned']} seeds")
+    if args.protocol in protocols.ADAPTIVE:
+      print("... and the runs that the results of these add (rates beyond an end of a sweep, "
+            "the final seeds of each chosen setting)")
     return 0
 
   lock = directory_lock(root, what="`slj compare`") if _is_main_process() \
@@ -356,31 +409,59 @@ def main(argv: Sequence[str] | None = None, *, trainer: Trainer | None = None) -
     return 1
 
 
+def _plan_extra(args, specs: Sequence[RunSpec], outcome: protocols.Outcome,
+                code: dict) -> dict:
+  """What plan.json records beside the runs: the code, and an adaptive protocol's choices."""
+  extra = {"code": code}
+  if args.protocol in protocols.ADAPTIVE:
+    extra["best_settings"] = protocols.chosen_settings(specs, outcome)
+  if args.protocol == "cpu-long-tuned":
+    extra["extensions"] = protocols.cpu_long_tuned_extensions(specs)
+  return extra
+
+
 def _compare(args, specs: list[RunSpec], root: Path, trainer: Trainer | None) -> int:
-  print(f"[compare] protocol {args.protocol}: {len(specs)} runs into {root}")
-  if not resolve_conflicts(specs, root, args.overwrite):
+  code = code_version()
+  mixed = mixed_code(root, code)
+  if mixed:
+    print(f"slj compare: error: {mixed}", file=sys.stderr)
     return 1
-  write_plan(root, specs, args.protocol)
+  deadline = None if args.stop_after is None else time.monotonic() + 60 * args.stop_after
+  adaptive = args.protocol in protocols.ADAPTIVE
+  print(f"[compare] protocol {args.protocol}: {len(specs)} runs into {root}"
+        + (" (more as the results of these come in)" if adaptive else ""))
   if not args.no_compile_cache and trainer is None:
     enable_compilation_cache(root / ".compile_cache")
-  statuses = execute(specs, root, trainer=trainer, retry_failed=args.retry_failed)
-
-  if args.protocol == "tuned":
+  outcome = _outcome(root)
+  statuses: dict[str, str] = {}
+  while True:
+    if not resolve_conflicts(specs, root, args.overwrite):
+      return 1
     try:
-      best = protocols.best_settings(specs, _outcome(root))
+      write_plan(root, specs, args.protocol, _plan_extra(args, specs, outcome, code))
     except ValueError as e:
       print(f"[compare] {e}", file=sys.stderr)
       return 1
-    print("[compare] chosen settings: " + ", ".join(
-        f"{o} lr {b['learning_rate']:.2e}" + "".join(
-            f" {k} {v}" for k, v in b["optimizer_kwargs"].items()) for o, b in best.items()))
-    seeds = args.seeds if args.seeds is not None else protocols.DEFAULT_SEEDS["tuned"]
-    final = protocols.tuned_final(best, seeds, **_overrides(args))
-    if not resolve_conflicts(final, root, args.overwrite):
+    statuses.update(execute([s for s in specs if s.run_name not in statuses], root,
+                            trainer=trainer, retry_failed=args.retry_failed,
+                            deadline=deadline))
+    if not adaptive or (deadline is not None and time.monotonic() >= deadline):
+      break
+    try:
+      more = plan(args, outcome)
+    except ValueError as e:
+      print(f"[compare] {e}", file=sys.stderr)
       return 1
-    # The best lr's seed 0 is listed twice (sweep and final phase): one run directory.
-    write_plan(root, list(specs) + final, "tuned", {"best_settings": best})
-    statuses.update(execute(final, root, trainer=trainer, retry_failed=args.retry_failed))
+    if [s.run_name for s in more] == [s.run_name for s in specs]:
+      break
+    specs = more
+  if adaptive and _is_main_process():
+    chosen = protocols.chosen_settings(specs, outcome)
+    if chosen:
+      print("[compare] chosen settings: " + ", ".join(
+          f"{o} lr {b['learning_rate']:.2e}" + "".join(
+              f" {k} {v}" for k, v in b["optimizer_kwargs"].items())
+          for o, b in chosen.items()))
 
   if not _is_main_process():
     return 0
@@ -395,11 +476,15 @@ def _compare(args, specs: list[RunSpec], root: Path, trainer: Trainer | None) ->
 
     for path in plots.write_plots(root):
       print(f"[compare] wrote {path}")
-  failed = sorted(k for k, v in statuses.items() if v != "done")
+  failed = sorted(k for k, v in statuses.items() if v in ("failed", "partial"))
+  left = sorted(k for k, v in statuses.items() if v == "pending")
   if failed:
     print(f"[compare] {len(failed)} run(s) did not finish: {', '.join(failed)}",
           file=sys.stderr)
     return 1
+  if left:
+    print(f"[compare] stopped after --stop-after {args.stop_after:g} min with {len(left)} "
+          f"planned run(s) left: run the same command again to continue")
   return 0
 
 

@@ -264,6 +264,7 @@ def aggregate(records: Sequence[RunRecord], target: float | None = None) -> dict
         "runs": len(rs),
         "failed": [r.spec.run_name for r in rs if r.status == "failed"],
         "final_val_loss": stat(_final_val(r) for r in done),
+        "final_val_loss_by_seed": {r.spec.seed: _final_val(r) for r in done},
         "final_train_loss": stat(s.get("final_train_loss") for s in summ),
         "tokens_per_s": stat(s.get("tokens_per_s") for s in summ),
         "wall_s": stat(s.get("wall_s") for s in summ),
@@ -327,23 +328,38 @@ def default_target(aggs: dict[str, dict]) -> float | None:
 
 
 def versus_adamw(aggs: dict[str, dict], label: str) -> dict | None:
-  """Difference of `label`'s mean final val loss to AdamW's (negative = better), its
-  standard error and a verdict ('better'/'worse' beyond 2 standard errors, 'within noise',
-  or 'single seed' when either side has n < 2)."""
+  """`label`'s final validation loss minus AdamW's (negative = better), its standard error
+  and a verdict: 'better'/'worse' beyond 2 standard errors, else 'within noise' ('single
+  seed' when there is no spread to measure).
+
+  Runs of one seed share the initialisation and the data order, so where both have at
+  least two seeds in common the difference is paired: the mean over common seeds of the
+  per-seed differences, with SE = their sample std / sqrt(n) ("paired": True, the per-seed
+  differences in "by_seed"). Otherwise the difference of means with SE = sqrt(s_a^2 / n_a +
+  s_b^2 / n_b)."""
   base = _label_of(aggs, "adamw")
   if base is None or base == label:
     return None
   a, b = aggs[label]["final_val_loss"], aggs[base]["final_val_loss"]
   if a.mean is None or b.mean is None:
     return None
-  diff = a.mean - b.mean
-  if a.std is None or b.std is None:
-    return {"diff": diff, "se": None, "verdict": "single seed"}
-  se = math.sqrt(a.std ** 2 / a.n + b.std ** 2 / b.n)
-  verdict = "within noise"
-  if abs(diff) > 2 * se:
-    verdict = "better" if diff < 0 else "worse"
-  return {"diff": diff, "se": se, "verdict": verdict}
+  ours, theirs = aggs[label]["final_val_loss_by_seed"], aggs[base]["final_val_loss_by_seed"]
+  common = sorted(seed for seed in ours if seed in theirs
+                  and ours[seed] is not None and theirs[seed] is not None)
+  if len(common) >= 2:
+    by_seed = {seed: ours[seed] - theirs[seed] for seed in common}
+    d = stat(by_seed.values())
+    out = {"diff": d.mean, "se": d.std / math.sqrt(d.n), "paired": True, "n": d.n,
+           "by_seed": by_seed}
+  elif a.std is None or b.std is None:
+    return {"diff": a.mean - b.mean, "se": None, "verdict": "single seed", "paired": False}
+  else:
+    out = {"diff": a.mean - b.mean, "se": math.sqrt(a.std ** 2 / a.n + b.std ** 2 / b.n),
+           "paired": False}
+  out["verdict"] = "within noise"
+  if abs(out["diff"]) > 2 * out["se"]:
+    out["verdict"] = "better" if out["diff"] < 0 else "worse"
+  return out
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -446,6 +462,12 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
   return _md_table(header, rows) + "\n"
 
 
+def _setting_text(kwargs: dict) -> str:
+  """The swept hyperparameters besides the learning rate: 'rho 0.4', 'rho auto', 'b2 0.99'."""
+  return ", ".join(f"{name} {kwargs[name]:g}" if isinstance(kwargs[name], (int, float)) else
+                   f"{name} {kwargs[name]}" for name in ("rho", "b2") if name in kwargs)
+
+
 def sweep_table(records: Sequence[RunRecord]) -> str | None:
   """Tuned protocol: final validation loss of every sweep setting (learning rate, and rho for
   the Sophia family, with its unclipped fraction)."""
@@ -455,28 +477,28 @@ def sweep_table(records: Sequence[RunRecord]) -> str | None:
   rows = []
   for r in sorted(sweep, key=lambda r: (optimizer_rank(r.spec.optimizer),
                                          r.spec.fields["learning_rate"],
-                                         r.spec.fields["optimizer_kwargs"].get("rho", 0))):
+                                         _setting_text(r.spec.fields["optimizer_kwargs"]))):
     v = _final_val(r) if r.status == "done" else None
     cell = "diverged" if r.status == "failed" else ("n/a" if v is None else f"{v:.3f}")
-    rho = r.spec.fields["optimizer_kwargs"].get("rho")
     u = unclipped_fractions(r.metrics, (r.summary or {}).get("steps") or _last_step(r.metrics))
     unclipped = "-" if "all" not in u else unclipped_cell(
         {"unclipped_fraction": Stat(u["all"], None, 1)})
     rows.append([display_name(r.spec.optimizer), f"{r.spec.fields['learning_rate']:.2e}",
-                 "-" if rho is None else f"{rho:g}", cell, unclipped])
-  return "### Sweep (seed 0, final validation loss)\n\n" + _md_table(
-      ["Optimizer", "lr", "rho", "Val loss", "Unclipped"], rows) + "\n"
+                 _setting_text(r.spec.fields["optimizer_kwargs"]) or "-", cell, unclipped])
+  seeds = ", ".join(str(x) for x in sorted({r.spec.seed for r in sweep}))
+  return f"### Sweep (seed {seeds}, final validation loss)\n\n" + _md_table(
+      ["Optimizer", "lr", "other", "Val loss", "Unclipped"], rows) + "\n"
 
 
 def chosen_settings_text(best: dict[str, dict]) -> str:
   """The tuned protocol's choice per optimizer, with the unconstrained best beside the
   Sophia family's in-band choice."""
   def setting(b):
-    rho = b["optimizer_kwargs"].get("rho")
-    return f"lr {b['learning_rate']:.2e}" + ("" if rho is None else f", rho {rho:g}")
+    other = _setting_text(b["optimizer_kwargs"])
+    return f"lr {b['learning_rate']:.2e}" + (f", {other}" if other else "")
 
-  lines = ["Chosen settings (lowest seed-0 validation loss; the Sophia family only among "
-           "settings with 10-50 % unclipped):", ""]
+  lines = ["Chosen settings (lowest validation loss of the selection seed; the Sophia family "
+           "only among settings with 10-50 % unclipped):", ""]
   for opt, b in sorted(best.items(), key=lambda kv: optimizer_rank(kv[0])):
     line = f"- {display_name(opt)}: {setting(b)} (val {b['val_loss']:.3f})"
     if "unconstrained" in b:
@@ -506,6 +528,41 @@ def _jsonable(x):
   return x
 
 
+def _final_eval_text(records: Sequence[RunRecord]) -> str:
+  """How much of the validation split the final evaluations covered (plans written before
+  `final_eval_batches` existed ended with an `eval_batches` evaluation)."""
+  batches = {r.spec.fields.get("final_eval_batches", r.spec.fields.get("eval_batches"))
+             for r in records}
+  if len(batches) != 1:
+    return "validation batches as each run's config.json says"
+  (n,) = batches
+  return "the whole validation split" if n is None else f"the first {n} validation batches"
+
+
+def _versus_caption(aggs: dict[str, dict]) -> str:
+  """What the 'vs AdamW' column's numbers are."""
+  comparisons = [v for label in aggs if (v := versus_adamw(aggs, label)) is not None]
+  paired = [v for v in comparisons if v.get("paired")]
+  ns = sorted({v["n"] for v in paired})
+  text = ("'vs AdamW' is this configuration's loss minus AdamW's (negative = lower than "
+          "AdamW). ")
+  if paired:
+    text += ("Runs of one seed share initialisation and data order, so it is the mean of the "
+             "per-seed differences ± its standard error (sample std of the differences / "
+             "sqrt(n)); per-seed values are in results.json. ")
+    if ns == [3]:
+      text += ("A verdict ('better'/'worse') is given only beyond 2 standard errors: with "
+               "n = 3 seeds that is about an 82 % interval (Student's t, 2 degrees of "
+               "freedom), not 95 %.")
+    else:
+      text += ("A verdict ('better'/'worse') is given only beyond 2 standard errors (an "
+               "interval of Student's t with n - 1 degrees of freedom).")
+  else:
+    text += ("Seeds could not be paired: difference of means ± sqrt(s_a²/n_a + s_b²/n_b); "
+             "'better'/'worse' only beyond 2 standard errors.")
+  return text
+
+
 def build_report(root: Path, target: float | None = None) -> dict:
   """Everything `write_report` writes, as a dict (markdown strings included)."""
   plan, records = load_results(root)
@@ -519,9 +576,8 @@ def build_report(root: Path, target: float | None = None) -> dict:
   sections = [
       f"# Optimizer comparison: protocol `{protocol}`", "",
       f"Runs: {sum(r.status == 'done' for r in records)} finished of {len(records)}. "
-      "Validation loss is the final evaluation of each run; mean ± sample std over seeds. "
-      "'vs AdamW' is the difference of means (negative = lower loss than AdamW) ± its "
-      "standard error; 'better'/'worse' only beyond 2 standard errors."
+      f"Validation loss is the final evaluation of each run ({_final_eval_text(main)}); "
+      "'Val loss' is its mean ± sample std over seeds. " + _versus_caption(aggs)
       + (f" Time to target: training wall-clock (sum of step times) until the first "
          f"evaluation at or below {target:.3f} (AdamW's mean final validation loss)."
          if target is not None else ""), "",

@@ -60,7 +60,7 @@ RESUME_MUST_MATCH = (
     "grad_accum", "grad_clip", "data", "seed")
 # Fields a finished run's results depend on: the trajectory and how the final validation
 # loss is measured. A comparison reuses a finished run only when these match its plan.
-RESULTS_DEPEND_ON = RESUME_MUST_MATCH + ("eval_batches",)
+RESULTS_DEPEND_ON = RESUME_MUST_MATCH + ("eval_batches", "final_eval_batches")
 
 
 @dataclasses.dataclass
@@ -113,6 +113,9 @@ class TrainConfig:
   # the last step; eval_every=0 disables it. checkpoint_every=0 checkpoints only at the end.
   eval_every: int = 50
   eval_batches: int = 8
+  # Validation batches of the last evaluation, the run's final_val_loss; None: the whole
+  # validation split (each batch once).
+  final_eval_batches: int | None = None
   log_every: int = 10
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
@@ -149,6 +152,8 @@ class TrainConfig:
       non_negative_int(name)
     if self.warmup_steps is not None:
       non_negative_int("warmup_steps")
+    if self.final_eval_batches is not None:
+      positive_int("final_eval_batches")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                        f"({self.grad_accum})")
@@ -281,7 +286,9 @@ def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[st
   config.json (`saved`; fields it lacks take their defaults) differs from `planned`."""
   defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
               else f.default_factory() for f in dataclasses.fields(TrainConfig)}
-  saved = {**defaults, **saved}
+  # Runs written before final_eval_batches existed ended with an eval_batches evaluation.
+  saved = {**defaults, "final_eval_batches": saved.get("eval_batches", defaults["eval_batches"]),
+           **saved}
   planned_dict = json.loads(json.dumps(planned.to_dict()))  # tuples -> lists, as on disk
   return [f"{name}: {saved.get(name)!r} there, {planned_dict.get(name)!r} planned"
           for name in RESULTS_DEPEND_ON if saved.get(name) != planned_dict.get(name)]
@@ -335,6 +342,7 @@ _FLAG_HELP = {
     "seed": "seed for init, data order and Hessian-estimator sampling",
     "eval_every": "validate every N steps and at the end (0: never)",
     "eval_batches": "validation batches per evaluation",
+    "final_eval_batches": "validation batches of the last evaluation ('null': the whole split)",
     "log_every": "print a line every N steps when not on a terminal",
     "checkpoint_every": "checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "how many recent checkpoints to keep",

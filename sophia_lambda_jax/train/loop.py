@@ -520,8 +520,12 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float |
     return mesh_lib.global_batch(np.ascontiguousarray(rows), program.batch_sharding,
                                  batch_shape)
 
-  def evaluate() -> float:
-    n = min(config.eval_batches, run.val_data.num_batches)
+  def eval_batches(final: bool) -> int:
+    batches = config.final_eval_batches if final else config.eval_batches
+    return run.val_data.num_batches if batches is None else min(batches,
+                                                                run.val_data.num_batches)
+
+  def evaluate(n: int) -> float:
     total = 0.0
     for i in range(n):
       batch = mesh_lib.global_batch(run.val_data.batch(i), eval_sharding,
@@ -543,13 +547,14 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float |
     logger.log_step(_step_record(config, metrics, done, dt,
                                  warmup=step == run.start_step))
     if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-      last_val = evaluate()
-      logger.log_eval(done, last_val)
+      n = eval_batches(final=done == config.steps)
+      last_val = evaluate(n)
+      logger.log_eval(done, last_val, n)
     if (config.checkpoint_every and done % config.checkpoint_every == 0) or \
        done == config.steps:
       checkpointer.save(done, state, config_dict, run.data_fingerprint)
   if last_val is None and config.eval_every:  # resumed a run whose last checkpoint is final
-    last_val = evaluate()
+    last_val = evaluate(eval_batches(final=True))
   return last_val
 
 
@@ -630,6 +635,8 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "final_train_loss": float(np.mean(tail)) if tail else None,
       "last_train_loss": train_losses[-1] if train_losses else None,
       "final_val_loss": last_val,
+      "final_val_batches": next((r.get("val_batches") for r in reversed(records)
+                                 if "val_loss" in r), None),
       "mean_step_s": mean_step,
       "tokens_per_s": config.batch_tokens / mean_step if mean_step else None,
       "wall_s": time.perf_counter() - wall_start,

@@ -122,10 +122,12 @@ class MetricsLogger:
                          "clip_fraction") if record.get(k) is not None)
       print(f"step {step}/{self.total_steps} {fields}", file=self.stream, flush=True)
 
-  def log_eval(self, step: int, val_loss: float) -> None:
+  def log_eval(self, step: int, val_loss: float, batches: int | None = None) -> None:
+    """One evaluation: its mean loss over `batches` validation batches."""
     if not self.enabled:
       return
-    self._write({"step": step, "val_loss": val_loss})
+    self._write({"step": step, "val_loss": val_loss}
+                | ({} if batches is None else {"val_batches": batches}))
     message = f"step {step}/{self.total_steps} val_loss={val_loss:.4f}"
     if self._bar is not None:
       self._bar.write(message)

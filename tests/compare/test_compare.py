@@ -82,12 +82,15 @@ def test_tuned_sweeps_then_runs_the_best_lr_with_three_seeds(tmp_path, fake_trai
   assert plan["best_settings"]["adamw"]["learning_rate"] == best
   assert plan["best_settings"]["adamw"]["optimizer_kwargs"] == {}
   tag = protocols.lr_tag(best)
-  # 5 sweep runs + seeds 1 and 2 of the best (its seed 0 is the sweep run).
-  assert len(trainer.calls) == len(sweep) + 2
-  assert {Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls[-2:]} == {
-      f"adamw/{tag}/seed1", f"adamw/{tag}/seed2"}
+  # 5 sweep runs on seed 0, then the best on seeds 1, 2 and 3: the seed that chose a
+  # setting is never reported.
+  assert len(trainer.calls) == len(sweep) + 3
+  assert {Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls[-3:]} == {
+      f"adamw/{tag}/seed1", f"adamw/{tag}/seed2", f"adamw/{tag}/seed3"}
   md = (tmp_path / "results.md").read_text()
-  assert "### Sweep" in md and "(n=3)" in md and "Chosen settings" in md
+  assert "### Sweep (seed 0," in md and "(n=3)" in md and "Chosen settings" in md
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["aggregates"][f"adamw/{tag}"]["seeds"] == [1, 2, 3]
 
 
 def test_list_prints_the_plan_without_training(tmp_path, fake_trainer, capsys):
@@ -204,3 +207,59 @@ def test_second_compare_on_one_out_is_refused(tmp_path, fake_trainer, capsys):
   with directory_lock(tmp_path):  # held by "another" compare (this process's own fd)
     assert _run(tmp_path, fake_trainer()) == 1
   assert f"in use by process {os.getpid()}" in capsys.readouterr().err
+
+
+def test_cpu_long_tuned_selects_on_seed_100_then_reports_seeds_0_to_2(tmp_path, fake_trainer):
+  trainer = fake_trainer()
+  assert runner.main(["--protocol", "cpu-long-tuned", "--out", str(tmp_path), "--no-plots",
+                      "--optimizers", "adamw,lion"], trainer=trainer) == 0
+  runs = [Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls]
+  # 5 + 5 selection runs, AdamW's b2 0.99 at its best rate, then 2 x 3 final runs.
+  assert len(runs) == 17 and all(r.endswith("seed100") for r in runs[:11])
+  assert runs[10] == "adamw/lr7.500e-04/b20.99/seed100"
+  assert sorted(r.rsplit("/", 1)[1] for r in runs[11:]) == sorted(["seed0", "seed1",
+                                                                    "seed2"] * 2)
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan["best_settings"]["lion"]["learning_rate"] == 1.2e-3
+  assert plan["extensions"] == {} and "commit" in plan["code"]
+  report = json.loads((tmp_path / "results.json").read_text())
+  finals = [r for r in report["runs"] if r["phase"] == "final"]
+  assert len(finals) == 6 and {r["seed"] for r in finals} == {0, 1, 2}
+  assert {r["seed"] for r in report["runs"] if r["phase"] == "sweep"} == {100}
+  for agg in report["aggregates"].values():
+    assert sorted(agg["seeds"]) == [0, 1, 2]
+  md = (tmp_path / "results.md").read_text()
+  assert "the whole validation split" in md and "82 %" in md and "### Sweep (seed 100," in md
+
+
+def test_stop_after_ends_a_stage_that_the_same_command_continues(tmp_path, fake_trainer,
+                                                                  monkeypatch, capsys):
+  clock = [0.0]
+  monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+
+  def slow(config):  # every run takes ten minutes of the fake clock
+    clock[0] += 600
+    return fake_trainer()(config)
+
+  assert _run(tmp_path, slow, "--stop-after", "15") == 0
+  assert "stopped after --stop-after 15 min with 1 planned run(s) left" in (
+      capsys.readouterr().out)
+  assert runner.run_status(tmp_path / "sophia_lambda/seed0") == "pending"
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer) == 0
+  assert [Path(c).relative_to(tmp_path).as_posix() for c in trainer.calls] == [
+      "sophia_lambda/seed0"]
+  with pytest.raises(SystemExit):
+    _run(tmp_path, trainer, "--stop-after", "0")
+
+
+def test_runs_of_another_commit_are_not_continued(tmp_path, fake_trainer, monkeypatch, capsys):
+  monkeypatch.setattr(runner, "code_version", lambda: {"commit": "a" * 40, "dirty": False})
+  assert _run(tmp_path, fake_trainer()) == 0
+  assert json.loads((tmp_path / "plan.json").read_text())["code"]["commit"] == "a" * 40
+  monkeypatch.setattr(runner, "code_version", lambda: {"commit": "b" * 40, "dirty": False})
+  trainer = fake_trainer()
+  assert _run(tmp_path, trainer) == 1
+  assert trainer.calls == []
+  err = capsys.readouterr().err
+  assert "made by commit aaaaaaaaaaaa and this is bbbbbbbbbbbb" in err and "worktree" in err

@@ -112,15 +112,31 @@ def test_tuned_sweeps_rho_with_the_learning_rate_for_the_sophia_family():
   assert all("rho" not in s.fields["optimizer_kwargs"] for s in specs if s.optimizer == "adamw")
 
 
-def test_tuned_final_reuses_the_sweep_run_as_seed_zero():
+def test_tuned_final_reports_seeds_other_than_the_sweep_s():
   sweep = protocols.tuned_sweep(["sophia"])
   chosen = {"learning_rate": sweep[4].fields["learning_rate"],
             "optimizer_kwargs": {k: sweep[4].fields["optimizer_kwargs"][k]
                                  for k in ("rho", "bias_correction")}}
   final = protocols.tuned_final({"sophia": chosen}, seeds=3)
-  assert [s.seed for s in final] == [0, 1, 2]
-  assert final[0].run_name == sweep[4].run_name
-  assert final[0].fields == sweep[4].fields
+  assert [s.seed for s in final] == [1, 2, 3] and {s.seed for s in sweep} == {0}
+  assert {s.label for s in final} == {sweep[4].label}
+  assert all(s.fields == sweep[4].fields and s.phase == "final" for s in final)
+
+
+def test_tuned_adds_the_final_runs_once_the_sweep_has_ended():
+  sweep = protocols.tuned_sweep(["adamw", "lion"])
+  assert protocols.tuned(3, ["adamw", "lion"]) == sweep
+  losses = {s.run_name: 5.0 - 0.1 * i for i, s in enumerate(sweep)}
+  unfinished = sweep[-1].run_name
+  partial = protocols.tuned(
+      3, ["adamw", "lion"],
+      outcome=lambda s: None if s.run_name == unfinished else (losses[s.run_name], None))
+  assert partial == sweep
+  done = protocols.tuned(3, ["adamw", "lion"], outcome=lambda s: (losses[s.run_name], None))
+  assert done[:len(sweep)] == sweep
+  assert [(s.label, s.seed) for s in done[len(sweep):]] == [
+      (sweep[4].label, 1), (sweep[4].label, 2), (sweep[4].label, 3),
+      (sweep[-1].label, 1), (sweep[-1].label, 2), (sweep[-1].label, 3)]
 
 
 def test_best_settings_ignore_diverged_runs_and_prefer_the_band():
@@ -232,3 +248,94 @@ def test_unknown_train_config_field_is_named(tmp_path):
 def test_spec_json_round_trip():
   for spec in protocols.cpu(2, ["sophia"]):
     assert protocols.RunSpec.from_json(spec.to_json())._replace(group=spec.group) == spec
+
+
+def _rates(specs, optimizer):
+  return [s.fields["learning_rate"] for s in specs
+          if s.optimizer == optimizer and s.phase == "sweep"
+          and "b2" not in s.fields["optimizer_kwargs"]]
+
+
+def test_cpu_long_tuned_starts_with_five_rates_around_the_tuned_choice_on_seed_100():
+  specs = protocols.cpu_long_tuned()
+  assert {s.seed for s in specs} == {protocols.CPU_LONG_TUNED_SELECTION_SEED} == {100}
+  assert {s.phase for s in specs} == {"sweep"}
+  for opt, centre in protocols.CPU_LONG_TUNED_CENTRES.items():
+    assert _rates(specs, opt) == pytest.approx([centre * f for f in (0.25, 0.5, 1, 2, 4)])
+  by_opt = {s.optimizer: s for s in specs}
+  for opt in ("sophia", "sophia_h", "sophia_lambda"):
+    assert by_opt[opt].fields["optimizer_kwargs"] == {"rho": "auto", "bias_correction": True}
+  assert by_opt["adamw"].fields["optimizer_kwargs"] == {}
+
+
+def test_cpu_long_tuned_protocol_fields_are_pinned():
+  """The cpu-long setting, evaluated on the whole validation split at the end."""
+  f = protocols.cpu_long_tuned(optimizers=["adamw"])[0].fields
+  assert (f["model"], f["data"], f["steps"], f["batch_size"], f["seq_len"],
+          f["warmup_steps"], f["eval_every"], f["eval_batches"], f["final_eval_batches"],
+          f["compute_dtype"]) == (
+              "qwen-cpu", "builtin", 3000, 8, 128, 300, 100, 8, None, "float32")
+  long = protocols.cpu_long(1, ["adamw"])[0].fields
+  same = set(long) - {"learning_rate", "optimizer_kwargs", "final_eval_batches"}
+  assert {k: f[k] for k in same} == {k: long[k] for k in same}
+
+
+def test_cpu_long_tuned_centres_are_the_tuned_protocol_s_choices():
+  results = json.loads((REPO / "docs/results/tuned-cpu/results.json").read_text())
+  assert protocols.CPU_LONG_TUNED_CENTRES == {
+      opt: chosen["learning_rate"] for opt, chosen in results["best_settings"].items()}
+
+
+def _outcome_from(loss_of_rate, unfinished=()):
+  def outcome(spec):
+    if spec.run_name in unfinished:
+      return None
+    lr = spec.fields["learning_rate"]
+    loss = loss_of_rate(spec.optimizer, lr)
+    if "b2" in spec.fields["optimizer_kwargs"]:
+      loss -= 0.01  # b2 0.99 is a little better
+    return loss, 0.3 if spec.optimizer.startswith("sophia") else None
+  return outcome
+
+
+def test_cpu_long_tuned_extends_a_sweep_whose_best_rate_is_at_an_end():
+  # Lion's loss falls with the rate up to 2e-2 (beyond its first five rates, 3e-4..4.8e-3);
+  # AdamW's is lowest inside its sweep.
+  def loss(opt, lr):
+    best = 2e-2 if opt == "lion" else 1e-3
+    return 4.0 + abs(math.log2(lr / best))
+
+  outcome = _outcome_from(loss)
+  specs = protocols.cpu_long_tuned(3, ["adamw", "lion"], outcome=outcome)
+  assert _rates(specs, "lion") == pytest.approx([3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3, 9.6e-3,
+                                                 1.92e-2, 3.84e-2])
+  assert protocols.cpu_long_tuned_extensions(specs) == {"lion": pytest.approx(
+      [9.6e-3, 1.92e-2, 3.84e-2])}
+  # AdamW: five rates, then b2 0.99 at its best rate (7.5e-4), which wins.
+  adamw = [s for s in specs if s.optimizer == "adamw" and s.phase == "sweep"]
+  assert [s.fields["optimizer_kwargs"] for s in adamw] == [{}] * 5 + [{"b2": 0.99}]
+  assert adamw[-1].fields["learning_rate"] == 7.5e-4
+  finals = [s for s in specs if s.phase == "final"]
+  assert [(s.label, s.seed) for s in finals] == [
+      ("adamw/lr7.500e-04/b20.99", 0), ("adamw/lr7.500e-04/b20.99", 1),
+      ("adamw/lr7.500e-04/b20.99", 2), ("lion/lr1.920e-02", 0), ("lion/lr1.920e-02", 1),
+      ("lion/lr1.920e-02", 2)]
+  assert all(s.fields["optimizer_kwargs"] == {"b2": 0.99} for s in finals[:3])
+  assert {s.seed for s in specs if s.phase == "sweep"} == {100}
+  chosen = protocols.chosen_settings(specs, outcome)
+  assert chosen["adamw"]["optimizer_kwargs"] == {"b2": 0.99}
+  assert chosen["lion"]["learning_rate"] == pytest.approx(1.92e-2)
+
+
+def test_cpu_long_tuned_waits_for_unfinished_selection_runs():
+  def loss(opt, lr):
+    return 4.0 + abs(math.log2(lr / 1e-3))
+
+  first = protocols.cpu_long_tuned(3, ["adamw"])
+  unfinished = {first[2].run_name}
+  specs = protocols.cpu_long_tuned(3, ["adamw"], outcome=_outcome_from(loss, unfinished))
+  assert specs == first
+  # The extension limit: a loss that keeps falling stops after three more rates.
+  specs = protocols.cpu_long_tuned(3, ["adamw"], outcome=_outcome_from(lambda o, lr: -lr))
+  assert len(protocols.cpu_long_tuned_extensions(specs)["adamw"]) == 3
+  assert max(_rates(specs, "adamw")) == pytest.approx(6e-3 * 8)

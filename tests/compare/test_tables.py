@@ -44,18 +44,42 @@ def test_aggregates_over_seeds(fake_compare):
   assert aggs["adamw"]["hessian_overhead"].mean is None
 
 
-def test_versus_adamw_uses_the_standard_error(fake_compare):
+def test_versus_adamw_pairs_runs_of_one_seed(fake_compare):
   root, _ = fake_compare
   _, records = tables.load_results(root)
   aggs = tables.aggregate(records)
   vs = tables.versus_adamw(aggs, "sophia_lambda")
+  # The fake runs shift every optimizer's loss by the same amount per seed, so the per-seed
+  # differences are identical: the unpaired SE would be std * sqrt(2/3), the paired one 0.
+  assert vs["paired"] and vs["n"] == 3
   assert math.isclose(vs["diff"], -0.10, abs_tol=1e-9)
-  # Identical seed shifts on both sides: the std is the same, se = std * sqrt(2/3).
-  std = aggs["adamw"]["final_val_loss"].std
-  assert math.isclose(vs["se"], std * math.sqrt(2 / 3))
+  assert vs["se"] == pytest.approx(0.0, abs=1e-12)
+  assert vs["by_seed"] == pytest.approx({s: _val("sophia_lambda", s) - _val("adamw", s)
+                                         for s in range(3)})
   assert vs["verdict"] == "better"
   assert tables.versus_adamw(aggs, "lion")["verdict"] == "worse"
   assert tables.versus_adamw(aggs, "adamw") is None
+
+
+def test_paired_standard_error_is_the_std_of_differences_over_root_n():
+  def agg(optimizer, by_seed):
+    return {"optimizer": optimizer, "final_val_loss": tables.stat(by_seed.values()),
+            "final_val_loss_by_seed": by_seed, "unclipped_fraction": None}
+
+  adamw = {0: 4.30, 1: 4.25, 2: 4.35}
+  ours = {0: 4.20, 1: 4.30, 2: 4.19}
+  aggs = {"adamw": agg("adamw", adamw), "x": agg("lion", ours)}
+  diffs = [ours[s] - adamw[s] for s in range(3)]
+  vs = tables.versus_adamw(aggs, "x")
+  assert vs["diff"] == pytest.approx(statistics.mean(diffs))
+  assert vs["se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+  assert vs["verdict"] == "within noise"  # |-0.07| < 2 * 0.062
+  # No two seeds in common: the unpaired difference of means.
+  aggs["x"] = agg("lion", {5: 4.20, 6: 4.22})
+  vs = tables.versus_adamw(aggs, "x")
+  assert not vs["paired"]
+  assert vs["se"] == pytest.approx(math.sqrt(statistics.variance(adamw.values()) / 3
+                                             + statistics.variance([4.20, 4.22]) / 2))
 
 
 def test_time_to_target_sums_step_times():

@@ -45,6 +45,7 @@ def test_json_config_file_is_overridden_by_flags(tmp_path):
     ({"mesh": "data=0"}, "mesh"),
     ({"optimizer_kwargs": {"batch_tokens": 4096}}, "batch_tokens"),
     ({"grad_clip": 0.0}, "grad_clip"),
+    ({"final_eval_batches": 0}, "final_eval_batches"),
     ({"not_a_field": 1}, "not_a_field"),
 ])
 def test_bad_values_raise_naming_the_field(values, field):
@@ -69,3 +70,17 @@ def test_mesh_spec_and_default_learning_rate():
       config.resolved_learning_rate(128) / 2)
   assert TrainConfig(learning_rate=0.01).resolved_learning_rate(4096) == 0.01
   assert TrainConfig(steps=100).resolved_warmup_steps() == 10
+
+
+def test_final_eval_batches_is_part_of_the_results():
+  from sophia_lambda_jax.train.config import result_differences
+
+  assert config_from_argv(["--final-eval-batches", "null"]).final_eval_batches is None
+  assert config_from_argv(["--final-eval-batches", "20"]).final_eval_batches == 20
+  planned = TrainConfig(final_eval_batches=8)
+  # A run directory written before the field existed ended with an eval_batches evaluation.
+  assert result_differences({"eval_batches": 8}, planned) == []
+  assert result_differences({"eval_batches": 8}, TrainConfig()) == [
+      "final_eval_batches: 8 there, None planned"]
+  assert result_differences({"eval_batches": 8, "final_eval_batches": None}, planned) == [
+      "final_eval_batches: None there, 8 planned"]

@@ -52,3 +52,17 @@ def test_hessian_estimator_field_swaps_the_estimator(token_data, tmp_path):
     TrainConfig(optimizer="sophia_h", hessian_estimator="gnb")
   with pytest.raises(ValueError, match="unknown optimizer 'bogus'"):
     TrainConfig(optimizer="bogus")
+
+
+def test_the_final_evaluation_covers_the_whole_validation_split(token_data, tmp_path):
+  from sophia_lambda_jax import data
+
+  config = _config(token_data, tmp_path, eval_every=2, final_eval_batches=None)
+  summary = run_training(config)
+  evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]
+  split = data.TokenBatches(str(token_data), "val", batch_size=2, seq_len=16,
+                            vocab_size=1024).num_batches
+  assert split > 1
+  assert [(r["step"], r["val_batches"]) for r in evals] == [(2, 1), (4, split)]
+  assert summary["final_val_batches"] == split
+  assert summary["final_val_loss"] == evals[-1]["val_loss"]
