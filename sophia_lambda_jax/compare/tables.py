@@ -627,6 +627,67 @@ def write_report(root: Path, target: float | None = None) -> dict:
   return report
 
 
+def thinned_metrics(records: Sequence[dict], every: int) -> list[dict]:
+  """A run's metrics with its train records merged over windows of `every` steps (the
+  evaluation records kept as they are): loss, gradient norm and clip fractions averaged,
+  step times summed, the rest taken from the window's last record. What the tables read
+  from metrics comes out the same as from the full records whenever the evaluations and
+  the half-way step fall on window ends (elapsed time at each evaluation, second-half
+  unclipped fractions); the curves keep one point per window."""
+  out: list[dict] = []
+  window: list[dict] = []
+
+  def flush():
+    if not window:
+      return
+    merged = dict(window[-1], merged_steps=len(window))
+    for key in merged:
+      values = [r[key] for r in window if isinstance(r.get(key), (int, float))
+                and not isinstance(r.get(key), bool)]
+      if key == "step_time_s":
+        merged[key] = sum(values)
+      elif key in ("loss", "grad_norm", "tokens_per_s") or key.startswith("clip_fraction"):
+        merged[key] = sum(values) / len(values) if values else merged[key]
+    for flag in ("refresh", "warmup"):
+      if any(r.get(flag) for r in window):
+        merged[flag] = True
+    out.append(merged)
+    window.clear()
+
+  for r in records:
+    if _is_train(r):
+      window.append(r)
+      if r["step"] % every == 0:
+        flush()
+    else:
+      flush()
+      out.append(r)
+  flush()
+  return out
+
+
+def archive_runs(root: Path, dest: Path, every: int = 50) -> int:
+  """Copy each finished run of the compare in `root` to `dest` with the same layout
+  (config.json, summary.json and `thinned_metrics` as metrics.jsonl) plus plan.json: small
+  enough to commit, read by the tables like the runs themselves, and restorable by copying
+  it back into a compare root (finished runs are then skipped). Returns the runs copied."""
+  root, dest = Path(root), Path(dest)
+  plan, records = load_results(root)
+  copied = 0
+  for record in records:
+    if record.status != "done":
+      continue
+    target = dest / record.spec.run_name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "summary.json"):
+      (target / name).write_text((root / record.spec.run_name / name).read_text())
+    (target / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in thinned_metrics(record.metrics, every)))
+    copied += 1
+  (dest / PLAN).write_text((root / PLAN).read_text())
+  return copied
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
 
@@ -636,9 +697,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--target", type=float, default=None,
                  help="target validation loss for the time-to-target column "
                       "(default: AdamW's mean final validation loss)")
+  p.add_argument("--archive", default=None, metavar="DIR",
+                 help="also copy the finished runs to DIR with their metrics merged over "
+                      "windows of --archive-every steps (small enough to commit; copy DIR "
+                      "back into a compare root to continue it)")
+  p.add_argument("--archive-every", type=int, default=50, metavar="STEPS")
   args = p.parse_args(argv)
+  if args.archive_every < 1:
+    p.error(f"--archive-every must be >= 1, got {args.archive_every}")
   report = write_report(Path(args.root), args.target)
   print(report["markdown"])
+  if args.archive:
+    copied = archive_runs(Path(args.root), Path(args.archive), args.archive_every)
+    print(f"archived {copied} finished run(s) to {args.archive}")
   return 0
 
 

@@ -216,3 +216,24 @@ def test_the_paper_tables_take_an_in_band_configuration_over_one_outside_the_ban
   aggs["sophia/rho0.2"] = _agg("sophia", 0.7)
   assert tables._label_of(aggs, "sophia") == "sophia"
   assert tables._label_of(aggs, "lion") is None
+
+
+def test_an_archive_gives_the_same_tables_and_restores_finished_runs(fake_compare, tmp_path):
+  root, _ = fake_compare
+  archive = tmp_path / "archive"
+  # Evaluations every 5 steps of 20: windows of 5 keep the elapsed time at each of them and
+  # the second-half unclipped fractions.
+  assert tables.archive_runs(root, archive, every=5) == 9
+  full, thin = tables.build_report(root), tables.build_report(archive)
+  for label, agg in full["aggregates"].items():
+    if not agg["finished"]:
+      continue
+    for key in ("final_val_loss", "unclipped_fraction", "time_to_target_s",
+                "steps_to_target"):
+      assert thin["aggregates"][label].get(key) == pytest.approx(agg.get(key)), (label, key)
+  records = tables.read_metrics(archive / "adamw/seed0/metrics.jsonl")
+  assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
+  assert sum(r["step_time_s"] for r in records if "loss" in r) == pytest.approx(
+      20 * STEP_TIMES["adamw"])
+  _, restored = tables.load_results(archive)
+  assert sum(r.status == "done" for r in restored) == 9
