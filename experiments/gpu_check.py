@@ -4,7 +4,7 @@
         [--sections throughput,memory,comparison]
 
 Runs from a plain checkout on the machine's installed jax (CUDA or TPU build), offline. A
-missing Python package is named in one line on stderr (exit 1); the README ("GPU check")
+missing Python package is named in one line on stderr (exit 1); docs/gpu.md ("GPU check")
 says how to bring pure-Python wheels along. Sections, each added to DIR/report.json as soon
 as it ends (a run cut off keeps what it measured); DIR/report.md at the end:
 
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
   missing = missing_packages(REQUIRED_MODULES)
   if missing:
     print(f"gpu_check: missing Python package(s): {', '.join(missing)}; install them, or "
-          "bring wheels (README, 'GPU check')", file=sys.stderr)
+          "bring wheels (docs/gpu.md, 'GPU check')", file=sys.stderr)
     return 1
   plan = SMOKE if args.smoke else FULL
   if args.budget_s is not None:

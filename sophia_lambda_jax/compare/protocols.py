@@ -6,27 +6,10 @@ the `sophia_lambda_jax.train.TrainConfig` fields of the run. The compare runner 
 spec its own run directory `<out>/<label>/seed<seed>`, so a configuration that two phases
 share (the tuned sweep's seed 0 and the tuned final runs) is trained once.
 
-Protocols (docs/design.md section 8):
-
-  cpu          qwen-cpu (vocab 8192 compact, hidden 128, 4 layers) on the built-in corpus,
-               every optimizer at the same token budget, each with its own default learning
-               rate: 120 steps of 8 x 128 tokens. Budget: one seed of all eight optimizers
-               in <= 10 min on 2 CPU cores, three seeds in <= 30 min; see CPU_STEPS below
-               for how the size was chosen.
-  paper        the papers' setting: qwen-134m, FineWeb shards, batch 512 x seq 2048,
-               50,000 steps, lr 3e-4 with warmup + cosine, b1 0.9, b2 0.95, wd 0.1, and the
-               same hyperparameters for every optimizer (as the papers did). For GPUs.
-  paper-short  the same hyperparameters at about one GPU-hour for all eight optimizers on
-               one H100-class GPU (batch 64 x 2048, 1,000 steps, 131M tokens per run).
-  tuned        the fair comparison the papers did not make: on the cpu setting, a sweep of
-               five log-spaced learning rates (x1/4 .. x4, factor 2) around each optimizer's
-               default with seed 0, then the best learning rate of each with three seeds
-               (40 sweep runs + 16 more seeds: about an hour on 2 CPU cores).
-  cpu-long     the cpu setting at a longer budget (CPU_LONG_STEPS steps of 8 x 128 tokens):
-               AdamW, Sophia-G, Sophia-Lambda, LAVSM and LAMVS, each at the setting the
-               tuned protocol chose for it (CPU_LONG_SETTINGS), three seeds; Sophia-G
-               and Sophia-Lambda also at half their tuned rho (CPU_LONG_LOWER_RHO), which
-               keeps them in the unclipped band at this length.
+The protocols (`PROTOCOLS`: cpu, paper, paper-short, tuned, cpu-long), with their settings
+and budgets, are described in one table: docs/experiments.md, "Protocols"; the rules they
+share (one b2 for all in the paper protocols, the regime rule, mean +- std): docs/design.md
+section 8. The constants and `*_fields` functions below hold each protocol's numbers.
 """
 
 from __future__ import annotations
