@@ -1,4 +1,4 @@
-"""A training run's directory, read: its status.
+"""A training run's directory, read: its status, and the commands that use its model.
 
 A run directory is what `slj train --out DIR` writes (`train.loop`):
 
@@ -7,12 +7,19 @@ A run directory is what `slj train --out DIR` writes (`train.loop`):
     checkpoints/       orbax checkpoints, one folder per step
     summary.json       written when the run has finished
     failed.json        written by `slj compare` when the run raised
+
+`cli_generate` and `cli_eval` are `slj generate PATH` and `slj eval PATH`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+
+from sophia_lambda_jax import data
+from sophia_lambda_jax.models import loading, sampler
 
 SUMMARY = "summary.json"
 FAILED = "failed.json"
@@ -38,3 +45,81 @@ def read_summary(run_dir) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cli_generate(argv: list[str]) -> int:
+  """`slj generate PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+  [--seed S]`: print the prompt's continuation (up to the first end-of-text)."""
+  parser = argparse.ArgumentParser(
+      prog="slj generate",
+      description="Continue a prompt with a trained run's newest checkpoint or a HuggingFace "
+                  "Qwen2 directory (KV-cache sampling; stops at end-of-text).")
+  parser.add_argument("path", help="run directory (slj train --out) or HuggingFace Qwen2 "
+                      "directory")
+  parser.add_argument("--prompt", required=True, help="text to continue ('' starts a new "
+                      "document)")
+  parser.add_argument("--max-new-tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all tokens)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    loaded = loading.load(args.path)
+    _, _, text = sampler.continuation(loaded.model, loaded.tokenizer, args.prompt,
+                                      args.max_new_tokens, args.temperature, args.top_p,
+                                      args.seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"slj generate: error: {e}", file=sys.stderr)
+    return 2
+  print(text)
+  return 0
+
+
+def cli_eval(argv: list[str]) -> int:
+  """`slj eval PATH [--data DIR] [--batches N] [--batch-size B] [--seq-len S]`: validation
+  loss, perplexity and tokens evaluated, as JSON."""
+  parser = argparse.ArgumentParser(
+      prog="slj eval",
+      description="Validation loss and perplexity of a run's newest checkpoint or of a "
+                  "HuggingFace Qwen2 directory, as JSON on stdout.")
+  parser.add_argument("path", help="run directory or HuggingFace Qwen2 directory")
+  parser.add_argument("--data", help="prepared data directory or 'builtin' (default: the "
+                      "run's; required for a HuggingFace directory)")
+  parser.add_argument("--batches", type=int, help="validation batches (default: the run's "
+                      "eval_batches, 8 otherwise)")
+  parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the "
+                      "run's, 8 otherwise)")
+  parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, "
+                      "otherwise min(512, the model's context))")
+  args = parser.parse_args(argv)
+  try:
+    if not loading.is_run_directory(args.path) and args.data is None:
+      raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
+                       f"prepared by slj tokenize, or builtin)")
+    loaded = loading.load(args.path)
+    run = loaded.run_config or {}
+    config = loaded.model.config
+    data_dir = data.resolve_data(args.data or run["data"])
+    data_vocab = int(data.load_manifest(data_dir)["vocab_size"])
+    compact = loaded.tokenizer.compact
+    if compact is None and config.vocab_size < data_vocab:
+      raise ValueError(f"{args.path} has vocab_size {config.vocab_size} with no compact "
+                       f"vocabulary table, but {data_dir} holds ids of a {data_vocab}-token "
+                       f"vocabulary")
+    batch_size = args.batch_size or (run["batch_size"] // run["grad_accum"] if run else 8)
+    seq_len = args.seq_len or run.get("seq_len") or min(512, config.max_seq_len)
+    if seq_len > config.max_seq_len:
+      raise ValueError(f"--seq-len {seq_len} exceeds the model's context of "
+                       f"{config.max_seq_len} tokens")
+    batches = data.TokenBatches(data_dir, "val", batch_size, seq_len,
+                                vocab_size=config.vocab_size, compact_vocab=compact)
+    result = loading.evaluate(loaded.model, batches,
+                              args.batches or run.get("eval_batches") or 8)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"slj eval: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0

@@ -12,17 +12,13 @@ checkpoint is loaded. The run stores what it needs to rebuild and decode the mod
 `model.json` (the QwenConfig it trained) and, for a compact vocabulary, `compact_vocab.npy`
 (the id table). Runs written before these files existed are rebuilt from `config.json`
 (preset + overrides) and, for a compact vocabulary, from the data folder it names.
-
-`cli_eval` is `slj eval PATH`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -205,51 +201,3 @@ def evaluate(model: qwen.Qwen, batches, num_batches: int) -> dict[str, float | i
   return {"loss": loss, "perplexity": math.exp(loss),
           "tokens": num_batches * batches.local_batch_size * batches.seq_len,
           "batches": num_batches}
-
-
-def cli_eval(argv: list[str]) -> int:
-  """`slj eval PATH [--data DIR] [--batches N] [--batch-size B] [--seq-len S]`: validation
-  loss, perplexity and tokens evaluated, as JSON."""
-  parser = argparse.ArgumentParser(
-      prog="slj eval",
-      description="Validation loss and perplexity of a run's newest checkpoint or of a "
-                  "HuggingFace Qwen2 directory, as JSON on stdout.")
-  parser.add_argument("path", help="run directory or HuggingFace Qwen2 directory")
-  parser.add_argument("--data", help="prepared data directory or 'builtin' (default: the "
-                      "run's; required for a HuggingFace directory)")
-  parser.add_argument("--batches", type=int, help="validation batches (default: the run's "
-                      "eval_batches, 8 otherwise)")
-  parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the "
-                      "run's, 8 otherwise)")
-  parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, "
-                      "otherwise min(512, the model's context))")
-  args = parser.parse_args(argv)
-  from sophia_lambda_jax import data
-
-  try:
-    if not is_run_directory(args.path) and args.data is None:
-      raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
-                       f"prepared by slj tokenize, or builtin)")
-    loaded = load(args.path)
-    run = loaded.run_config or {}
-    config = loaded.model.config
-    data_dir = data.resolve_data(args.data or run["data"])
-    data_vocab = int(data.load_manifest(data_dir)["vocab_size"])
-    compact = loaded.tokenizer.compact
-    if compact is None and config.vocab_size < data_vocab:
-      raise ValueError(f"{args.path} has vocab_size {config.vocab_size} with no compact "
-                       f"vocabulary table, but {data_dir} holds ids of a {data_vocab}-token "
-                       f"vocabulary")
-    batch_size = args.batch_size or (run["batch_size"] // run["grad_accum"] if run else 8)
-    seq_len = args.seq_len or run.get("seq_len") or min(512, config.max_seq_len)
-    if seq_len > config.max_seq_len:
-      raise ValueError(f"--seq-len {seq_len} exceeds the model's context of "
-                       f"{config.max_seq_len} tokens")
-    batches = data.TokenBatches(data_dir, "val", batch_size, seq_len,
-                                vocab_size=config.vocab_size, compact_vocab=compact)
-    result = evaluate(loaded.model, batches, args.batches or run.get("eval_batches") or 8)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"slj eval: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(result))
-  return 0
