@@ -83,9 +83,9 @@ def _eval(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-  from sophia_lambda_jax.models import hf
+  from sophia_lambda_jax import runs
 
-  return hf.cli_export(argv)
+  return runs.cli_export(argv)
 
 
 COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare,

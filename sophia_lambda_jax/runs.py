@@ -1,4 +1,5 @@
-"""A training run's directory, read: its status, and the commands that use its model.
+"""A training run's directory, read: its status, its export as a HuggingFace directory, and
+the commands that use its model.
 
 A run directory is what `slj train --out DIR` writes (`train.loop`):
 
@@ -8,7 +9,8 @@ A run directory is what `slj train --out DIR` writes (`train.loop`):
     summary.json       written when the run has finished
     failed.json        written by `slj compare` when the run raised
 
-`cli_generate` and `cli_eval` are `slj generate PATH` and `slj eval PATH`.
+`export_run` writes a run as a HuggingFace Qwen2 directory that transformers loads offline.
+`cli_generate`, `cli_eval` and `cli_export` are `slj generate`, `slj eval` and `slj export`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from sophia_lambda_jax import data
-from sophia_lambda_jax.models import loading, sampler
+from sophia_lambda_jax.models import hf, loading, sampler
 
 SUMMARY = "summary.json"
 FAILED = "failed.json"
@@ -45,6 +47,40 @@ def read_summary(run_dir) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _write_export(model, compact, out: Path, dtype: str) -> Path:
+  """`model` (widened to the full Qwen2 vocabulary when `compact` is its compact vocabulary)
+  written into `out` as a HuggingFace Qwen2 directory: weights in `dtype`, config.json,
+  generation_config.json (EOS as BOS and EOS, greedy) and the Qwen2 tokenizer."""
+  if compact is not None:
+    model = hf.full_vocabulary(model, compact)
+  out = hf.to_hf(model, out, dtype=dtype)
+  config = hf.read_config(out)
+  config.update(bos_token_id=data.EOS_ID, eos_token_id=data.EOS_ID)
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  (out / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": data.EOS_ID, "eos_token_id": data.EOS_ID, "do_sample": False},
+      indent=2) + "\n")
+  hf.write_tokenizer(out, model.config.max_seq_len)
+  return out
+
+
+def export_run(run, out, dtype: str = "float32") -> Path:
+  """Writes the newest checkpoint of training run `run` as a HuggingFace Qwen2 directory
+  `out` that transformers loads offline (weights in `dtype`, config.json,
+  generation_config.json, tokenizer files); a compact vocabulary is exported at the full
+  Qwen2 vocabulary (`models.hf.full_vocabulary`). Returns `out`."""
+  if dtype not in hf.EXPORT_DTYPES:
+    raise ValueError(f"--dtype must be one of {sorted(hf.EXPORT_DTYPES)}, got {dtype!r}")
+  if not loading.is_run_directory(run):
+    raise FileNotFoundError(f"{run} is not a run directory (slj train --out): no "
+                            f"checkpoints/ in it")
+  loaded = loading.load(run)
+  return _write_export(loaded.model, loaded.tokenizer.compact, Path(out), dtype)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -122,4 +158,24 @@ def cli_eval(argv: list[str]) -> int:
     print(f"slj eval: error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(result))
+  return 0
+
+
+def cli_export(argv: list[str]) -> int:
+  """`slj export RUN OUT [--dtype float32|bfloat16]`."""
+  parser = argparse.ArgumentParser(
+      prog="slj export",
+      description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
+                  "(safetensors, config, generation config, tokenizer) that transformers "
+                  "loads offline; a compact vocabulary is widened to the full Qwen2 one.")
+  parser.add_argument("run", help="run directory (slj train --out)")
+  parser.add_argument("out", help="output directory")
+  parser.add_argument("--dtype", default="float32", choices=sorted(hf.EXPORT_DTYPES))
+  args = parser.parse_args(argv)
+  try:
+    out = export_run(args.run, args.out, args.dtype)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"slj export: error: {e}", file=sys.stderr)
+    return 2
+  print(out)
   return 0
