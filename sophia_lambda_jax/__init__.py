@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("transforms", "optimizers", "hessian", "labels", "models", "data", "train",
-               "compare")
+               "runs", "compare")
 
 __all__ = list(_SUBMODULES)
 

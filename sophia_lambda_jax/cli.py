@@ -20,6 +20,9 @@ import errno
 import os
 import sys
 
+# Each command imports its module when it runs: `slj` starts without the training stack, and
+# main() turns a missing `train` extra into one line.
+
 
 def _info(argv: list[str]) -> int:
   import dataclasses
@@ -68,21 +71,21 @@ def _compare(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str]) -> int:
-  from sophia_lambda_jax.models import sampler
+  from sophia_lambda_jax import runs
 
-  return sampler.cli_generate(argv)
+  return runs.cli_generate(argv)
 
 
 def _eval(argv: list[str]) -> int:
-  from sophia_lambda_jax.models import loading
+  from sophia_lambda_jax import runs
 
-  return loading.cli_eval(argv)
+  return runs.cli_eval(argv)
 
 
 def _export(argv: list[str]) -> int:
-  from sophia_lambda_jax.models import hf
+  from sophia_lambda_jax import runs
 
-  return hf.cli_export(argv)
+  return runs.cli_export(argv)
 
 
 COMMANDS = {"info": _info, "tokenize": _tokenize, "train": _train, "compare": _compare,

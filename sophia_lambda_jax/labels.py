@@ -1,4 +1,5 @@
-"""Parameter labels: path and shape -> role, depth and width, and Sophia-Lambda's layer scales.
+"""Parameter labels: path and shape -> role, depth and width; Sophia-Lambda's layer scales and
+LAVSM's role scales.
 
 Optimizers that treat layers differently (LAVSM/LAMVS role scales, Sophia-Lambda's layer
 scale) need to know, for every leaf of a parameter pytree, what it is and where it sits. This
@@ -73,6 +74,17 @@ import jax
 import numpy as np
 
 ROLES: tuple[str, ...] = ("embedding", "attention", "mlp", "norm", "head", "other")
+
+# Role scales s_role of LAVSM (Table/eq. 1 of the LAVSM paper). "head" and "other" are not in
+# the paper; 1.0 leaves them unscaled. LAMVS reuses them (docs/design.md section 2.5).
+DEFAULT_ROLE_SCALES = {
+    "attention": 1.8,
+    "mlp": 1.2,
+    "embedding": 1.0,
+    "norm": 0.7,
+    "head": 1.0,
+    "other": 1.0,
+}
 
 # Path components that hold the transformer blocks (``layers/3``, ``h_3``, ``blocks/0``).
 BLOCK_CONTAINERS: tuple[str, ...] = ("layers", "blocks", "h", "layer")
@@ -497,6 +509,29 @@ def _parse_clip(clip) -> tuple[float, float] | None:
   return low, high
 
 
+def check_role_scales(role_scales) -> dict:
+  """:data:`DEFAULT_ROLE_SCALES` with ``role_scales`` (a dict role -> scale) merged in;
+  unknown roles, and scales that are not finite numbers > 0, raise ValueError."""
+  merged = dict(DEFAULT_ROLE_SCALES)
+  if role_scales is None:
+    return merged
+  if not isinstance(role_scales, dict):
+    raise ValueError(f"role_scales must be a dict role -> scale, got {type(role_scales).__name__}")
+  unknown = sorted(set(role_scales) - set(DEFAULT_ROLE_SCALES))
+  if unknown:
+    raise ValueError(
+        f"role_scales has unknown roles {unknown}; valid roles: {sorted(DEFAULT_ROLE_SCALES)}")
+  for role, value in role_scales.items():
+    try:
+      valid = not isinstance(value, (str, bytes, bool)) and 0 < float(value) < math.inf
+    except (TypeError, ValueError):
+      valid = False
+    if not valid:
+      raise ValueError(f"role_scales[{role!r}] must be a finite number > 0, got {value!r}")
+  merged.update(role_scales)
+  return merged
+
+
 def _scale_problems(entries, num_blocks) -> Optional[str]:
   """Why Sophia-Lambda's scale cannot be formed for this tree (None when it can)."""
   messages = []
@@ -633,11 +668,9 @@ def describe(params, rules=None, role_scales: Optional[dict] = None) -> LabelTab
   Args:
     params: pytree of arrays or ``jax.ShapeDtypeStruct``.
     rules: extra rules, as in :func:`label_params`.
-    role_scales: overrides of ``slj.transforms.DEFAULT_ROLE_SCALES``, as the optimizers'.
+    role_scales: overrides of :data:`DEFAULT_ROLE_SCALES`, as the optimizers'.
   """
-  from . import transforms  # the role scales live with the transform that applies them
-
-  scales_by_role = transforms.check_role_scales(role_scales)
+  scales_by_role = check_role_scales(role_scales)
   entries, treedef = _entries(params, rules)
   num_blocks = _count_blocks(entries)
   problem = _scale_problems(entries, num_blocks)

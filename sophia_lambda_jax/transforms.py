@@ -29,19 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sophia_lambda_jax import labels
+
 Array = jax.Array
 HessianFn = Callable[[Any], Any]
-
-# Role scales s_role of LAVSM (Table/eq. 1 of the LAVSM paper). "head" and "other" are not in
-# the paper; 1.0 leaves them unscaled. LAMVS reuses them (docs/design.md section 2.5).
-DEFAULT_ROLE_SCALES = {
-    "attention": 1.8,
-    "mlp": 1.2,
-    "embedding": 1.0,
-    "norm": 0.7,
-    "head": 1.0,
-    "other": 1.0,
-}
 
 # Denominator guard of the relative Hessian change r (docs/design.md section 4.3).
 _RELATIVE_CHANGE_EPS = 1e-30
@@ -616,7 +607,6 @@ def scale_by_layer_scale(
 
   def scales_for(tree):
     if layer_scale is True:
-      from . import labels  # imported here: labels is only needed when scales are used
       return labels.layer_scales(tree, rules=rules)
     if callable(layer_scale):
       return layer_scale(tree)
@@ -639,23 +629,6 @@ def scale_by_layer_scale(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def check_role_scales(role_scales) -> dict:
-  """Merges ``role_scales`` into the defaults; unknown roles or bad values raise ValueError."""
-  merged = dict(DEFAULT_ROLE_SCALES)
-  if role_scales is None:
-    return merged
-  if not isinstance(role_scales, dict):
-    raise ValueError(f"role_scales must be a dict role -> scale, got {type(role_scales).__name__}")
-  unknown = sorted(set(role_scales) - set(DEFAULT_ROLE_SCALES))
-  if unknown:
-    raise ValueError(
-        f"role_scales has unknown roles {unknown}; valid roles: {sorted(DEFAULT_ROLE_SCALES)}")
-  for role, value in role_scales.items():
-    check_number(f"role_scales[{role!r}]", value, low=0.0, low_open=True)
-  merged.update(role_scales)
-  return merged
-
-
 def scale_by_role(role_scales: Optional[dict] = None,
                   rules=None) -> optax.GradientTransformation:
   """Multiplies each leaf's update by a fixed scale of its role (LAVSM eq. 1):
@@ -666,12 +639,11 @@ def scale_by_role(role_scales: Optional[dict] = None,
   gives a role raises ValueError at ``init``, listing every such path (counting it as
   "other" would silently scale, e.g., an MLP by 1.0 instead of 1.2); a catch-all rule
   ``(r".*", "other")`` at the end of ``rules`` restores that. ``role_scales`` overrides
-  some scales. Stateless.
+  some of ``labels.DEFAULT_ROLE_SCALES``. Stateless.
   """
-  scales = check_role_scales(role_scales)
+  scales = labels.check_role_scales(role_scales)
 
   def roles_of(tree):
-    from . import labels
     infos = labels.label_params(tree, rules=rules)
     return [info.role for info in jax.tree.leaves(
         infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))]
@@ -781,7 +753,6 @@ def default_weight_decay_mask(params):
   one less: stacked biases (L, n) are vectors and do not decay, as in the unrolled tree.
   Norm scales are excluded by their label role.
   """
-  from . import labels
   infos = labels.label_params(params, strict=False)
   leaves, treedef = jax.tree.flatten(params)
   info_leaves = jax.tree.leaves(infos, is_leaf=lambda x: isinstance(x, labels.ParamInfo))

@@ -506,6 +506,31 @@ def test_nnx_state_and_pure_dict_label_alike():
   assert stacked["final_norm/scale"].depth == 5
 
 
+
+# --- role scales ------------------------------------------------------------------------
+
+
+def test_role_scales_cover_every_role_and_merge_overrides():
+  assert set(labels.DEFAULT_ROLE_SCALES) == set(labels.ROLES)
+  merged = labels.check_role_scales({"attention": 3.0, "other": np.float32(0.5)})
+  assert merged == {**labels.DEFAULT_ROLE_SCALES, "attention": 3.0, "other": 0.5}
+  assert labels.check_role_scales(None) == labels.DEFAULT_ROLE_SCALES
+  assert labels.DEFAULT_ROLE_SCALES["attention"] == 1.8  # overrides never touch the defaults
+
+
+@pytest.mark.parametrize("role_scales, match", [
+    ({"attn": 1.0}, "unknown roles \\['attn'\\]"),
+    ({"mlp": 0.0}, "role_scales\\['mlp'\\] must be a finite number > 0"),
+    ({"norm": math.nan}, "role_scales\\['norm'\\]"),
+    ({"head": "2"}, "role_scales\\['head'\\]"),
+    ({"head": True}, "role_scales\\['head'\\]"),
+    ([("mlp", 1.0)], "must be a dict"),
+])
+def test_bad_role_scales_are_refused_naming_the_role(role_scales, match):
+  with pytest.raises(ValueError, match=match):
+    labels.check_role_scales(role_scales)
+
+
 def test_library_does_not_import_flax():
   code = ("import sys, sophia_lambda_jax.labels, sophia_lambda_jax.hessian; "
           "bad = [m for m in sys.modules if m.split('.')[0] in ('flax', 'torch')]; "

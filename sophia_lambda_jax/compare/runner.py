@@ -50,9 +50,8 @@ from typing import Callable, Iterable, Sequence
 from sophia_lambda_jax.compare import protocols
 from sophia_lambda_jax.compare.protocols import RunSpec
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
+from sophia_lambda_jax.runs import FAILED, SUMMARY, read_summary, run_status
 
-SUMMARY = "summary.json"
-FAILED = "failed.json"
 PLAN = "plan.json"
 
 # The function that trains one run; tests replace it with a fake.
@@ -63,26 +62,6 @@ def _default_trainer(config) -> dict:
   from sophia_lambda_jax.train import run_training
 
   return run_training(config)
-
-
-def run_status(run_dir: Path) -> str:
-  """'done' (summary.json written), 'failed' (failed.json written), 'partial' (started,
-  not finished: will resume) or 'pending'."""
-  if (run_dir / SUMMARY).is_file():
-    return "done"
-  if (run_dir / FAILED).is_file():
-    return "failed"
-  if run_dir.is_dir() and any(run_dir.iterdir()):
-    return "partial"
-  return "pending"
-
-
-def read_summary(run_dir: Path) -> dict | None:
-  path = Path(run_dir) / SUMMARY
-  if not path.is_file():
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 # Set by main() from --process-id, so that files are written by process 0 only even before

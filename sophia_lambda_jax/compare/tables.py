@@ -44,7 +44,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 from sophia_lambda_jax.compare import paper_claims
 from sophia_lambda_jax.compare.protocols import RunSpec
-from sophia_lambda_jax.compare.runner import run_status
+from sophia_lambda_jax.runs import read_summary, run_status
 from sophia_lambda_jax.train.metrics import (UNCLIPPED_BAND, in_unclipped_band, read_metrics,
                                              unclipped_fractions)
 from sophia_lambda_jax.optimizers import OPTIMIZERS
@@ -144,7 +144,7 @@ def load_results(root: Path) -> tuple[dict, list[RunRecord]]:
   records = []
   for spec in specs:
     run_dir = root / spec.run_name
-    records.append(RunRecord(spec, run_status(run_dir), _read_json(run_dir / "summary.json"),
+    records.append(RunRecord(spec, run_status(run_dir), read_summary(run_dir),
                              read_metrics(run_dir / "metrics.jsonl")))
   return plan, records
 

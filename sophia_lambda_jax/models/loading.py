@@ -1,29 +1,19 @@
-"""A model (and its tokenizer) from a training run or a HuggingFace directory; evaluation.
+"""A model with the tokenizer of its vocabulary, and its validation loss.
 
     from sophia_lambda_jax import models
-    loaded = models.load("runs/demo")            # or a HuggingFace Qwen2 directory
+    loaded = models.load_hf("Qwen2.5-0.5B")      # a HuggingFace Qwen2 directory
     ids = loaded.tokenizer.encode("Once upon a time")
     out = models.sampler.generate(loaded.model, ids, 20)
     print(loaded.tokenizer.decode(out[len(ids):]))
 
-A run directory (`slj train --out`) is recognised by its `checkpoints/` (or its TrainConfig
-`config.json`); its newest complete
-checkpoint is loaded. The run stores what it needs to rebuild and decode the model:
-`model.json` (the QwenConfig it trained) and, for a compact vocabulary, `compact_vocab.npy`
-(the id table). Runs written before these files existed are rebuilt from `config.json`
-(preset + overrides) and, for a compact vocabulary, from the data folder it names.
-
-`cli_eval` is `slj eval PATH`.
+`VocabTokenizer` maps text to the ids of a model's vocabulary (Qwen2's, or a compact one) and
+back; `evaluate` is the token-mean cross-entropy over validation batches. The model of a
+training run (and `load` of either kind of directory) is `sophia_lambda_jax.runs`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sophia_lambda_jax.models import qwen
+from sophia_lambda_jax.data import get_tokenizer
+from sophia_lambda_jax.models import hf, qwen
 
 
 class VocabTokenizer:
@@ -44,8 +35,6 @@ class VocabTokenizer:
   """
 
   def __init__(self, vocab_size: int, compact=None):
-    from sophia_lambda_jax.data import get_tokenizer
-
     self.qwen = get_tokenizer()
     self.compact = compact
     self.vocab_size = int(vocab_size)
@@ -77,7 +66,7 @@ class VocabTokenizer:
 
 
 class Loaded(NamedTuple):
-  """What `load` returns.
+  """What `load_hf` and `runs.load` return.
 
   model: the Qwen module. tokenizer: its `VocabTokenizer`. step: the checkpoint's step
   (None for a HuggingFace directory). run_config: the run's TrainConfig dict (None for a
@@ -89,94 +78,10 @@ class Loaded(NamedTuple):
   run_config: dict[str, Any] | None
 
 
-def is_run_directory(path) -> bool:
-  """Whether `path` was written by `slj train` (checkpoints/, or a TrainConfig config.json)."""
-  path = Path(path)
-  if (path / "checkpoints").is_dir():
-    return True
-  try:
-    return "optimizer" in json.loads((path / "config.json").read_text())
-  except (OSError, ValueError, TypeError):
-    return False
-
-
-def _run_model_config(path: Path, run_config: dict[str, Any]) -> qwen.QwenConfig:
-  stored = path / "model.json"
-  if stored.is_file():
-    return qwen.QwenConfig(**json.loads(stored.read_text()))
-  overrides = dict(run_config.get("model_overrides") or {},
-                   compute_dtype=run_config.get("compute_dtype", "float32"))
-  if run_config.get("init_from"):
-    from sophia_lambda_jax.models import hf
-
-    return hf.config_from_hf(hf.read_config(run_config["init_from"]), **overrides)
-  return qwen.get_config(run_config["model"], **overrides)
-
-
-def _run_compact_vocab(path: Path, run_config: dict[str, Any], vocab_size: int):
-  from sophia_lambda_jax import data
-
-  if vocab_size >= data.QWEN_VOCAB_SIZE:
-    return None
-  stored = path / data.COMPACT_VOCAB_FILE
-  if stored.is_file():
-    vocab = data.CompactVocab.load(stored)
-  else:  # a run from before the table was stored: rank it again from its data folder
-    data_dir = data.resolve_data(run_config["data"])
-    counts = np.load(data_dir / data.load_manifest(data_dir)["counts"])
-    vocab = data.CompactVocab.from_counts(counts, vocab_size)
-  if vocab.size != vocab_size:
-    raise ValueError(f"{stored} holds a {vocab.size}-id table; the model has {vocab_size} ids")
-  return vocab
-
-
-def _load_run(path: Path, compute_dtype: str | None) -> Loaded:
-  from sophia_lambda_jax.train import checkpoint
-
-  config_file = path / "config.json"
-  if not config_file.is_file():
-    raise FileNotFoundError(f"{config_file} not found: {path} is not a complete run directory")
-  run_config = json.loads(config_file.read_text())
-  config = _run_model_config(path, run_config)
-  if compute_dtype is not None:
-    config = dataclasses.replace(config, compute_dtype=compute_dtype)
-  if checkpoint.latest_step(path / "checkpoints") is None:
-    raise FileNotFoundError(f"run directory {path} has no complete checkpoint in "
-                            f"{path / 'checkpoints'} (train it first: slj train --out {path})")
-  abstract = nnx.eval_shape(lambda: qwen.Qwen(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  step, params = checkpoint.restore_params(path / "checkpoints",
-                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
-  nnx.replace_by_pure_dict(state, params)
-  model = nnx.merge(graphdef, state)
-  tokenizer = VocabTokenizer(config.vocab_size,
-                             _run_compact_vocab(path, run_config, config.vocab_size))
-  return Loaded(model, tokenizer, step, run_config)
-
-
-def load(path, compute_dtype: str | None = None) -> Loaded:
-  """The model of a run directory's newest complete checkpoint, or of a HuggingFace Qwen2
-  directory, with its tokenizer.
-
-  Args:
-    path: a run directory (`slj train --out`, has `checkpoints/`) or a HuggingFace Qwen2
-      directory (config.json + *.safetensors).
-    compute_dtype: "float32" or "bfloat16"; None keeps the run's (float32 for HuggingFace).
-
-  Raises FileNotFoundError / ValueError with one line naming the path: no such directory,
-  a run without a checkpoint, a HuggingFace directory of another architecture.
-  """
-  path = Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a "
-                            f"HuggingFace Qwen2 directory)")
-  if is_run_directory(path):
-    return _load_run(path, compute_dtype)
-  from sophia_lambda_jax.models import hf
-
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(f"{path} has neither checkpoints/ (a run directory) nor "
-                            f"config.json (a HuggingFace directory)")
+def load_hf(path, compute_dtype: str | None = None) -> Loaded:
+  """The model of a HuggingFace Qwen2 directory (config.json + *.safetensors) with the Qwen2
+  tokenizer; `compute_dtype` "float32" (None: the default) or "bfloat16". A training run's
+  model is `sophia_lambda_jax.runs.load`."""
   overrides = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
   model = hf.from_hf(path, **overrides)
   return Loaded(model, VocabTokenizer(model.config.vocab_size), None, None)
@@ -205,51 +110,3 @@ def evaluate(model: qwen.Qwen, batches, num_batches: int) -> dict[str, float | i
   return {"loss": loss, "perplexity": math.exp(loss),
           "tokens": num_batches * batches.local_batch_size * batches.seq_len,
           "batches": num_batches}
-
-
-def cli_eval(argv: list[str]) -> int:
-  """`slj eval PATH [--data DIR] [--batches N] [--batch-size B] [--seq-len S]`: validation
-  loss, perplexity and tokens evaluated, as JSON."""
-  parser = argparse.ArgumentParser(
-      prog="slj eval",
-      description="Validation loss and perplexity of a run's newest checkpoint or of a "
-                  "HuggingFace Qwen2 directory, as JSON on stdout.")
-  parser.add_argument("path", help="run directory or HuggingFace Qwen2 directory")
-  parser.add_argument("--data", help="prepared data directory or 'builtin' (default: the "
-                      "run's; required for a HuggingFace directory)")
-  parser.add_argument("--batches", type=int, help="validation batches (default: the run's "
-                      "eval_batches, 8 otherwise)")
-  parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the "
-                      "run's, 8 otherwise)")
-  parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, "
-                      "otherwise min(512, the model's context))")
-  args = parser.parse_args(argv)
-  from sophia_lambda_jax import data
-
-  try:
-    if not is_run_directory(args.path) and args.data is None:
-      raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
-                       f"prepared by slj tokenize, or builtin)")
-    loaded = load(args.path)
-    run = loaded.run_config or {}
-    config = loaded.model.config
-    data_dir = data.resolve_data(args.data or run["data"])
-    data_vocab = int(data.load_manifest(data_dir)["vocab_size"])
-    compact = loaded.tokenizer.compact
-    if compact is None and config.vocab_size < data_vocab:
-      raise ValueError(f"{args.path} has vocab_size {config.vocab_size} with no compact "
-                       f"vocabulary table, but {data_dir} holds ids of a {data_vocab}-token "
-                       f"vocabulary")
-    batch_size = args.batch_size or (run["batch_size"] // run["grad_accum"] if run else 8)
-    seq_len = args.seq_len or run.get("seq_len") or min(512, config.max_seq_len)
-    if seq_len > config.max_seq_len:
-      raise ValueError(f"--seq-len {seq_len} exceeds the model's context of "
-                       f"{config.max_seq_len} tokens")
-    batches = data.TokenBatches(data_dir, "val", batch_size, seq_len,
-                                vocab_size=config.vocab_size, compact_vocab=compact)
-    result = evaluate(loaded.model, batches, args.batches or run.get("eval_batches") or 8)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"slj eval: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(result))
-  return 0

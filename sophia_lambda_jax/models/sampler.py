@@ -14,15 +14,11 @@ arXiv:1904.09751) is the smallest set of most probable tokens of softmax(z / T) 
 reaches top_p (every token tied with its least probable member is kept too); top_p = 1
 samples from the whole softmax. Temperature is applied before the nucleus is cut, as in
 transformers' warpers.
-
-`cli_generate` is `slj generate PATH --prompt TEXT`.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,32 +129,3 @@ def continuation(model: Qwen, tokenizer, prompt: str, max_new_tokens: int,
   stops = np.flatnonzero(new == tokenizer.eos_id)
   new = new[:stops[0]] if stops.size else new
   return ids, new, tokenizer.decode(new)
-
-
-def cli_generate(argv: list[str]) -> int:
-  """`slj generate PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
-  [--seed S]`: print the prompt's continuation (up to the first end-of-text)."""
-  parser = argparse.ArgumentParser(
-      prog="slj generate",
-      description="Continue a prompt with a trained run's newest checkpoint or a HuggingFace "
-                  "Qwen2 directory (KV-cache sampling; stops at end-of-text).")
-  parser.add_argument("path", help="run directory (slj train --out) or HuggingFace Qwen2 "
-                      "directory")
-  parser.add_argument("--prompt", required=True, help="text to continue ('' starts a new "
-                      "document)")
-  parser.add_argument("--max-new-tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all tokens)")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  from sophia_lambda_jax.models import loading
-
-  try:
-    loaded = loading.load(args.path)
-    _, _, text = continuation(loaded.model, loaded.tokenizer, args.prompt,
-                              args.max_new_tokens, args.temperature, args.top_p, args.seed)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"slj generate: error: {e}", file=sys.stderr)
-    return 2
-  print(text)
-  return 0

@@ -380,7 +380,7 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
   start_step, state = _restore(checkpointer, candidates, verified, program)
   if process == 0:
     config.to_json(out / "config.json")
-    # What `models.load` needs to rebuild and decode the model without the presets, the
+    # What `runs.load` needs to rebuild and decode the model without the presets, the
     # HF directory or the data folder.
     (out / "model.json").write_text(json.dumps(dataclasses.asdict(model.config)) + "\n")
     if train_data.vocab is not None:

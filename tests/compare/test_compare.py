@@ -41,19 +41,6 @@ def test_interrupted_compare_continues_the_missing_runs(tmp_path, fake_trainer):
       "adamw/seed0", "lion/seed1"]
 
 
-
-
-def test_status_of_run_directories(tmp_path):
-  d = tmp_path / "x/seed0"
-  assert runner.run_status(d) == "pending"
-  d.mkdir(parents=True)
-  assert runner.run_status(d) == "pending"
-  (d / "metrics.jsonl").write_text("{}\n")
-  assert runner.run_status(d) == "partial"
-  (d / "summary.json").write_text("{}")
-  assert runner.run_status(d) == "done"
-
-
 def test_failed_run_is_recorded_and_not_retried_unless_asked(tmp_path, fake_trainer, capsys):
   trainer = fake_trainer(fail_for={"lion"})
   assert _run(tmp_path, trainer) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from sophia_lambda_jax import cli, data, models, train
+from sophia_lambda_jax import cli, data, runs, train
 from sophia_lambda_jax.train.metrics import read_metrics
 
 BATCH, SEQ = 4, 32
@@ -63,7 +63,7 @@ def test_init_from_starts_at_transformers_loss(token_data, tmp_path):
     train.run_training(other)
   stored = json.loads((out / "model.json").read_text())
   assert stored["vocab_size"] == data.QWEN_VOCAB_SIZE and stored["hidden_size"] == 16
-  loaded = models.load(out)  # the run alone rebuilds the HF architecture
+  loaded = runs.load(out)  # the run alone rebuilds the HF architecture
   assert loaded.step == 2 and loaded.model.config.hidden_size == 16
   assert loaded.tokenizer.compact is None and not loaded.model.config.tie_embeddings
 

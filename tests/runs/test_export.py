@@ -14,7 +14,7 @@ import safetensors  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sophia_lambda_jax import cli, data, models  # noqa: E402
+from sophia_lambda_jax import cli, data, runs  # noqa: E402
 from sophia_lambda_jax.models import sampler  # noqa: E402
 
 MIXED_TEXT = (
@@ -56,7 +56,7 @@ def test_export_directory_loads_offline(exported):
 
 def test_exported_logits_equal_ours(exported):
   run, out = exported
-  loaded = models.load(run)
+  loaded = runs.load(run)
   hf_model = _hf_model(out)
   compact = loaded.tokenizer.compact
   # A sentence of the corpus, EOS, and text whose ids a compact table dropped.
@@ -101,7 +101,7 @@ def test_transformers_argmax_follows_slj_generate_greedy(exported, capsys):
   assert cli.main(["generate", str(run), "--prompt", prompt, "--max-new-tokens",
                    str(new_tokens), "--temperature", "0"]) == 0
   printed = capsys.readouterr().out
-  loaded = models.load(run)
+  loaded = runs.load(run)
   prompt_ids, new, text = sampler.continuation(loaded.model, loaded.tokenizer, prompt,
                                                new_tokens)
   assert printed == text + "\n" and len(new) >= 1
@@ -134,7 +134,7 @@ def test_bfloat16_export(compact_run, tmp_path):
     assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
     embedding = f.get_tensor("model.embed_tokens.weight").float().numpy()
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  loaded = models.load(compact_run)
+  loaded = runs.load(compact_run)
   ours = np.asarray(loaded.model.embed.embedding[...])
   import ml_dtypes
 

@@ -79,7 +79,7 @@ def test_generate_samples_with_top_p_and_seed(capsys, compact_run):
 def test_generate_and_eval_a_hf_directory(capsys, tmp_path, corpus):
   from flax import nnx
 
-  from sophia_lambda_jax import data, models
+  from sophia_lambda_jax import data, runs
   from sophia_lambda_jax.models import hf, qwen, sampler
 
   model = qwen.Qwen(qwen.get_config("qwen-tiny", vocab_size=data.QWEN_VOCAB_SIZE),
@@ -87,7 +87,7 @@ def test_generate_and_eval_a_hf_directory(capsys, tmp_path, corpus):
   hf.to_hf(model, tmp_path / "hf")
   assert cli.main(["generate", str(tmp_path / "hf"), "--prompt", "the sea",
                    "--max-new-tokens", "5"]) == 0
-  loaded = models.load(tmp_path / "hf")
+  loaded = runs.load(tmp_path / "hf")
   expected = sampler.continuation(loaded.model, loaded.tokenizer, "the sea", 5)[2]
   assert capsys.readouterr().out == expected + "\n"
   assert cli.main(["eval", str(tmp_path / "hf"), "--data", str(corpus), "--batches", "1",

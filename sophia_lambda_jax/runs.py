@@ -1,0 +1,299 @@
+"""A training run's directory, read: its status, its newest checkpoint, its model and
+tokenizer, its export as a HuggingFace directory, and the commands that use them.
+
+    from sophia_lambda_jax import runs
+    from sophia_lambda_jax.models import sampler
+    loaded = runs.load("runs/demo")              # or a HuggingFace Qwen2 directory
+    ids = loaded.tokenizer.encode("Once upon a time")
+    out = sampler.generate(loaded.model, ids, 20)
+    print(loaded.tokenizer.decode(out[len(ids):]))
+
+A run directory is what `slj train --out DIR` writes (`train.loop`):
+
+    config.json        the TrainConfig
+    model.json         the QwenConfig it trains
+    compact_vocab.npy  the id table of a compact vocabulary
+    metrics.jsonl      one JSON line per logged step
+    checkpoints/       orbax checkpoints, one folder per step (`train.checkpoint`)
+    summary.json       written when the run has finished
+    failed.json        written by `slj compare` when the run raised
+
+Runs written before model.json and compact_vocab.npy existed are rebuilt from config.json
+(preset + overrides) and, for a compact vocabulary, from the data folder it names.
+
+`export_run` writes a run as a HuggingFace Qwen2 directory that transformers loads offline.
+`cli_generate`, `cli_eval` and `cli_export` are `slj generate`, `slj eval` and `slj export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from sophia_lambda_jax import data
+from sophia_lambda_jax.models import hf, qwen, sampler
+from sophia_lambda_jax.models.loading import Loaded, VocabTokenizer, evaluate, load_hf
+from sophia_lambda_jax.train import checkpoint
+
+SUMMARY = "summary.json"
+FAILED = "failed.json"
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def run_status(run_dir) -> str:
+  """'done' (summary.json written), 'failed' (failed.json written), 'partial' (started,
+  not finished: will resume) or 'pending'."""
+  run_dir = Path(run_dir)
+  if (run_dir / SUMMARY).is_file():
+    return "done"
+  if (run_dir / FAILED).is_file():
+    return "failed"
+  if run_dir.is_dir() and any(run_dir.iterdir()):
+    return "partial"
+  return "pending"
+
+
+def read_summary(run_dir) -> dict | None:
+  """The run's summary.json, or None before the run has finished."""
+  path = Path(run_dir) / SUMMARY
+  if not path.is_file():
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def is_run_directory(path) -> bool:
+  """Whether `path` was written by `slj train` (checkpoints/, or a TrainConfig config.json)."""
+  path = Path(path)
+  if (path / CHECKPOINTS).is_dir():
+    return True
+  try:
+    return "optimizer" in json.loads((path / "config.json").read_text())
+  except (OSError, ValueError, TypeError):
+    return False
+
+
+def newest_checkpoint(run_dir) -> int | None:
+  """The step of the run's newest complete checkpoint (None when it has none): the one that
+  `load`, `slj generate`, `slj eval` and `slj export` read."""
+  return checkpoint.latest_step(Path(run_dir) / CHECKPOINTS)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _model_config(run_dir: Path, run_config: dict[str, Any]) -> qwen.QwenConfig:
+  stored = run_dir / "model.json"
+  if stored.is_file():
+    return qwen.QwenConfig(**json.loads(stored.read_text()))
+  overrides = dict(run_config.get("model_overrides") or {},
+                   compute_dtype=run_config.get("compute_dtype", "float32"))
+  if run_config.get("init_from"):
+    return hf.config_from_hf(hf.read_config(run_config["init_from"]), **overrides)
+  return qwen.get_config(run_config["model"], **overrides)
+
+
+def _compact_vocab(run_dir: Path, run_config: dict[str, Any], vocab_size: int):
+  if vocab_size >= data.QWEN_VOCAB_SIZE:
+    return None
+  stored = run_dir / data.COMPACT_VOCAB_FILE
+  if stored.is_file():
+    vocab = data.CompactVocab.load(stored)
+  else:  # a run from before the table was stored: rank it again from its data folder
+    data_dir = data.resolve_data(run_config["data"])
+    counts = np.load(data_dir / data.load_manifest(data_dir)["counts"])
+    vocab = data.CompactVocab.from_counts(counts, vocab_size)
+  if vocab.size != vocab_size:
+    raise ValueError(f"{stored} holds a {vocab.size}-id table; the model has {vocab_size} ids")
+  return vocab
+
+
+def _load_run(run_dir: Path, compute_dtype: str | None) -> Loaded:
+  config_file = run_dir / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{config_file} not found: {run_dir} is not a complete run "
+                            f"directory")
+  run_config = json.loads(config_file.read_text())
+  config = _model_config(run_dir, run_config)
+  if compute_dtype is not None:
+    config = dataclasses.replace(config, compute_dtype=compute_dtype)
+  step = newest_checkpoint(run_dir)
+  if step is None:
+    raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint in "
+                            f"{run_dir / CHECKPOINTS} (train it first: slj train --out "
+                            f"{run_dir})")
+  abstract = nnx.eval_shape(lambda: qwen.Qwen(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  step, params = checkpoint.restore_params(run_dir / CHECKPOINTS,
+                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+                                           step)
+  nnx.replace_by_pure_dict(state, params)
+  model = nnx.merge(graphdef, state)
+  tokenizer = VocabTokenizer(config.vocab_size,
+                             _compact_vocab(run_dir, run_config, config.vocab_size))
+  return Loaded(model, tokenizer, step, run_config)
+
+
+def load(path, compute_dtype: str | None = None) -> Loaded:
+  """The model of a run directory's newest complete checkpoint, or of a HuggingFace Qwen2
+  directory, with its tokenizer.
+
+  Args:
+    path: a run directory (`slj train --out`, has `checkpoints/`) or a HuggingFace Qwen2
+      directory (config.json + *.safetensors; `models.load_hf`).
+    compute_dtype: "float32" or "bfloat16"; None keeps the run's (float32 for HuggingFace).
+
+  Raises FileNotFoundError / ValueError with one line naming the path: no such directory,
+  a run without a checkpoint, a HuggingFace directory of another architecture.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path} is not a directory (expected a run directory or a "
+                            f"HuggingFace Qwen2 directory)")
+  if is_run_directory(path):
+    return _load_run(path, compute_dtype)
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{path} has neither checkpoints/ (a run directory) nor "
+                            f"config.json (a HuggingFace directory)")
+  return load_hf(path, compute_dtype)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _write_export(model, compact, out: Path, dtype: str) -> Path:
+  """`model` (widened to the full Qwen2 vocabulary when `compact` is its compact vocabulary)
+  written into `out` as a HuggingFace Qwen2 directory: weights in `dtype`, config.json,
+  generation_config.json (EOS as BOS and EOS, greedy) and the Qwen2 tokenizer."""
+  if compact is not None:
+    model = hf.full_vocabulary(model, compact)
+  out = hf.to_hf(model, out, dtype=dtype)
+  config = hf.read_config(out)
+  config.update(bos_token_id=data.EOS_ID, eos_token_id=data.EOS_ID)
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  (out / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": data.EOS_ID, "eos_token_id": data.EOS_ID, "do_sample": False},
+      indent=2) + "\n")
+  hf.write_tokenizer(out, model.config.max_seq_len)
+  return out
+
+
+def export_run(run, out, dtype: str = "float32") -> Path:
+  """Writes the newest checkpoint of training run `run` as a HuggingFace Qwen2 directory
+  `out` that transformers loads offline (weights in `dtype`, config.json,
+  generation_config.json, tokenizer files); a compact vocabulary is exported at the full
+  Qwen2 vocabulary (`models.hf.full_vocabulary`). Returns `out`."""
+  if dtype not in hf.EXPORT_DTYPES:
+    raise ValueError(f"--dtype must be one of {sorted(hf.EXPORT_DTYPES)}, got {dtype!r}")
+  if not is_run_directory(run):
+    raise FileNotFoundError(f"{run} is not a run directory (slj train --out): no "
+                            f"checkpoints/ in it")
+  loaded = load(run)
+  return _write_export(loaded.model, loaded.tokenizer.compact, Path(out), dtype)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cli_generate(argv: list[str]) -> int:
+  """`slj generate PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+  [--seed S]`: print the prompt's continuation (up to the first end-of-text)."""
+  parser = argparse.ArgumentParser(
+      prog="slj generate",
+      description="Continue a prompt with a trained run's newest checkpoint or a HuggingFace "
+                  "Qwen2 directory (KV-cache sampling; stops at end-of-text).")
+  parser.add_argument("path", help="run directory (slj train --out) or HuggingFace Qwen2 "
+                      "directory")
+  parser.add_argument("--prompt", required=True, help="text to continue ('' starts a new "
+                      "document)")
+  parser.add_argument("--max-new-tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+  parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all tokens)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    loaded = load(args.path)
+    _, _, text = sampler.continuation(loaded.model, loaded.tokenizer, args.prompt,
+                                      args.max_new_tokens, args.temperature, args.top_p,
+                                      args.seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"slj generate: error: {e}", file=sys.stderr)
+    return 2
+  print(text)
+  return 0
+
+
+def cli_eval(argv: list[str]) -> int:
+  """`slj eval PATH [--data DIR] [--batches N] [--batch-size B] [--seq-len S]`: validation
+  loss, perplexity and tokens evaluated, as JSON."""
+  parser = argparse.ArgumentParser(
+      prog="slj eval",
+      description="Validation loss and perplexity of a run's newest checkpoint or of a "
+                  "HuggingFace Qwen2 directory, as JSON on stdout.")
+  parser.add_argument("path", help="run directory or HuggingFace Qwen2 directory")
+  parser.add_argument("--data", help="prepared data directory or 'builtin' (default: the "
+                      "run's; required for a HuggingFace directory)")
+  parser.add_argument("--batches", type=int, help="validation batches (default: the run's "
+                      "eval_batches, 8 otherwise)")
+  parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the "
+                      "run's, 8 otherwise)")
+  parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, "
+                      "otherwise min(512, the model's context))")
+  args = parser.parse_args(argv)
+  try:
+    if not is_run_directory(args.path) and args.data is None:
+      raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
+                       f"prepared by slj tokenize, or builtin)")
+    loaded = load(args.path)
+    run = loaded.run_config or {}
+    config = loaded.model.config
+    data_dir = data.resolve_data(args.data or run["data"])
+    data_vocab = int(data.load_manifest(data_dir)["vocab_size"])
+    compact = loaded.tokenizer.compact
+    if compact is None and config.vocab_size < data_vocab:
+      raise ValueError(f"{args.path} has vocab_size {config.vocab_size} with no compact "
+                       f"vocabulary table, but {data_dir} holds ids of a {data_vocab}-token "
+                       f"vocabulary")
+    batch_size = args.batch_size or (run["batch_size"] // run["grad_accum"] if run else 8)
+    seq_len = args.seq_len or run.get("seq_len") or min(512, config.max_seq_len)
+    if seq_len > config.max_seq_len:
+      raise ValueError(f"--seq-len {seq_len} exceeds the model's context of "
+                       f"{config.max_seq_len} tokens")
+    batches = data.TokenBatches(data_dir, "val", batch_size, seq_len,
+                                vocab_size=config.vocab_size, compact_vocab=compact)
+    result = evaluate(loaded.model, batches, args.batches or run.get("eval_batches") or 8)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"slj eval: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0
+
+
+def cli_export(argv: list[str]) -> int:
+  """`slj export RUN OUT [--dtype float32|bfloat16]`."""
+  parser = argparse.ArgumentParser(
+      prog="slj export",
+      description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
+                  "(safetensors, config, generation config, tokenizer) that transformers "
+                  "loads offline; a compact vocabulary is widened to the full Qwen2 one.")
+  parser.add_argument("run", help="run directory (slj train --out)")
+  parser.add_argument("out", help="output directory")
+  parser.add_argument("--dtype", default="float32", choices=sorted(hf.EXPORT_DTYPES))
+  args = parser.parse_args(argv)
+  try:
+    out = export_run(args.run, args.out, args.dtype)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"slj export: error: {e}", file=sys.stderr)
+    return 2
+  print(out)
+  return 0
