@@ -33,9 +33,10 @@ CPU_EVAL_BATCHES = 8
 # The Sophia family in its operating regime on the cpu setting: for each optimizer and
 # Hessian-EMA bias correction off / on, the rho with the lowest validation loss among those
 # that keep 15-45 % of coordinates unclipped over the second half of training (the 10-50 %
-# band less a margin), measured by `python -m experiments.calibrate_rho`
-# (docs/results/rho-calibration); the protocol runs each at the better of the two. Only the
-# cpu, tuned and ablation settings use them: the paper protocols keep the papers' settings.
+# band less a margin), measured by `python -m experiments.calibrate_rho` (see
+# docs/decisions.md, 2026-12-02: the Sophia family's rho on the cpu setting); the protocol
+# runs each at the better of the two. Only the cpu, tuned and ablation settings use them: the
+# paper protocols keep the papers' settings.
 CPU_CALIBRATED_RHO: dict[str, dict[bool, float]] = {
     "sophia": {False: 5.0, True: 0.2},
     "sophia_h": {False: 0.25, True: 0.05},
@@ -57,7 +58,8 @@ SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 # --- cpu-long protocol -------------------------------------------------------------------
 # The cpu setting (batch, sequence, model, data) with CPU_LONG_STEPS steps, so that AdamW ends
 # well below the cpu protocol's validation loss; the size was chosen with a pilot AdamW run
-# (docs/decisions.md). Warmup stays a tenth of the run, as in cpu.
+# (see docs/decisions.md, 2026-12-02: the cpu-long protocol's size). Warmup stays a tenth of
+# the run, as in cpu.
 CPU_LONG_STEPS = 3000
 CPU_LONG_EVAL_EVERY = 100
 # Each optimizer at the setting `slj compare --protocol tuned` chose for it on the cpu setting
@@ -72,10 +74,11 @@ CPU_LONG_SETTINGS: dict[str, dict[str, Any]] = {
     "lamvs": {"learning_rate": 3e-3, "optimizer_kwargs": {}},
 }
 # At the tuned rho 0.4, tuned over 120 steps, the first three seeds of Sophia-G and
-# Sophia-Lambda at 3,000 steps ended above the 10-50 % unclipped band (about 51 % and 59 %:
-# later in training |m| is small next to rho h for more coordinates). So the protocol also
-# runs both at half that rho, labelled "<optimizer>/rho<value>"; the tables mark whichever
-# configuration is out of band (docs/decisions.md).
+# Sophia-Lambda at 3,000 steps ended above the 10-50 % unclipped band (later in training |m|
+# is small next to rho h for more coordinates). So the protocol also runs both at half that
+# rho, labelled "<optimizer>/rho<value>"; the tables mark whichever configuration is out of
+# band (see docs/decisions.md, 2026-12-02: cpu-long also runs Sophia-G and Sophia-Lambda at
+# rho 0.2).
 CPU_LONG_LOWER_RHO: dict[str, float] = {"sophia": 0.2, "sophia_lambda": 0.2}
 
 # The papers' shared hyperparameters ("same hyperparameters" for every optimizer).
