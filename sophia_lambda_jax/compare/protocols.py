@@ -210,12 +210,9 @@ def paper_fields(**overrides) -> dict:
 
 
 def paper_short_fields(**overrides) -> dict:
-  """About one GPU-hour for all eight optimizers: 131M tokens per run.
-
-  Arithmetic: qwen-134m costs ~6 * 134M + attention (12 * 18 * 512 * 2048) ~ 1.0 GFLOP per
-  token for forward + backward; at ~35% of an H100's ~990 dense bf16 TFLOP/s that is
-  ~340k tokens/s, so 1,000 steps of 64 x 2048 tokens take ~6.5 min per optimizer, ~55 min
-  for eight (plus compiles and evaluations).
+  """About one GPU-hour for all eight optimizers, 131M tokens per run: an estimate from the
+  model FLOPs (see docs/decisions.md, 2026-11-23: the paper-short protocol's size, an
+  estimate).
   """
   fields = paper_fields(steps=1_000, batch_size=64, grad_accum=8, warmup_steps=100,
                         eval_every=100, eval_batches=20, checkpoint_every=250)
