@@ -24,7 +24,8 @@ import tempfile
 import time
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-# Generous next to the < 60 s a whole notebook takes on 2 cores: it only has to catch a hang.
+# Generous next to what a whole notebook takes on 2 cores: it only has to catch a hang (see
+# docs/decisions.md, 2026-11-23: the notebooks' cell timeout).
 CELL_TIMEOUT_S = 300
 # A stored notebook (figures included) stays readable on a code host below this size.
 MAX_NOTEBOOK_BYTES = 1_000_000

@@ -127,8 +127,8 @@ def _os_error_in(error: BaseException) -> OSError | None:
 
 
 # glibc reads GLIBC_TUNABLES once, at process start. With malloc's transparent huge pages the
-# cpu protocol's train step runs about 20 % more tokens/s on 2 cores, with identical numerics
-# (docs/results/cpu-throughput; `python -m experiments.benchmarks.bench_cpu_throughput`). So
+# cpu protocol's train step runs faster with identical numerics (see docs/decisions.md,
+# 2026-12-02: `slj train` and `slj compare` run with malloc huge pages). So
 # `slj train` and `slj compare` restart themselves once with the tunable set, unless
 # GLIBC_TUNABLES is already in the environment: setting it to anything (empty included) opts
 # out. Other C libraries ignore it; the kernel ignores the hint when huge pages are "never".

@@ -214,7 +214,7 @@ def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array
   tokens = max(1, labels.size)
   y, y_hat = labels.reshape(-1), y_hat.reshape(-1)
   head = jax.lax.stop_gradient(head)
-  column = lambda i: jnp.take(head, i, axis=1).astype(jnp.float32)  # noqa: E731  (d, N)
+  column = lambda i: jnp.take(head, i, axis=1).astype(jnp.float32)  # (d, N)
   dhidden_hat = (dhidden.astype(jnp.float32)
                  + ((column(y) - column(y_hat)).T / tokens).reshape(dhidden.shape))
   # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t.

@@ -689,7 +689,10 @@ def describe(params, rules=None, role_scales: Optional[dict] = None) -> LabelTab
   header = ("path", "shape", "role", "depth", "width", "lambda", "role scale")
   table = [header] + [r[2] for r in rows]
   widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+  def fmt(row):
+    return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
   total = sum(math.prod(e.shape) for e in entries)
   lines = [f"{len(entries)} leaves, {total:,} parameters, {num_blocks} blocks", "",
            fmt(header), fmt(tuple("-" * w for w in widths))]

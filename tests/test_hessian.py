@@ -307,7 +307,10 @@ def test_head_cotangents_equal_the_pullback_of_the_gnb_logits_cotangent(dtype, t
   hidden = jnp.asarray(rng.normal(size=(3, 16, 8)), dtype)
   head = jnp.asarray(rng.normal(size=(8, 300)), dtype)
   labels = jnp.asarray(rng.integers(0, 300, size=(3, 16)), jnp.int32)
-  logits_fn = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)  # noqa: E731
+
+  def logits_fn(h, w):
+    return jnp.dot(h, w, preferred_element_type=jnp.float32)
+
   z, vjp_head = jax.vjp(logits_fn, hidden, head)
   dlogits = _ce_cotangent(z, labels)
   dhidden, dhead = vjp_head(dlogits)

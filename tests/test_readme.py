@@ -13,7 +13,7 @@ def test_quickstart_runs_and_the_loss_falls(capsys):
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert blocks, "README.md has no python quickstart block"
   namespace = {}
-  exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102 - our own README
+  exec(compile(blocks[0], str(README), "exec"), namespace)  # our own README
   loss = float(namespace["loss"])
   assert math.isfinite(loss) and loss < 0.5 * math.log(256)
   assert "step 200: loss" in capsys.readouterr().out
@@ -28,7 +28,7 @@ def test_flax_model_examples_run_and_train(capsys):
   assert len(blocks) == 4, "describe, nnx.Optimizer, TrainState and MultiSteps examples"
   namespace = {}
   for block in blocks:
-    exec(compile(block, str(FLAX_MODEL), "exec"), namespace)  # noqa: S102 - our own docs
+    exec(compile(block, str(FLAX_MODEL), "exec"), namespace)  # our own docs
   out = capsys.readouterr().out
   shown = re.search(r"```text\n(\d+ leaves.*?)```", page, re.S).group(1)
   printed = out.splitlines()

@@ -45,7 +45,8 @@ def _jax_step(config: qwen.QwenConfig, seed: int):
     logits = qwen.apply(graphdef, params, ids[:, :-1])
     # optax's integer-label cross-entropy; -take_along_axis(log_softmax(logits)) computes
     # the same loss but its gradient is a scatter into the logits, much slower on XLA:CPU
-    # (docs/decisions.md).
+    # (see docs/decisions.md, 2026-11-23: the benchmark's loss is optax's integer-label
+    # cross-entropy).
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   return model, params, jax.jit(jax.value_and_grad(loss_fn))

@@ -4,10 +4,10 @@
 
 `curves.png`: four panels, training and validation loss against optimizer step and against
 training wall-clock seconds (the sum of the logged step times: compilation, evaluations and
-checkpoints left out, so that optimizers are compared on what their steps cost), one line per configuration (the mean over its seeds; a band from the
-lowest to the highest seed where there are several). Training loss is smoothed with an
-exponential moving average (0.9) so that the optimizers can be told apart; the validation
-curves are the raw evaluations.
+checkpoints left out, so that optimizers are compared on what their steps cost), one line
+per configuration (the mean over its seeds; a band from the lowest to the highest seed where
+there are several). Training loss is smoothed with an exponential moving average (0.9) so
+that the optimizers can be told apart; the validation curves are the raw evaluations.
 
 `ablations.png` (when the compare has ablation runs, see `experiments.ablations`): one
 panel of validation loss per ablation family, and the Hessian refresh interval over
@@ -22,11 +22,11 @@ from typing import Sequence
 
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: no backend is chosen or changed
-import numpy as np  # noqa: E402
+import numpy as np
 
-from sophia_lambda_jax.compare import tables  # noqa: E402
-from sophia_lambda_jax.compare.tables import RunRecord  # noqa: E402
-from sophia_lambda_jax.train.metrics import UNCLIPPED_BAND  # noqa: E402
+from sophia_lambda_jax.compare import tables
+from sophia_lambda_jax.compare.tables import RunRecord
+from sophia_lambda_jax.train.metrics import UNCLIPPED_BAND
 
 SMOOTHING = 0.9
 WALL_LABEL = "training wall-clock (s, sum of step times)"

@@ -38,9 +38,10 @@ CPU_EVAL_BATCHES = 8
 # The Sophia family in its operating regime on the cpu setting: for each optimizer and
 # Hessian-EMA bias correction off / on, the rho with the lowest validation loss among those
 # that keep 15-45 % of coordinates unclipped over the second half of training (the 10-50 %
-# band less a margin), measured by `python -m experiments.calibrate_rho`
-# (docs/results/rho-calibration); the protocol runs each at the better of the two. Only the
-# cpu, tuned and ablation settings use them: the paper protocols keep the papers' settings.
+# band less a margin), measured by `python -m experiments.calibrate_rho` (see
+# docs/decisions.md, 2026-12-02: the Sophia family's rho on the cpu setting); the protocol
+# runs each at the better of the two. Only the cpu, tuned and ablation settings use them: the
+# paper protocols keep the papers' settings.
 CPU_CALIBRATED_RHO: dict[str, dict[bool, float]] = {
     "sophia": {False: 5.0, True: 0.2},
     "sophia_h": {False: 0.25, True: 0.05},
@@ -62,7 +63,8 @@ SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 # --- cpu-long protocol -------------------------------------------------------------------
 # The cpu setting (batch, sequence, model, data) with CPU_LONG_STEPS steps, so that AdamW ends
 # well below the cpu protocol's validation loss; the size was chosen with a pilot AdamW run
-# (docs/decisions.md). Warmup stays a tenth of the run, as in cpu.
+# (see docs/decisions.md, 2026-12-02: the cpu-long protocol's size). Warmup stays a tenth of
+# the run, as in cpu.
 CPU_LONG_STEPS = 3000
 CPU_LONG_EVAL_EVERY = 100
 # Each optimizer at the setting `slj compare --protocol tuned` chose for it on the cpu setting
@@ -77,10 +79,11 @@ CPU_LONG_SETTINGS: dict[str, dict[str, Any]] = {
     "lamvs": {"learning_rate": 3e-3, "optimizer_kwargs": {}},
 }
 # At the tuned rho 0.4, tuned over 120 steps, the first three seeds of Sophia-G and
-# Sophia-Lambda at 3,000 steps ended above the 10-50 % unclipped band (about 51 % and 59 %:
-# later in training |m| is small next to rho h for more coordinates). So the protocol also
-# runs both at half that rho, labelled "<optimizer>/rho<value>"; the tables mark whichever
-# configuration is out of band (docs/decisions.md).
+# Sophia-Lambda at 3,000 steps ended above the 10-50 % unclipped band (later in training |m|
+# is small next to rho h for more coordinates). So the protocol also runs both at half that
+# rho, labelled "<optimizer>/rho<value>"; the tables mark whichever configuration is out of
+# band (see docs/decisions.md, 2026-12-02: cpu-long also runs Sophia-G and Sophia-Lambda at
+# rho 0.2).
 CPU_LONG_LOWER_RHO: dict[str, float] = {"sophia": 0.2, "sophia_lambda": 0.2}
 
 # --- cpu-long-tuned protocol -------------------------------------------------------------
@@ -233,12 +236,9 @@ def paper_fields(**overrides) -> dict:
 
 
 def paper_short_fields(**overrides) -> dict:
-  """About one GPU-hour for all eight optimizers: 131M tokens per run.
-
-  Arithmetic: qwen-134m costs ~6 * 134M + attention (12 * 18 * 512 * 2048) ~ 1.0 GFLOP per
-  token for forward + backward; at ~35% of an H100's ~990 dense bf16 TFLOP/s that is
-  ~340k tokens/s, so 1,000 steps of 64 x 2048 tokens take ~6.5 min per optimizer, ~55 min
-  for eight (plus compiles and evaluations).
+  """About one GPU-hour for all eight optimizers, 131M tokens per run: an estimate from the
+  model FLOPs (see docs/decisions.md, 2026-11-23: the paper-short protocol's size, an
+  estimate).
   """
   fields = paper_fields(steps=1_000, batch_size=64, grad_accum=8, warmup_steps=100,
                         eval_every=100, eval_batches=20, final_eval_batches=20,

@@ -47,8 +47,9 @@ from sophia_lambda_jax.data import shards
 from sophia_lambda_jax.data.preparation import load_manifest
 from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE
 
-# Splits up to this many tokens are scanned for out-of-range ids when opened (a few ms per
-# 10M tokens); larger ones are checked batch by batch as they are read.
+# Splits up to this many tokens are scanned for out-of-range ids when opened; larger ones are
+# checked batch by batch as they are read (see docs/decisions.md, 2026-11-23: token splits
+# checked whole when opened).
 FULL_SCAN_TOKENS = 1 << 27
 
 # Up to this many windows, a whole epoch's permutation is tabulated once (4 bytes/window)
@@ -307,8 +308,9 @@ class TokenBatches:
 
   def _verify_shard(self, i: int) -> None:
     """Check shard i against the manifest's checksum the first time it is read (one pass
-    over the file: 1-2 s per GB on a loaded 2-core CPU, paid once per shard rather than
-    for a whole FineWeb-sized folder, tens of GB, at start)."""
+    over the file, paid once per shard rather than for a whole FineWeb-sized folder, tens
+    of GB, at start; see docs/decisions.md, 2026-12-02: CRC-32 checksums for checkpoints
+    and token shards)."""
     if i in self._verified:
       return
     crc = self._shards[i].crc32

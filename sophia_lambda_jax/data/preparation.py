@@ -43,8 +43,9 @@ from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokeni
 FORMAT = "sophia-lambda-jax/token-shards"
 FORMAT_VERSION = 1
 DEFAULT_VAL_FRACTION = 0.01
-# The built-in corpus is small (about 7M tokens in ~1,900 documents of very unequal sizes):
-# 2% of the documents gives a validation split of ~100k+ tokens, enough for a stable loss.
+# The built-in corpus is small and its documents very unequal in size: 2 % of the documents
+# gives a validation split large enough for a stable loss (see docs/decisions.md,
+# 2026-11-23: the built-in corpus and its validation split).
 BUILTIN_VAL_FRACTION = 0.02
 MANIFEST = "manifest.json"
 PLAN = "plan.json"

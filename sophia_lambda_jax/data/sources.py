@@ -2,9 +2,9 @@
 
 A source is planned into `WorkUnit`s, independent pieces of work that a worker process can
 tokenise on its own (a range of the built-in document list, some row groups of one parquet
-file, one jsonl or txt file, a record range of a TFDS dataset, one HF dataset). The plan depends only on the source, never
-on the number of workers, so a resumed `prepare` with another worker count finishes the same
-plan and writes the same shards.
+file, one jsonl or txt file, a record range of a TFDS dataset, one HF dataset). The plan
+depends only on the source, never on the number of workers, so a resumed `prepare` with
+another worker count finishes the same plan and writes the same shards.
 
 Every document has a stable string key (a relative path, a FineWeb `id`, or file:row); the
 train/validation split hashes that key (`is_validation`), so it is deterministic, independent
@@ -98,7 +98,8 @@ def builtin_documents() -> list[tuple[str, str]]:
   third-party `site-packages` excluded), keyed "stdlib/<relative path>" and sorted; then each
   topic of `pydoc_data.topics` (the language reference sections `help()` shows), keyed
   "pydoc/<topic>" and sorted. The file `pydoc_data/topics.py` itself is left out because its
-  topics are already documents. About 31 MB of text, 7M Qwen2 tokens on CPython 3.11.
+  topics are already documents. Its size depends on the Python version (see
+  docs/decisions.md, 2026-11-23: the built-in corpus and its validation split).
   """
   root = _stdlib_dir()
   docs = []

@@ -388,7 +388,7 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
 @functools.lru_cache(maxsize=1)
 def _qwen2_tokenizer_json() -> str:
   """tokenizer.json of the Qwen2 tokenizer, converted from the ranks `data.tokenizer` uses
-  by transformers' tiktoken converter (offline, ~2 s) plus Qwen2's NFC normaliser."""
+  by transformers' tiktoken converter (offline) plus Qwen2's NFC normaliser."""
   # Imported here: transformers and tokenizers are the optional `hf` extra.
   from tokenizers import normalizers
   from transformers.convert_slow_tokenizer import TikTokenConverter

@@ -27,9 +27,9 @@ complete and before the directory is renamed into place, so a committed checkpoi
 has one (runs saved before it existed do not). `verify(step)` recomputes them, so a file
 overwritten, truncated or emptied later is found before it is restored. CRC-32 because
 the threat is accidental damage, not tampering, and it is the fastest checksum of the
-standard library (zlib, releases the GIL; 0.3-1.1 GB/s on a loaded 2-core CPU, about twice
-sha256's speed there, so 1.5-5 s for qwen-134m's 1.6 GB state): the cost lands on orbax's
-background thread, not on the train step; a restore pays it once more.
+standard library (zlib, releases the GIL; see docs/decisions.md, 2026-12-02: CRC-32
+checksums for checkpoints and token shards): the cost lands on orbax's background thread,
+not on the train step; a restore pays it once more.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def loss_grads_and_hessian_fn(features_fn: FeaturesFn, estimator: str | None,
       functools.partial(_gradients_and_gnb, features_fn, grad_accum, False),
       params, batch, key)
   recomputed = _recomputed_gnb(features_fn, grad_accum, params, batch, key)
-  hessian_fn = lambda p: jax.lax.cond(due, lambda _: estimate, recomputed, p)  # noqa: E731
+  hessian_fn = lambda p: jax.lax.cond(due, lambda _: estimate, recomputed, p)
   return loss, grads, hessian_fn
 
 

@@ -1,1 +1,2 @@
-from compare_fakes import fake_compare, fake_trainer  # noqa: F401  (fixtures)
+# The fixtures of these tests: pytest finds them here by name.
+from compare_fakes import fake_compare, fake_trainer

@@ -131,7 +131,10 @@ def test_logical_axes(scan):
   config = dataclasses.replace(TINY, scan_layers=scan, tie_embeddings=False)
   axes = qwen.logical_axes(config)
   params = qwen.abstract_params(config)
-  is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+
+  def is_axes(x):
+    return isinstance(x, tuple)
+
   assert jax.tree.structure(axes, is_leaf=is_axes) == jax.tree.structure(params)
   allowed = {None, "vocab", "embed", "mlp", "heads", "kv", "layers"}
   for names, leaf in zip(jax.tree.leaves(axes, is_leaf=is_axes), jax.tree.leaves(params)):

@@ -3,19 +3,15 @@ with logits equal to ours (on kept ids for a compact vocabulary), the project's 
 and the same greedy continuation as `slj generate --temperature 0`."""
 
 import json
-import os
 
 import numpy as np
 import pytest
+import safetensors
+import torch
+import transformers
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # everything below must load from the directory alone
-
-import safetensors  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from sophia_lambda_jax import cli, data, runs  # noqa: E402
-from sophia_lambda_jax.models import sampler  # noqa: E402
+from sophia_lambda_jax import cli, data, runs
+from sophia_lambda_jax.models import sampler
 
 MIXED_TEXT = (
     "Plain ASCII, then accents: café, naïve, Ångström, e\u0301 (combining). "

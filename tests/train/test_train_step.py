@@ -58,7 +58,10 @@ def test_a_wrong_refresh_guess_changes_nothing(monkeypatch, grad_accum, guess):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                got_state.params, want_state.params)
-  h = lambda s: transforms._find(s.opt_state, transforms.HessianEMAState)[0].h  # noqa: E731
+
+  def h(state):
+    return transforms._find(state.opt_state, transforms.HessianEMAState)[0].h
+
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12),
                h(got_state), h(want_state))
 
