@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -323,10 +324,12 @@ def plan(args, outcome: protocols.Outcome | None = None) -> list[RunSpec]:
 def code_version() -> dict:
   """The git commit of the checkout this package runs from and whether tracked files differ
   from it ({"commit": None} when it is not a git checkout, e.g. an installed wheel)."""
-  from sophia_lambda_jax import __version__
-
   repo = Path(__file__).resolve().parents[2]
-  version = {"commit": None, "dirty": None, "version": __version__}
+  try:
+    installed = importlib.metadata.version("sophia-lambda-jax")
+  except importlib.metadata.PackageNotFoundError:
+    installed = None
+  version = {"commit": None, "dirty": None, "version": installed}
   if not (repo / ".git").exists():
     return version
   try:
