@@ -84,9 +84,14 @@ def is_run_directory(path) -> bool:
 
 
 def newest_checkpoint(run_dir) -> int | None:
-  """The step of the run's newest complete checkpoint (None when it has none): the one that
-  `load`, `slj generate`, `slj eval` and `slj export` read."""
-  return checkpoint.latest_step(Path(run_dir) / CHECKPOINTS)
+  """The step of the checkpoint that `load`, `slj generate`, `slj eval` and `slj export`
+  read (None when the run has no complete checkpoint): the newest that passes its checksums
+  (`train.checkpoint.readable_step`, which says in one line which damaged one it skipped;
+  ValueError when every one is damaged)."""
+  directory = Path(run_dir) / CHECKPOINTS
+  if checkpoint.latest_step(directory) is None:
+    return None
+  return checkpoint.readable_step(directory)
 
 
 # ----------------------------------------------------------------------------- load
@@ -127,16 +132,15 @@ def _load_run(run_dir: Path, compute_dtype: str | None) -> Loaded:
   config = _model_config(run_dir, run_config)
   if compute_dtype is not None:
     config = dataclasses.replace(config, compute_dtype=compute_dtype)
-  step = newest_checkpoint(run_dir)
-  if step is None:
+  if checkpoint.latest_step(run_dir / CHECKPOINTS) is None:
     raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint in "
                             f"{run_dir / CHECKPOINTS} (train it first: slj train --out "
                             f"{run_dir})")
   abstract = nnx.eval_shape(lambda: qwen.Qwen(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
+  # The step newest_checkpoint names, verified once, as it is read.
   step, params = checkpoint.restore_params(run_dir / CHECKPOINTS,
-                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
-                                           step)
+                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   tokenizer = VocabTokenizer(config.vocab_size,

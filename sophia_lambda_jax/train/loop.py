@@ -2,14 +2,15 @@
 
 Order of a run:
 1. jax.distributed (multi-host), the lock on <out> (process 0) and the device mesh;
-2. the checkpoints in <out>/checkpoints: verified against their checksums (a damaged one is
-   reported and skipped), the newest good one's config checked against this run's (the
-   trajectory-changing fields must match); a run already finished stops here;
+2. the checkpoints in <out>/checkpoints, newest first, verified against their checksums (a
+   damaged one is reported and skipped), the newest intact one's config checked against
+   this run's (the trajectory-changing fields must match); a run already finished stops here;
 3. data (`TokenBatches`, each process reads only its rows; its fingerprint must match the
    checkpoint's), model, schedule, optimizer;
 4. shardings for params (logical axes -> mesh), optimizer state and batches;
-5. state: restored from the newest good checkpoint, falling back to older ones, else
-   initialised under jit directly into its shardings;
+5. state: restored from that checkpoint (one that does not restore is refused, with the
+   reason, and kept: only damaged ones are ever deleted), else initialised under jit
+   directly into its shardings;
 6. the jitted step, compiled ahead of time (its compiled memory analysis gives the peak
    device memory), then the loop: step, metrics, eval every eval_every, checkpoint every
    checkpoint_every, NaN/Inf guard;
@@ -313,15 +314,19 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # An existing run in `out` is resumed only with the same trajectory-changing settings:
     # refuse before building anything.
     checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-    candidates, verified, saved_meta = _checkpoint_candidates(checkpointer, config.to_dict())
+    try:
+      resume = _checkpoint_to_resume(checkpointer, config.to_dict())
+    except BaseException:
+      checkpointer.close()
+      raise
     summary_path = out / "summary.json"
-    if candidates and candidates[0] == config.steps and summary_path.is_file():
+    if resume.step == config.steps and summary_path.is_file():
       checkpointer.close()
       _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
            f"({summary_path.name} left as it is)")
       return json.loads(summary_path.read_text())
     try:
-      run = _set_up(config, out, checkpointer, candidates, verified, saved_meta)
+      run = _set_up(config, out, checkpointer, resume)
     except BaseException:
       checkpointer.close()
       raise
@@ -341,10 +346,10 @@ class _Run(NamedTuple):
   state: Any
 
 
-def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidates: list[int],
-            verified: set[int], saved_meta: dict | None) -> _Run:
+def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
+            resume: "_Resume") -> _Run:
   """Mesh, data (its fingerprint checked against the checkpoint's), model, program, and the
-  state: restored from the first good candidate checkpoint, or initialised."""
+  state: restored from the checkpoint `resume` names, or initialised."""
   from sophia_lambda_jax import data as data_lib
 
   process, process_count = jax.process_index(), jax.process_count()
@@ -373,11 +378,11 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
       vocab_size=model.config.vocab_size, process_index=process,
       process_count=process_count)
   fingerprint = train_data.fingerprint
-  if candidates:
-    _check_data_fingerprint(saved_meta, fingerprint, data_dir, checkpointer.directory)
+  if resume.step is not None:
+    _check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
 
   program = TrainProgram(config, model, mesh)
-  start_step, state = _restore(checkpointer, candidates, verified, program)
+  start_step, state = _restore(checkpointer, resume, program)
   if process == 0:
     config.to_json(out / "config.json")
     # What `runs.load` needs to rebuild and decode the model without the presets, the
@@ -389,40 +394,47 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
               start_step, state)
 
 
-def _checkpoint_candidates(checkpointer: Checkpointer, config_dict: dict[str, Any]
-                           ) -> tuple[list[int], set[int], dict | None]:
-  """The steps to try restoring (best first), those verified, and the first one's meta.
+class _Resume(NamedTuple):
+  """The checkpoint a run resumes from (`step` None: from scratch), its meta, and the newer
+  checkpoints proven damaged (deleted once the run is restored: their steps are trained
+  again)."""
+  step: int | None
+  meta: dict | None
+  damaged: list[int]
 
-  Verified checkpoints (their files match `checksums.json`) newest first, then ones without
-  checksums (saved before they existed) newest first, each with a warning; a damaged or
-  unreadable one is reported in one line and skipped. The first readable one's config must
-  match this run's (a ValueError otherwise: that is a refusal, not damage)."""
-  verified, unverified = [], []
-  for step in sorted(checkpointer.all_steps(), reverse=True):
-    try:
-      problem = checkpointer.verify(step)
-    except FileNotFoundError:
-      unverified.append(step)
-      continue
-    if problem is None:
-      verified.append(step)
-    else:
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is damaged "
-           f"({problem}); using an older one")
-  candidates, meta = [], None
-  for step in verified + unverified:
-    try:
-      saved_config, saved_meta = checkpointer.read_config(step), checkpointer.read_meta(step)
-    except Exception as e:  # damaged JSON or metadata: orbax raises many kinds
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is unreadable "
-           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using an "
-           "older one")
-      continue
-    if not candidates:
-      checkpointer.check_config(step, config_dict, saved=saved_config)
-      meta = saved_meta
-    candidates.append(step)
-  return candidates, set(verified), meta
+
+def _checkpoint_to_resume(checkpointer: Checkpointer, config_dict: dict[str, Any]) -> _Resume:
+  """The newest checkpoint not proven damaged (its files match its checksums, or it has none
+  to tell), each damaged newer one reported in one line. Its config must match this run's
+  (a ValueError otherwise: a refusal, not damage); one that cannot be read is refused too,
+  every checkpoint left in place."""
+  directory = checkpointer.directory
+  choice = checkpointer.newest_intact()
+  for step, problem in choice.damaged:
+    _say(f"warning: checkpoint step {step} in {directory} is damaged ({problem}); "
+         + (f"resuming from step {choice.step}" if choice.step is not None else
+            "no older checkpoint is intact"))
+  damaged = [step for step, _ in choice.damaged]
+  if choice.step is None:
+    return _Resume(None, None, damaged)
+  try:
+    saved_config, meta = (checkpointer.read_config(choice.step),
+                          checkpointer.read_meta(choice.step))
+  except Exception as e:  # orbax raises many kinds
+    raise ValueError(f"refusing to resume from checkpoint step {choice.step} in {directory}: "
+                     f"its config or meta cannot be read ({_reason(e)}); every checkpoint is "
+                     "left in place") from e
+  checkpointer.check_config(choice.step, config_dict, saved=saved_config)
+  if choice.unverified:
+    _say(f"warning: checkpoint step {choice.step} in {directory} {choice.unverified}: "
+         "resuming from it unverified")
+  return _Resume(choice.step, meta, damaged)
+
+
+def _reason(error: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(error).strip().splitlines()
+  return type(error).__name__ + (f": {lines[0]}" if lines else "")
 
 
 def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
@@ -438,34 +450,25 @@ def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
         "that folder, or use another --out")
 
 
-def _restore(checkpointer: Checkpointer, candidates: list[int], verified: set[int],
-             program: TrainProgram):
-  """(start step, state) from the first candidate that restores, else (0, fresh state).
-  Checkpoints newer than the one used are deleted (their steps are trained again)."""
-  state, start_step = None, 0
-  had_checkpoints = bool(checkpointer.all_steps())
-  for step in candidates:
-    try:
-      state = checkpointer.restore(step, program.abstract_state)
-    except Exception as e:  # unreadable without checksums to tell: try the next
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} could not be "
-           f"restored ({type(e).__name__}); using an older one")
-      continue
-    if step not in verified:
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} has no checksums "
-           "(saved by an older version, or killed while writing them): resuming from it "
-           "unverified")
-    start_step = step
-    break
-  for step in checkpointer.all_steps():
-    if step > start_step:
-      checkpointer.delete(step)
-  if state is None:
-    if had_checkpoints:
-      _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run "
-           "restarts from step 0")
+def _restore(checkpointer: Checkpointer, resume: _Resume, program: TrainProgram):
+  """(start step, state): restored from the checkpoint `resume` names, else (0, fresh state).
+  A checkpoint that does not restore is refused (ValueError with the reason), never deleted:
+  only the damaged ones are, after a successful restore."""
+  if resume.step is None:
     state = program.fresh_state()
-  return start_step, state
+  else:
+    try:
+      state = checkpointer.restore(resume.step, program.abstract_state)
+    except Exception as e:  # a shape mismatch, out of memory, ...: not proof of damage
+      raise ValueError(f"refusing to resume from checkpoint step {resume.step} in "
+                       f"{checkpointer.directory}: it cannot be restored ({_reason(e)}); "
+                       "every checkpoint is left in place") from e
+  for step in resume.damaged:
+    checkpointer.delete(step)
+  if resume.step is None and resume.damaged:
+    _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run restarts "
+         "from step 0")
+  return resume.step or 0, state
 
 
 def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict[str, Any]:

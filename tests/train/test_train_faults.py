@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from sophia_lambda_jax import cli, data
-from sophia_lambda_jax.train import loop
-from sophia_lambda_jax.train.checkpoint import restore_arrays
+from checkpoint_arrays import restore_arrays
+from sophia_lambda_jax import cli, data, runs
+from sophia_lambda_jax.train import checkpoint, loop
 from sophia_lambda_jax.train.metrics import read_metrics
 from train_helpers import subprocess_env
 
@@ -66,9 +66,15 @@ def _assert_same_final_state(a, b):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def _largest_state_file(step_dir):
-  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+def _largest_state_file(step_dir, item="state"):
+  return max((p for p in (step_dir / item).rglob("*") if p.is_file()),
              key=lambda p: p.stat().st_size)
+
+
+def _flip_bit(path, position):
+  raw = bytearray(path.read_bytes())
+  raw[position] ^= 1
+  path.write_bytes(bytes(raw))
 
 
 def _one_line(err, *needles):
@@ -119,7 +125,8 @@ def test_tokenize_into_a_directory_in_use_is_refused_at_once(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("damage", ["overwrite bytes", "truncate", "empty config"])
+@pytest.mark.parametrize("damage", ["overwrite bytes", "truncate", "empty config",
+                                    "one bit of params"])
 def test_damaged_newest_checkpoint_falls_back_and_continues_bitwise(finished, tmp_path, capsys,
                                                                    damage):
   out = _copy(finished, tmp_path)
@@ -133,6 +140,9 @@ def test_damaged_newest_checkpoint_falls_back_and_continues_bitwise(finished, tm
   elif damage == "truncate":
     victim = _largest_state_file(step_dir)
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  elif damage == "one bit of params":
+    victim = _largest_state_file(step_dir, "params")
+    _flip_bit(victim, victim.stat().st_size // 2)
   else:
     next(p for p in (step_dir / "config").rglob("*") if p.is_file()
          and p.name != "commit_success.txt").write_text("")
@@ -179,6 +189,114 @@ def test_checkpoints_of_older_runs_resume_with_warnings(finished, tmp_path, caps
   _one_line(captured.err, "without a data fingerprint")
   assert f"resumed at step {STEPS}" in captured.out
   _assert_same_final_state(finished, out)
+
+
+def test_one_flipped_bit_in_any_params_file_is_found(finished):
+  step_dir = finished / "checkpoints" / str(STEPS)
+  files = [p for p in (step_dir / "params").rglob("*") if p.is_file()]
+  assert len(files) > 3
+  for victim in files:
+    position = victim.stat().st_size * 2 // 3
+    _flip_bit(victim, position)
+    try:
+      found = checkpoint.check(step_dir)
+    finally:
+      _flip_bit(victim, position)
+    assert found.damaged is not None and str(victim.relative_to(step_dir)) in found.damaged
+  assert checkpoint.check(step_dir) == (None, None)
+
+
+def test_reads_take_the_newest_intact_checkpoint_and_refuse_a_damaged_one(finished, tmp_path,
+                                                                          capsys):
+  out = _copy(finished, tmp_path)
+  _flip_bit(_largest_state_file(out / "checkpoints" / str(STEPS), "params"), 100)
+  assert cli.main(["eval", str(out), "--batches", "1"]) == 0
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "damaged", "using step 2")
+  assert runs.load(out).step == 2 and runs.newest_checkpoint(out) == 2
+  capsys.readouterr()
+  abstract = _params_like(out)
+  with pytest.raises(ValueError, match=f"step {STEPS} .* is damaged .*refusing to read it"):
+    checkpoint.restore_params(out / "checkpoints", abstract, step=STEPS)
+  assert checkpoint.restore_params(out / "checkpoints", abstract, step=2)[0] == 2
+  # No intact checkpoint left: refused in one line, nothing deleted.
+  _flip_bit(_largest_state_file(out / "checkpoints" / "2", "params"), 100)
+  assert cli.main(["generate", str(out), "--prompt", "the"]) == 2
+  _one_line(capsys.readouterr().err, "every checkpoint", "is damaged")
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", str(STEPS)]
+
+
+def _params_like(run):
+  from flax import nnx
+
+  from sophia_lambda_jax.models import qwen
+
+  config = qwen.QwenConfig(**json.loads((run / "model.json").read_text()))
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: qwen.Qwen(config,
+                                                                      rngs=nnx.Rngs(0))),
+                                    nnx.Param))
+
+
+def test_checksums_written_before_they_covered_params_verify_the_rest_and_warn(finished,
+                                                                            tmp_path,
+                                                                            capsys):
+  out = _copy(finished, tmp_path)
+  for step_dir in (out / "checkpoints").iterdir():  # as an older version wrote them
+    manifest = json.loads((step_dir / checkpoint.CHECKSUMS).read_text())
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("params/")}
+    (step_dir / checkpoint.CHECKSUMS).write_text(json.dumps({"algorithm": "crc32",
+                                                             "files": files}))
+  assert runs.load(out).step == STEPS
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}",
+            "do not cover its parameters")
+  _flip_bit(_largest_state_file(out / "checkpoints" / str(STEPS)), 100)  # a listed file
+  assert runs.load(out).step == 2
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "damaged", "using step 2")
+
+
+def test_a_checkpoint_without_checksums_is_resumed_with_a_warning_never_deleted(finished,
+                                                                               tmp_path,
+                                                                               capsys):
+  from sophia_lambda_jax.train.checkpoint import Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "checkpoints" / str(STEPS) / checkpoint.CHECKSUMS).unlink()
+  config = json.loads((out / "config.json").read_text())
+  checkpointer = Checkpointer(out / "checkpoints", keep=2)
+  try:
+    resume = loop._checkpoint_to_resume(checkpointer, config)
+  finally:
+    checkpointer.close()
+  assert resume.step == STEPS and resume.damaged == []
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "has no checksums")
+
+
+@pytest.mark.parametrize("failure", ["preset changed", "out of memory"])
+def test_an_intact_checkpoint_that_does_not_restore_is_refused_and_kept(finished, tmp_path,
+                                                                        capsys, monkeypatch,
+                                                                        failure):
+  import dataclasses
+
+  from sophia_lambda_jax.models import qwen
+  from sophia_lambda_jax.train.checkpoint import Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  before = sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*"))
+  if failure == "preset changed":
+    monkeypatch.setitem(qwen.PRESETS, "qwen-tiny", dataclasses.replace(
+        qwen.PRESETS["qwen-tiny"], intermediate_size=96))
+    expected = ("mlp/down_proj/kernel was saved with shape (192, 64), (96, 64) is "
+                "expected")
+  else:
+    def exhausted(self, step, abstract_state):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 byte")
+
+    monkeypatch.setattr(Checkpointer, "restore", exhausted)
+    expected = "RuntimeError: RESOURCE_EXHAUSTED"
+  assert cli.main(_argv(_data_of(finished), out)) == 1
+  _one_line(capsys.readouterr().err, f"refusing to resume from checkpoint step {STEPS}",
+            expected, "every checkpoint is left in place")
+  assert sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*")) == before
 
 
 # ----------------------------------------------------------------------------- data, reruns
