@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from sophia_lambda_jax import data
+from sophia_lambda_jax import data, interrupts
 from sophia_lambda_jax.models import hf, qwen, sampler
 from sophia_lambda_jax.models.loading import Loaded, VocabTokenizer, evaluate, load_hf
 from sophia_lambda_jax.train import checkpoint
@@ -259,12 +259,13 @@ def export_run(run, out, dtype: str = "float32", overwrite: bool = False) -> Pat
     _write_export(loaded.model, loaded.tokenizer.compact, staged, dtype)
     replacing = out.is_dir() and any(out.iterdir())
     _move_into_place(staged, out)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under `slj`
     shutil.rmtree(staged, ignore_errors=True)
-    raise KeyboardInterrupt(
-        f"interrupted; the export into {out} was not completed: "
+    signum = interrupts.signal_of(e)
+    raise interrupts.Interrupted(
+        f"{interrupts.interrupted_by(signum)}; the export into {out} was not completed: "
         + ("it has no config.json until an export there completes" if replacing else
-           "nothing was written there")) from None
+           "nothing was written there"), signum) from None
   except BaseException:
     shutil.rmtree(staged, ignore_errors=True)
     raise

@@ -355,6 +355,20 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:
   return getattr(restored, name)
 
 
+def steps_on_disk(directory: Path) -> tuple[list[int], list[int]]:
+  """(complete steps, steps being written) from the directory listing alone (safe from any
+  thread): orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when
+  complete."""
+  complete, partial = [], []
+  for path in Path(directory).iterdir() if Path(directory).is_dir() else ():
+    step, _, suffix = path.name.partition(".")
+    if step.isdigit() and not suffix:
+      complete.append(int(step))
+    elif step.isdigit() and suffix.startswith("orbax-checkpoint-tmp"):
+      partial.append(int(step))
+  return sorted(complete), sorted(partial)
+
+
 def latest_step(directory: str | Path) -> int | None:
   """Newest complete checkpoint's step in `directory` (None when there is none)."""
   directory = Path(directory).absolute()

@@ -36,9 +36,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.train import mesh as mesh_lib
-from sophia_lambda_jax.train.checkpoint import Checkpointer
+from sophia_lambda_jax.train.checkpoint import Checkpointer, steps_on_disk
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import (MetricsLogger, finite_or_none, read_metrics,
                                              unclipped_fractions)
@@ -289,8 +290,10 @@ class TrainProgram:
     return self.lower(donate).compile()
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-  """Ctrl-C during training; the message says where the run resumes."""
+# Seconds a stop requested by Ctrl-C or SIGTERM may take: the step in flight finishes and
+# so does the checkpoint being written, unless it takes longer; then it is abandoned
+# (`interrupts.deferred`) and the process exits within about this time of the signal.
+INTERRUPT_GRACE_S = 10.0
 
 
 def _say(message: str) -> None:
@@ -327,6 +330,11 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
       return json.loads(summary_path.read_text())
     try:
       run = _set_up(config, out, checkpointer, resume)
+    except KeyboardInterrupt as e:
+      checkpointer.close()
+      raise interrupts.Interrupted(_interrupted(checkpointer.directory,
+                                                interrupts.signal_of(e)),
+                                   interrupts.signal_of(e)) from None
     except BaseException:
       checkpointer.close()
       raise
@@ -475,29 +483,33 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
   """Compile, run the steps from run.start_step (eval, checkpoints), write summary.json."""
   is_main = jax.process_index() == 0
   model, program, checkpointer = run.model, run.program, run.checkpointer
-  compile_start = time.perf_counter()
-  compiled_step = program.compile()
-  compile_s = time.perf_counter() - compile_start
-
-  logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
-                         log_every=config.log_every, tensorboard=config.tensorboard)
-  logger.message(
-      f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} params) | "
-      f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(run.mesh)} x "
-      f"{jax.process_count()} process(es) | {config.batch_tokens:,} tokens/step | "
-      + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
-  try:
-    last_val = _step_loop(config, run, compiled_step, logger)
-  except KeyboardInterrupt:
-    checkpointer.wait()
-    resume = checkpointer.latest_step()
-    raise TrainingInterrupted(
-        f"interrupted; the same command resumes from step {resume or 0}"
-        + (f" (the newest checkpoint in {checkpointer.directory})" if resume else
-           " (no checkpoint was written yet)")) from None
-  finally:
-    checkpointer.close()
-    logger.close()
+  logger = None
+  # From here a signal stops the run at the next step boundary (an exception could cut
+  # orbax's save in flight), or abandons what is still running INTERRUPT_GRACE_S later.
+  with interrupts.deferred(INTERRUPT_GRACE_S,
+                           functools.partial(_abandon, checkpointer.directory)) as stop:
+    try:
+      compile_start = time.perf_counter()
+      compiled_step = program.compile()
+      compile_s = time.perf_counter() - compile_start
+      logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
+                             log_every=config.log_every, tensorboard=config.tensorboard)
+      logger.message(
+          f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} "
+          f"params) | {config.optimizer} lr {program.peak_lr:.3g} | mesh "
+          f"{mesh_lib.describe(run.mesh)} x {jax.process_count()} process(es) | "
+          f"{config.batch_tokens:,} tokens/step | "
+          + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
+      last_val = _step_loop(config, run, compiled_step, logger, stop)
+    except KeyboardInterrupt as e:
+      checkpointer.wait()  # the save in flight completes (or the watchdog abandons it)
+      signum = stop.signum or interrupts.signal_of(e)
+      raise interrupts.Interrupted(_interrupted(checkpointer.directory, signum),
+                                   signum) from None
+    finally:
+      checkpointer.close()
+      if logger is not None:
+        logger.close()
 
   summary = _summary(config, out, model, program.abstract_opt, compiled_step, compile_s,
                      last_val, wall_start)
@@ -506,9 +518,29 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
   return summary
 
 
-def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float | None:
-  """Steps run.start_step..config.steps: train, log, evaluate, checkpoint. Returns the last
-  validation loss (None when evaluation is off)."""
+def _interrupted(directory: Path, signum: int, abandoned: bool = False) -> str:
+  """The one line of an interrupted run: where the same command resumes (and, when the
+  process is ending with a save in flight, which checkpoint it abandons)."""
+  complete, partial = steps_on_disk(directory)
+  line = interrupts.interrupted_by(signum)
+  if abandoned and partial:
+    line += (f" while checkpoint step {partial[-1]} was being written: abandoned (the next "
+             "run removes its partial files)")
+  if not complete:
+    return line + "; the same command starts again from step 0 (no checkpoint was written yet)"
+  return (line + f"; the same command resumes from step {complete[-1]} (the newest checkpoint "
+          f"in {directory})")
+
+
+def _abandon(directory: Path, signum: int) -> None:
+  """The watchdog of `interrupts.deferred`: the run did not stop in time; end it now."""
+  interrupts.exit_now(f"slj: {_interrupted(directory, signum, abandoned=True)}", signum)
+
+
+def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
+               stop: interrupts.Deferred) -> float | None:
+  """Steps run.start_step..config.steps: train, log, evaluate, checkpoint, until `stop`
+  records a signal. Returns the last validation loss (None when evaluation is off)."""
   model, program, checkpointer = run.model, run.program, run.checkpointer
   state, config_dict = run.state, config.to_dict()
   accum, batch_shape = config.grad_accum, program.batch_shape
@@ -535,6 +567,8 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float |
   last_val: float | None = None
   batch = load_batch(run.start_step) if run.start_step < config.steps else None
   for step in range(run.start_step, config.steps):
+    if stop.signum is not None:
+      raise interrupts.Interrupted(signum=stop.signum)
     t0 = time.perf_counter()
     state, metrics = compiled_step(state, batch)
     if step + 1 < config.steps:

@@ -4,6 +4,7 @@ and the same greedy continuation as `slj generate --temperature 0`."""
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -174,17 +175,20 @@ def test_export_never_replaces_files_it_did_not_write_without_overwrite(compact_
   assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging folder left
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_export_leaves_no_folder_that_looks_complete(compact_run, tmp_path,
-                                                                     capsys, monkeypatch):
+                                                                     capsys, monkeypatch,
+                                                                     signum):
   from sophia_lambda_jax.models import hf
 
-  def interrupted(path, model_max_length):
-    raise KeyboardInterrupt
+  def interrupted(path, model_max_length):  # the signal arrives while the tokenizer is written
+    os.kill(os.getpid(), signum)
 
   monkeypatch.setattr(hf, "write_tokenizer", interrupted)
   out = tmp_path / "hf"
-  assert cli.main(["export", str(compact_run), str(out)]) == 130
+  assert cli.main(["export", str(compact_run), str(out)]) == 128 + signum
   err = capsys.readouterr().err
-  assert len(err.splitlines()) == 1 and "interrupted; the export into" in err and \
+  assert len(err.splitlines()) == 1 and "the export into" in err and \
       "nothing was written there" in err, err
+  assert ("SIGTERM" in err) == (signum == signal.SIGTERM)
   assert list(tmp_path.iterdir()) == []  # neither OUT nor its staging folder

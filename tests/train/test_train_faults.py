@@ -346,6 +346,67 @@ def test_ctrl_c_says_where_the_run_resumes(corpus, tmp_path, capsys, monkeypatch
   _one_line(capsys.readouterr().err, "interrupted", "resumes from step 2")
 
 
+# A `slj train` whose checkpoint saves take argv[1] seconds (the checksums are written on
+# orbax's background thread, before the step directory is renamed into place); it prints
+# "saving <step>" when one starts.
+_SLOW_SAVES = """
+import sys, time
+from sophia_lambda_jax import cli
+from sophia_lambda_jax.train import checkpoint
+write = checkpoint.write_checksums
+def slow(step_dir):
+  print("saving", step_dir.name.split(".")[0], flush=True)
+  time.sleep(float(sys.argv[1]))
+  write(step_dir)
+checkpoint.write_checksums = slow
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _interrupt_a_save(argv, save_s, signals, env):
+  """Start `slj train` with saves of `save_s` seconds, send `signals` (0.3 s apart) once a
+  save has started; (exit status, seconds from the first signal to the exit, stderr)."""
+  import time
+
+  child = subprocess.Popen([sys.executable, "-c", _SLOW_SAVES, str(save_s), *argv],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in child.stdout:
+      if line.startswith("saving"):
+        break
+    start = time.monotonic()
+    for signum in signals:
+      child.send_signal(signum)
+      time.sleep(0.3)
+    status = child.wait(timeout=30)
+    elapsed = time.monotonic() - start
+  finally:
+    child.kill()
+  return status, elapsed, child.stderr.read()
+
+
+def test_ctrl_c_or_sigterm_during_a_save_exits_within_15_s(corpus, tmp_path, compile_cache):
+  out = tmp_path / "run"
+  argv = _argv(corpus, out, steps=40, **{"checkpoint-every": 2})
+  env = subprocess_env(1, compile_cache)
+  # A save that completes within the grace period is waited for.
+  status, elapsed, err = _interrupt_a_save(argv, 2, [signal.SIGINT], env)
+  assert status == 130 and elapsed < 15, err
+  _one_line(err, "interrupted;", "resumes from step")
+  complete, partial = checkpoint.steps_on_disk(out / "checkpoints")
+  assert partial == [] and f"resumes from step {complete[-1]} " in err
+  # One that does not is abandoned; the process ends, its lock with it.
+  status, elapsed, err = _interrupt_a_save(argv, 60, [signal.SIGTERM], env)
+  assert status == 143 and elapsed < 15, err
+  _one_line(err, "interrupted by SIGTERM while checkpoint step", "abandoned",
+            f"resumes from step {checkpoint.steps_on_disk(out / 'checkpoints')[0][-1]} ")
+  # A second Ctrl-C abandons at once.
+  status, elapsed, err = _interrupt_a_save(argv, 60, [signal.SIGINT, signal.SIGINT], env)
+  assert status == 130 and elapsed < 5, err
+  _one_line(err, "interrupted while checkpoint step", "abandoned")
+  assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- bad input, OS
 def test_bad_optimizer_value_is_refused_before_anything_runs(corpus, tmp_path, capsys):
   out = tmp_path / "run"
