@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
   previous = os.environ.get("SLJ_DEBUG")
   if debug:
     os.environ["SLJ_DEBUG"] = "1"
+  # orbax logs through absl, from its threads too (some after this returns): warnings about
+  # its settings, and tracebacks of errors that the command reports in one line. --debug
+  # shows them.
+  logging.getLogger("absl").setLevel(logging.NOTSET if debug else logging.CRITICAL)
   try:
     with interrupts.terminate_raises():  # SIGTERM cleans up as Ctrl-C does
       return COMMANDS[command](rest)

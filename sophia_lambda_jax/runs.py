@@ -148,12 +148,16 @@ def _load_run(run_dir: Path, compute_dtype: str | None) -> Loaded:
   model = nnx.merge(graphdef, state)
   tokenizer = VocabTokenizer(config.vocab_size,
                              _compact_vocab(run_dir, run_config, config.vocab_size))
+  if run_status(run_dir) != "done":  # say which weights these are
+    print(f"{run_dir}: the run has not finished: using its checkpoint at step {step} of "
+          f"{run_config.get('steps')}", file=sys.stderr)
   return Loaded(model, tokenizer, step, run_config)
 
 
 def load(path, compute_dtype: str | None = None) -> Loaded:
   """The model of a run directory's newest intact checkpoint, or of a HuggingFace Qwen2
-  directory, with its tokenizer.
+  directory, with its tokenizer. For a run that has not finished, a line on stderr names
+  the checkpoint's step.
 
   Args:
     path: a run directory (`slj train --out`, has `checkpoints/`) or a HuggingFace Qwen2
@@ -321,6 +325,10 @@ def cli_eval(argv: list[str]) -> int:
                       "otherwise min(512, the model's context))")
   args = parser.parse_args(argv)
   try:
+    for flag in ("batches", "batch_size", "seq_len"):  # 0 is not "the default"
+      value = getattr(args, flag)
+      if value is not None and value < 1:
+        raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if not is_run_directory(args.path) and args.data is None:
       raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
                        f"prepared by slj tokenize, or builtin)")

@@ -38,9 +38,11 @@ step; a read pays it once more.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -265,7 +267,8 @@ class Checkpointer:
     rest = _without_params(state)
     meta = {"step": int(step), "data_position": int(step), "keys": _flat_keys(rest),
             "data_fingerprint": data_fingerprint}
-    self._manager.wait_until_finished()  # orbax would too: one save in flight
+    self.wait()  # orbax would too: one save in flight
+    _check_space(self.directory, step, state)
     self._saving = int(step)
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params_by_name(state.params)),
@@ -317,11 +320,39 @@ class Checkpointer:
           "\nUse another --out directory, or the checkpoint's settings.")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise _as_os_error(e, self.directory) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _check_space(directory: Path, step: int, state: Any) -> None:
+  """OSError ENOSPC naming `directory` when its disk has less room than checkpoint `step`
+  takes (its arrays, and a tenth more for orbax's metadata): refused before orbax starts,
+  as a write that fails midway floods stderr from orbax's threads."""
+  need = sum(x.nbytes for x in jax.tree.leaves(state)) * 11 // 10
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"no room for checkpoint step {step} ({need:,} bytes, "
+                  f"{free:,} free)", str(directory))
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _as_os_error(error: Exception, directory: Path) -> Exception:
+  """tensorstore reports a failed write ("No space left on device") as a ValueError whose
+  message carries the OS error code: an OSError with it, naming `directory`; any other
+  error unchanged."""
+  found = _OS_ERROR_CODE.search(str(error))
+  if found is None:
+    return error
+  code = int(found.group(1))
+  return OSError(code, os.strerror(code), str(directory))
 
 
 def _check_shapes(saved: Any, expected: Any, item: str) -> None:
@@ -429,9 +460,38 @@ def restore_params(directory: str | Path, abstract_params: Any,
                    step: int | None = None) -> tuple[int, Any]:
   """(step, parameters) of the checkpoint `readable_step` takes in `directory` (the newest
   intact one, or `step`), on this process's first device, in the tree of `abstract_params`
-  (e.g. `qwen.abstract_params(config)`); reads both checkpoint layouts (module docstring)."""
+  (e.g. `qwen.abstract_params(config)`); reads both checkpoint layouts (module docstring).
+
+  A run training into `directory` meanwhile deletes its older checkpoints: one removed
+  while it was read is read again from the then newest (FileNotFoundError, in one line,
+  when that keeps happening or `step` was asked for)."""
   directory = Path(directory).absolute()
-  step = readable_step(directory, step)
+  for _ in range(3):
+    chosen = None
+    try:
+      chosen = readable_step(directory, step)
+      return chosen, _read_params(directory, chosen, abstract_params)
+    except Exception as e:
+      if not _removed_meanwhile(e, directory, step if step is not None else chosen):
+        raise
+      if step is not None:
+        break
+  which = step if step is not None else chosen
+  raise FileNotFoundError(
+      f"{'a checkpoint' if which is None else f'checkpoint step {which}'} in {directory} was "
+      "removed while it was read (a run training there deletes its older checkpoints); run "
+      "the command again")
+
+
+def _removed_meanwhile(error: Exception, directory: Path, step: int | None) -> bool:
+  """Whether `error` came from checkpoint `step` disappearing as it was read (`step` None:
+  a file vanishing as checkpoints were verified)."""
+  if step is None:
+    return isinstance(error, OSError) and error.errno == errno.ENOENT
+  return step not in steps_on_disk(directory)[0]
+
+
+def _read_params(directory: Path, step: int, abstract_params: Any) -> Any:
   manager = _read_only_manager(directory)
   try:
     if _has_params_item(directory, step):
@@ -440,7 +500,7 @@ def restore_params(directory: str | Path, abstract_params: Any,
       _check_shapes(saved, named_abstract, "params")
       named = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
           _on_one_device(named_abstract)))).params
-      return step, params_from_names(abstract_params, named)
+      return params_from_names(abstract_params, named)
     flat = _restore_item(manager, step, "state")
     keys = _legacy_param_keys(abstract_params)
     missing = [k for k in keys if k not in flat]
@@ -452,7 +512,6 @@ def restore_params(directory: str | Path, abstract_params: Any,
       if flat[key].shape != leaf.shape:
         raise ValueError(f"checkpoint {directory / str(step)}: {key} has shape "
                          f"{flat[key].shape}, the model expects {leaf.shape}")
-    return step, jax.tree.unflatten(jax.tree.structure(abstract_params),
-                                    [flat[k] for k in keys])
+    return jax.tree.unflatten(jax.tree.structure(abstract_params), [flat[k] for k in keys])
   finally:
     manager.close()

@@ -635,6 +635,11 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
   records of metrics.jsonl, so a resumed run's cover all its segments; each segment's
   first step is left out of the means as warm-up."""
   records = read_metrics(out / "metrics.jsonl")
+  logged = len({r["step"] for r in records if "loss" in r})
+  if logged < config.steps:  # the file was deleted or cut while the run was stopped
+    _say(f"warning: {out / 'metrics.jsonl'} holds the records of {logged} of the run's "
+         f"{config.steps} steps (deleted or cut since); the summary's losses, timings and "
+         "clip fractions cover those steps only")
   train_losses = [r["loss"] for r in records if "loss" in r and r.get("loss") is not None]
   tail = train_losses[-max(1, min(10, len(train_losses) // 10)):] if train_losses else []
   timed = [r for r in records if "step_time_s" in r]
@@ -661,6 +666,7 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "model": config.model,
       "optimizer": config.optimizer,
       "steps": config.steps,
+      "logged_steps": logged,
       "tokens": config.steps * config.batch_tokens,
       "batch_tokens": config.batch_tokens,
       "param_count": _tree_size(model.abstract_params),

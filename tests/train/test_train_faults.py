@@ -299,6 +299,45 @@ def test_an_intact_checkpoint_that_does_not_restore_is_refused_and_kept(finished
   assert sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*")) == before
 
 
+def test_reads_say_the_step_of_an_unfinished_run_and_survive_a_writer_deleting_it(
+    finished, tmp_path, capsys, monkeypatch):
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()  # unfinished, as during training
+  assert cli.main(["generate", str(out), "--prompt", "the", "--max-new-tokens", "2"]) == 0
+  _one_line(capsys.readouterr().err, "the run has not finished",
+            f"using its checkpoint at step {STEPS} of {STEPS}")
+  # A run training there deletes the checkpoint being read: the read takes the newest then.
+  read = checkpoint._read_params
+
+  def deleted_by_a_writer(directory, step, abstract):
+    if step == STEPS:
+      shutil.rmtree(directory / str(step))
+    return read(directory, step, abstract)
+
+  monkeypatch.setattr(checkpoint, "_read_params", deleted_by_a_writer)
+  assert runs.load(out).step == 2
+  capsys.readouterr()
+  # A writer always one save ahead of the reader: one line.
+  def always_ahead(directory, step, abstract):
+    (directory / str(step)).rename(directory / str(step + 2))
+    return read(directory, step, abstract)
+
+  monkeypatch.setattr(checkpoint, "_read_params", always_ahead)
+  assert cli.main(["eval", str(out), "--batches", "1"]) == 2
+  _one_line(capsys.readouterr().err, "was removed while it was read", "run the command again")
+
+
+def test_a_deleted_metrics_file_is_said_and_counted_in_the_summary(finished, tmp_path,
+                                                                  capsys):
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  (out / "metrics.jsonl").unlink()
+  assert cli.main(_argv(_data_of(finished), out)) == 0
+  _one_line(capsys.readouterr().err, "metrics.jsonl holds the records of 0 of the run's "
+            f"{STEPS} steps")
+  assert json.loads((out / "summary.json").read_text())["logged_steps"] == 0
+
+
 # ----------------------------------------------------------------------------- data, reruns
 def test_resume_on_replaced_data_is_refused(finished, corpus, tmp_path, capsys):
   out = _copy(finished, tmp_path)
@@ -418,6 +457,24 @@ def test_bad_optimizer_value_is_refused_before_anything_runs(corpus, tmp_path, c
   assert not out.exists()
 
 
+@pytest.mark.parametrize("values, expected", [
+    ({"tensorboard": "no"}, "tensorboard must be true or false, got 'no'"),
+    ({"final_lr_fraction": "0.1"}, "final_lr_fraction must be a number, got '0.1'"),
+    ({"seed": [1]}, "seed must be an integer, got [1]"),
+    ({"steps": 10**12}, "steps must be at most 2,147,483,647"),
+])
+def test_config_values_of_the_wrong_type_or_size_are_refused_in_one_line(corpus, tmp_path,
+                                                                         capsys, values,
+                                                                         expected):
+  (tmp_path / "run.json").write_text(json.dumps(values))
+  out = tmp_path / "run"
+  assert cli.main(_argv(corpus, out)[:1] + ["--config", str(tmp_path / "run.json"),
+                                             "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  _one_line(err, expected)
+  assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_out_that_is_a_file_is_one_line_and_debug_shows_the_traceback(corpus, tmp_path,
                                                                        capsys):
   blocker = tmp_path / "file"
@@ -428,10 +485,20 @@ def test_out_that_is_a_file_is_one_line_and_debug_shows_the_traceback(corpus, tm
     cli.main(_argv(corpus, blocker) + ["--debug"])
 
 
-def test_disk_full_is_one_line_naming_the_path(corpus, tmp_path, capsys, monkeypatch):
-  def full(self, path):
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+@pytest.mark.parametrize("full_at", ["config.json", "a checkpoint"])
+def test_disk_full_is_one_line_naming_the_path(corpus, tmp_path, capsys, monkeypatch,
+                                               full_at):
+  if full_at == "config.json":
+    def full(self, path):
+      raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-  monkeypatch.setattr(loop.TrainConfig, "to_json", full)
+    monkeypatch.setattr(loop.TrainConfig, "to_json", full)
+    path = tmp_path / "run" / "config.json"
+  else:  # room for less than a checkpoint: refused before orbax writes any of it
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    path = tmp_path / "run" / "checkpoints"
   assert cli.main(_argv(corpus, tmp_path / "run")) == 1
-  _one_line(capsys.readouterr().err, str(tmp_path / "run" / "config.json"), "no space left")
+  err = capsys.readouterr().err
+  _one_line(err, f"{path}: no space left")
+  assert len(err.splitlines()) == 1, err
