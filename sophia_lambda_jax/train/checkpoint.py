@@ -323,7 +323,10 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:
-      raise _as_os_error(e, self.directory) from e
+      error = _as_os_error(e, self.directory)
+      if error is e:
+        raise
+      raise error from e
 
   def close(self) -> None:
     self.wait()
