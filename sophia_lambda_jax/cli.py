@@ -10,15 +10,20 @@
 
 Each subcommand hands its remaining arguments to the module that owns it, so `slj X --help`
 shows that module's own flags. Errors are one line on stderr (exit 2 for bad arguments, 1
-for the rest); `--debug` anywhere on the line shows the traceback instead.
+for the rest); `--debug` anywhere on the line shows the traceback instead. Ctrl-C and
+SIGTERM are handled alike (`sophia_lambda_jax.interrupts`): one line saying what was left,
+exit 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
+
+from sophia_lambda_jax import interrupts
 
 # Each command imports its module when it runs: `slj` starts without the training stack, and
 # main() turns a missing `train` extra into one line.
@@ -165,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
   previous = os.environ.get("SLJ_DEBUG")
   if debug:
     os.environ["SLJ_DEBUG"] = "1"
+  # orbax logs through absl, from its threads too (some after this returns): warnings about
+  # its settings, and tracebacks of errors that the command reports in one line. --debug
+  # shows them.
+  logging.getLogger("absl").setLevel(logging.NOTSET if debug else logging.CRITICAL)
   try:
-    return COMMANDS[command](rest)
+    with interrupts.terminate_raises():  # SIGTERM cleans up as Ctrl-C does
+      return COMMANDS[command](rest)
   except ModuleNotFoundError as e:
     if debug or (e.name or "").split(".")[0] not in _TRAIN_EXTRA_MODULES:
       raise
@@ -176,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt as e:
     if debug:
       raise
-    print(f"slj {command}: {e or 'interrupted'}", file=sys.stderr)
-    return 130
+    print(f"slj {command}: {str(e) or 'interrupted'}", file=sys.stderr)
+    return 128 + interrupts.signal_of(e)
   except Exception as e:
     os_error = _os_error_in(e)
     if debug or os_error is None:

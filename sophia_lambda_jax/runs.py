@@ -30,14 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
-from sophia_lambda_jax import data
+from sophia_lambda_jax import data, interrupts
 from sophia_lambda_jax.models import hf, qwen, sampler
 from sophia_lambda_jax.models.loading import Loaded, VocabTokenizer, evaluate, load_hf
 from sophia_lambda_jax.train import checkpoint
@@ -84,9 +87,14 @@ def is_run_directory(path) -> bool:
 
 
 def newest_checkpoint(run_dir) -> int | None:
-  """The step of the run's newest complete checkpoint (None when it has none): the one that
-  `load`, `slj generate`, `slj eval` and `slj export` read."""
-  return checkpoint.latest_step(Path(run_dir) / CHECKPOINTS)
+  """The step of the checkpoint that `load`, `slj generate`, `slj eval` and `slj export`
+  read (None when the run has no complete checkpoint): the newest that passes its checksums
+  (`train.checkpoint.readable_step`, which says in one line which damaged one it skipped;
+  ValueError when every one is damaged)."""
+  directory = Path(run_dir) / CHECKPOINTS
+  if checkpoint.latest_step(directory) is None:
+    return None
+  return checkpoint.readable_step(directory)
 
 
 # ----------------------------------------------------------------------------- load
@@ -127,26 +135,29 @@ def _load_run(run_dir: Path, compute_dtype: str | None) -> Loaded:
   config = _model_config(run_dir, run_config)
   if compute_dtype is not None:
     config = dataclasses.replace(config, compute_dtype=compute_dtype)
-  step = newest_checkpoint(run_dir)
-  if step is None:
+  if checkpoint.latest_step(run_dir / CHECKPOINTS) is None:
     raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint in "
                             f"{run_dir / CHECKPOINTS} (train it first: slj train --out "
                             f"{run_dir})")
   abstract = nnx.eval_shape(lambda: qwen.Qwen(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
+  # The step newest_checkpoint names, verified once, as it is read.
   step, params = checkpoint.restore_params(run_dir / CHECKPOINTS,
-                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
-                                           step)
+                                           nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   nnx.replace_by_pure_dict(state, params)
   model = nnx.merge(graphdef, state)
   tokenizer = VocabTokenizer(config.vocab_size,
                              _compact_vocab(run_dir, run_config, config.vocab_size))
+  if run_status(run_dir) != "done":  # say which weights these are
+    print(f"{run_dir}: the run has not finished: using its checkpoint at step {step} of "
+          f"{run_config.get('steps')}", file=sys.stderr)
   return Loaded(model, tokenizer, step, run_config)
 
 
 def load(path, compute_dtype: str | None = None) -> Loaded:
-  """The model of a run directory's newest complete checkpoint, or of a HuggingFace Qwen2
-  directory, with its tokenizer.
+  """The model of a run directory's newest intact checkpoint, or of a HuggingFace Qwen2
+  directory, with its tokenizer. For a run that has not finished, a line on stderr names
+  the checkpoint's step.
 
   Args:
     path: a run directory (`slj train --out`, has `checkpoints/`) or a HuggingFace Qwen2
@@ -154,7 +165,8 @@ def load(path, compute_dtype: str | None = None) -> Loaded:
     compute_dtype: "float32" or "bfloat16"; None keeps the run's (float32 for HuggingFace).
 
   Raises FileNotFoundError / ValueError with one line naming the path: no such directory,
-  a run without a checkpoint, a HuggingFace directory of another architecture.
+  a run without a checkpoint or whose checkpoints are all damaged, a HuggingFace directory
+  of another architecture.
   """
   path = Path(path)
   if not path.is_dir():
@@ -188,18 +200,80 @@ def _write_export(model, compact, out: Path, dtype: str) -> Path:
   return out
 
 
-def export_run(run, out, dtype: str = "float32") -> Path:
-  """Writes the newest checkpoint of training run `run` as a HuggingFace Qwen2 directory
-  `out` that transformers loads offline (weights in `dtype`, config.json,
+# The names an export writes besides the tokenizer's: `--overwrite` replaces these (a
+# previous export's weights of another sharding included) and leaves other files alone.
+_EXPORT_NAMES = ("config.json", "generation_config.json", "model.safetensors",
+                 "model.safetensors.index.json", "model-*-of-*.safetensors")
+
+
+def _export_target(run: Path, out: Path, overwrite: bool) -> None:
+  """Refuse an export target that holds files the export did not write (unless
+  `overwrite`) or that is a run directory (its config.json is the run's)."""
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"{out} is a file; choose a directory for the export")
+  if out.resolve() == run.resolve() or is_run_directory(out):
+    raise ValueError(f"{out} is a run directory: an export there would replace its "
+                     "config.json; choose another output directory")
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    names = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise ValueError(f"{out} is not empty ({shown}); choose a new or empty directory, or "
+                     "pass --overwrite to replace the files of an earlier export there")
+
+
+def _move_into_place(staged: Path, out: Path) -> None:
+  """The finished export `staged` as `out`: renamed when `out` is new or empty; else each
+  file replaces its namesake, config.json removed first and put back last, so that an
+  interrupted replacement never looks like a complete model directory."""
+  if not out.exists() or not any(out.iterdir()):
+    os.replace(staged, out)  # an empty directory is replaced atomically
+    return
+  (out / "config.json").unlink(missing_ok=True)
+  for pattern in _EXPORT_NAMES:
+    for stale in out.glob(pattern):
+      stale.unlink()
+  files = sorted(staged.iterdir(), key=lambda p: p.name == "config.json")
+  for file in files:
+    os.replace(file, out / file.name)
+  staged.rmdir()
+
+
+def export_run(run, out, dtype: str = "float32", overwrite: bool = False) -> Path:
+  """Writes the newest intact checkpoint of training run `run` as a HuggingFace Qwen2
+  directory `out` that transformers loads offline (weights in `dtype`, config.json,
   generation_config.json, tokenizer files); a compact vocabulary is exported at the full
-  Qwen2 vocabulary (`models.hf.full_vocabulary`). Returns `out`."""
+  Qwen2 vocabulary (`models.hf.full_vocabulary`). Returns `out`.
+
+  The files are written into a hidden sibling folder, then renamed into place, so `out`
+  never holds a partial export. `out` must be new or empty, unless `overwrite`: then the
+  export's files replace those of the same names and other files are kept. A run
+  directory is never a target."""
   if dtype not in hf.EXPORT_DTYPES:
     raise ValueError(f"--dtype must be one of {sorted(hf.EXPORT_DTYPES)}, got {dtype!r}")
   if not is_run_directory(run):
     raise FileNotFoundError(f"{run} is not a run directory (slj train --out): no "
                             f"checkpoints/ in it")
+  run, out = Path(run), Path(out)
+  _export_target(run, out, overwrite)
   loaded = load(run)
-  return _write_export(loaded.model, loaded.tokenizer.compact, Path(out), dtype)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+  replacing = False
+  try:
+    _write_export(loaded.model, loaded.tokenizer.compact, staged, dtype)
+    replacing = out.is_dir() and any(out.iterdir())
+    _move_into_place(staged, out)
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under `slj`
+    shutil.rmtree(staged, ignore_errors=True)
+    signum = interrupts.signal_of(e)
+    raise interrupts.Interrupted(
+        f"{interrupts.interrupted_by(signum)}; the export into {out} was not completed: "
+        + ("it has no config.json until an export there completes" if replacing else
+           "nothing was written there"), signum) from None
+  except BaseException:
+    shutil.rmtree(staged, ignore_errors=True)
+    raise
+  return out
 
 
 # ----------------------------------------------------------------------------- commands
@@ -251,6 +325,10 @@ def cli_eval(argv: list[str]) -> int:
                       "otherwise min(512, the model's context))")
   args = parser.parse_args(argv)
   try:
+    for flag in ("batches", "batch_size", "seq_len"):  # 0 is not "the default"
+      value = getattr(args, flag)
+      if value is not None and value < 1:
+        raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     if not is_run_directory(args.path) and args.data is None:
       raise ValueError(f"{args.path} is not a run directory: pass --data DIR (a folder "
                        f"prepared by slj tokenize, or builtin)")
@@ -280,7 +358,7 @@ def cli_eval(argv: list[str]) -> int:
 
 
 def cli_export(argv: list[str]) -> int:
-  """`slj export RUN OUT [--dtype float32|bfloat16]`."""
+  """`slj export RUN OUT [--dtype float32|bfloat16] [--overwrite]`."""
   parser = argparse.ArgumentParser(
       prog="slj export",
       description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
@@ -289,10 +367,13 @@ def cli_export(argv: list[str]) -> int:
   parser.add_argument("run", help="run directory (slj train --out)")
   parser.add_argument("out", help="output directory")
   parser.add_argument("--dtype", default="float32", choices=sorted(hf.EXPORT_DTYPES))
+  parser.add_argument("--overwrite", action="store_true",
+                      help="export into a directory that is not empty, replacing the files "
+                      "of an earlier export there (others are kept)")
   args = parser.parse_args(argv)
   try:
-    out = export_run(args.run, args.out, args.dtype)
-  except (ValueError, FileNotFoundError, ImportError) as e:
+    out = export_run(args.run, args.out, args.dtype, args.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     print(f"slj export: error: {e}", file=sys.stderr)
     return 2
   print(out)

@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sophia_lambda_jax"
 # Lowest first: (layer, its files and folders relative to the package).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("hessian.py", "labels.py", "transforms.py", "optimizers.py",
-              "directory_lock.py")),
+              "directory_lock.py", "interrupts.py")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("train", ("train",)),

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.data import shards, sources
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokenizer
@@ -266,15 +267,37 @@ def _run_units(out_dir, units, pending, records, val_fraction, num_workers, prog
       # spawn, not fork: the caller may already run JAX threads, which fork would copy. An
       # executor (unlike multiprocessing.Pool) raises instead of hanging if a worker is killed.
       with concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+          workers, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_tokenize_unit, job) for job in jobs]
         try:
           for future in concurrent.futures.as_completed(futures):
             finished(future.result())
         except BaseException:
+          # Ctrl-C, SIGTERM (under `slj`) or a failed unit: stop the workers before the
+          # directory lock is released, so that nothing writes into it afterwards.
           for future in futures:
             future.cancel()
+          processes = list((pool._processes or {}).values())  # no public handle in 3.11
+          for process in processes:
+            process.terminate()
+          for process in processes:
+            process.join()
           raise
+
+
+def _die_with_parent(parent: int) -> None:
+  """Worker initializer: the kernel kills this worker when its parent dies, however it
+  dies (kill -9 included), so none outlives the directory lock (Linux; elsewhere a no-op)."""
+  if not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  import signal
+
+  PR_SET_PDEATHSIG = 1
+  ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent:  # the parent died before the line above
+    os._exit(1)
 
 
 def _write_manifest(out_dir, source, units, records, settings) -> Path:
@@ -366,6 +389,11 @@ def cli_tokenize(argv: list[str]) -> int:
   except DirectoryInUse as e:
     print(f"slj tokenize: error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under `slj`: the workers are stopped
+    signum = interrupts.signal_of(e)
+    raise interrupts.Interrupted(f"{interrupts.interrupted_by(signum)}; the workers were "
+                                 f"stopped, {args.out} keeps the finished units and the same "
+                                 "command resumes", signum) from None
   train, val = manifest["splits"]["train"], manifest["splits"]["val"]
   print(f"{out}: train {train['tokens']:,} tokens ({train['documents']:,} documents), "
         f"val {val['tokens']:,} tokens ({val['documents']:,} documents) "

@@ -221,6 +221,9 @@ def read_config(path) -> dict:
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
   config_file = path / "config.json"
+  if (path / "checkpoints").is_dir():  # what `slj train --out` writes
+    raise ValueError(f"{path} is a training run directory, not a HuggingFace one: export it "
+                     f"first (slj export {path} DIR) and use DIR")
   if not config_file.exists():
     raise FileNotFoundError(f"{config_file} not found: not a HuggingFace checkpoint directory")
   return _read_json(config_file)
@@ -245,20 +248,25 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
-  """All tensors of the files as numpy arrays (bfloat16 via ml_dtypes)."""
+  """All tensors of the files as numpy arrays (bfloat16 via ml_dtypes); a file that is not
+  complete safetensors (truncated, overwritten) is a ValueError naming it."""
   tensors = {}
   for file in files:
-    with safetensors.safe_open(str(file), framework="numpy") as reader:
-      for name in reader.keys():
-        if name in tensors:
-          raise ValueError(f"tensor {name!r} appears in more than one shard ({file})")
-        if reader.get_slice(name).get_dtype() == "BF16":
-          continue  # numpy has no native bfloat16: read these below through jax
-        tensors[name] = reader.get_tensor(name)
-    with safetensors.safe_open(str(file), framework="flax") as reader:
-      for name in reader.keys():
-        if name not in tensors:
-          tensors[name] = np.asarray(reader.get_tensor(name))
+    try:
+      with safetensors.safe_open(str(file), framework="numpy") as reader:
+        for name in reader.keys():
+          if name in tensors:
+            raise ValueError(f"tensor {name!r} appears in more than one shard ({file})")
+          if reader.get_slice(name).get_dtype() == "BF16":
+            continue  # numpy has no native bfloat16: read these below through jax
+          tensors[name] = reader.get_tensor(name)
+      with safetensors.safe_open(str(file), framework="flax") as reader:
+        for name in reader.keys():
+          if name not in tensors:
+            tensors[name] = np.asarray(reader.get_tensor(name))
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"{file} is not a readable safetensors file, truncated or damaged "
+                       f"({str(e).splitlines()[0] if str(e) else 'no detail'})") from None
   return tensors
 
 

@@ -22,34 +22,42 @@ complete, so a process killed mid-write leaves no directory that `latest_step` w
 return.
 
 Each step directory also holds `checksums.json`: the size and CRC-32 of every file of its
-items, written by process 0 from orbax's post-finalisation hook, i.e. after the items are
-complete and before the directory is renamed into place, so a committed checkpoint always
-has one (runs saved before it existed do not). `verify(step)` recomputes them, so a file
-overwritten, truncated or emptied later is found before it is restored. CRC-32 because
-the threat is accidental damage, not tampering, and it is the fastest checksum of the
-standard library (zlib, releases the GIL; see docs/decisions.md, 2026-12-02: CRC-32
-checksums for checkpoints and token shards): the cost lands on orbax's background thread,
-not on the train step; a restore pays it once more.
+items (`params` included), written by process 0 from orbax's post-finalisation hook, i.e.
+after the items are complete and before the directory is renamed into place, so a committed
+checkpoint always has one (runs saved before it existed do not; those saved before it covered
+`params` list the other items only: what they list is verified, the parameters are read
+with a warning). Every read verifies first (`check`, `newest_intact`): resuming, and
+`restore_params` for `runs.load`, `slj generate`, `slj eval` and `slj export`. A read takes
+the newest checkpoint whose files match, saying which damaged one it skipped; a step asked
+for by number that does not match is refused. CRC-32 because the threat is accidental damage,
+not tampering, and it is the fastest checksum of the standard library (zlib, releases the
+GIL; see docs/decisions.md, 2026-12-02: CRC-32 checksums for checkpoints and token
+shards): the cost lands on orbax's background thread, not on the train step; a read pays it
+once more.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
+import sys
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sophia_lambda_jax.train.config import RESUME_MUST_MATCH
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 CHECKSUMS = "checksums.json"
-_ITEMS = ("state", "config", "meta")
+_ITEMS = ("params", "state", "config", "meta")
+# What a checksums.json without an "items" entry covers: those written before `params` was.
+_ITEMS_BEFORE_PARAMS = ("state", "config", "meta")
 _BLOCK = 1 << 23
 
 
@@ -61,8 +69,8 @@ def file_crc32(path: Path) -> int:
   return crc
 
 
-def _item_files(step_dir: Path) -> list[Path]:
-  return sorted(p for item in _ITEMS for p in (step_dir / item).rglob("*") if p.is_file())
+def _item_files(step_dir: Path, items=_ITEMS) -> list[Path]:
+  return sorted(p for item in items for p in (step_dir / item).rglob("*") if p.is_file())
 
 
 def write_checksums(step_dir: Path) -> None:
@@ -70,32 +78,72 @@ def write_checksums(step_dir: Path) -> None:
   files = {str(p.relative_to(step_dir)): [p.stat().st_size, file_crc32(p)]
            for p in _item_files(step_dir)}
   tmp = step_dir / f".{CHECKSUMS}.tmp"
-  tmp.write_text(json.dumps({"algorithm": "crc32", "files": files}))
+  tmp.write_text(json.dumps({"algorithm": "crc32", "items": list(_ITEMS), "files": files}))
   os.replace(tmp, step_dir / CHECKSUMS)
 
 
-def checksum_problem(step_dir: Path) -> str | None:
-  """None when every file matches `checksums.json`, else what is wrong (one phrase).
-  FileNotFoundError when the directory has no checksums.json (saved before they existed)."""
+class Check(NamedTuple):
+  """What verifying a step directory found. `damaged`: why it must not be read (None when
+  its files match); `unverified`: what could not be checked, for a warning (None when
+  everything was)."""
+  damaged: str | None
+  unverified: str | None
+
+
+def check(step_dir: Path) -> Check:
+  """Verify a step directory's files against its `checksums.json`."""
   path = step_dir / CHECKSUMS
   if not path.is_file():
-    raise FileNotFoundError(path)
+    return Check(None, "has no checksums (saved by an older version, or killed while "
+                       "writing them)")
   try:
-    expected = json.loads(path.read_text())["files"]
-  except (ValueError, KeyError, TypeError):
-    return f"{CHECKSUMS} is unreadable"
-  present = {str(p.relative_to(step_dir)) for p in _item_files(step_dir)}
+    manifest = json.loads(path.read_text())
+    expected = manifest["files"]
+    items = tuple(manifest.get("items", _ITEMS_BEFORE_PARAMS))
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return Check(f"{CHECKSUMS} is unreadable", None)
+  unverified = None
+  if "params" not in items and _item_files(step_dir, ("params",)):
+    unverified = ("has checksums that do not cover its parameters (saved by an older "
+                  "version)")
+  present = {str(p.relative_to(step_dir)) for p in _item_files(step_dir, items)}
   for name in sorted(set(expected) - present):
-    return f"{name} is missing"
+    return Check(f"{name} is missing", unverified)
   for name in sorted(present - set(expected)):
-    return f"{name} was added after the checkpoint was written"
+    return Check(f"{name} was added after the checkpoint was written", unverified)
   for name, (size, crc) in sorted(expected.items()):
     file = step_dir / name
     if file.stat().st_size != size:
-      return f"{name} has {file.stat().st_size} bytes, {size} were written"
+      return Check(f"{name} has {file.stat().st_size} bytes, {size} were written", unverified)
     if file_crc32(file) != crc:
-      return f"{name} differs from what was written (CRC-32 mismatch)"
-  return None
+      return Check(f"{name} differs from what was written (CRC-32 mismatch)", unverified)
+  return Check(None, unverified)
+
+
+class Choice(NamedTuple):
+  """The checkpoint a read takes: `step` (None when every one is damaged), what of it could
+  not be verified (`Check.unverified`), and the newer steps found damaged, with why."""
+  step: int | None
+  unverified: str | None
+  damaged: list[tuple[int, str]]
+
+
+def newest_intact(directory: Path, steps) -> Choice:
+  """The newest of `steps` in `directory` not proven damaged (one without checksums cannot
+  be: it is taken, unverified), and the damaged ones newer than it."""
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    found = check(Path(directory) / str(step))
+    if found.damaged is None:
+      return Choice(step, found.unverified, damaged)
+    damaged.append((step, found.damaged))
+  return Choice(None, None, damaged)
+
+
+def _warn(message: str) -> None:
+  """One warning line on stderr from process 0."""
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _flat_keys(tree: Any) -> list[str]:
@@ -200,10 +248,9 @@ class Checkpointer:
   def step_dir(self, step: int) -> Path:
     return self.directory / str(step)
 
-  def verify(self, step: int) -> str | None:
-    """None when the checkpoint matches its checksums, else the problem; FileNotFoundError
-    when it has none (written before checksums existed, or not by this class)."""
-    return checksum_problem(self.step_dir(step))
+  def newest_intact(self) -> Choice:
+    """The newest checkpoint not proven damaged, and the damaged ones newer than it."""
+    return newest_intact(self.directory, self.all_steps())
 
   def delete(self, step: int) -> None:
     self._manager.delete(step)
@@ -220,7 +267,8 @@ class Checkpointer:
     rest = _without_params(state)
     meta = {"step": int(step), "data_position": int(step), "keys": _flat_keys(rest),
             "data_fingerprint": data_fingerprint}
-    self._manager.wait_until_finished()  # orbax would too: one save in flight
+    self.wait()  # orbax would too: one save in flight
+    _check_space(self.directory, step, state)
     self._saving = int(step)
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params_by_name(state.params)),
@@ -242,12 +290,18 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restore the state at `step` into the structure, dtypes and shardings of
-    `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings)."""
+    `abstract_state` (a pytree of jax.ShapeDtypeStruct with shardings). A tensor saved with
+    another shape is a ValueError naming it and both shapes."""
     if not _has_params_item(self.directory, step):  # written before `params` was an item
+      target = flatten_state(abstract_state)
+      _check_shapes(self._manager.item_metadata(step).state, target, "state")
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(flatten_state(abstract_state))))
+          state=ocp.args.StandardRestore(target)))
       return unflatten_state(abstract_state, dict(restored.state))
     rest = _without_params(abstract_state)
+    saved = self._manager.item_metadata(step)
+    _check_shapes(saved.params, params_by_name(abstract_state.params), "params")
+    _check_shapes(saved.state, flatten_state(rest), "state")
     restored = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(params_by_name(abstract_state.params)),
         state=ocp.args.StandardRestore(flatten_state(rest))))
@@ -266,11 +320,54 @@ class Checkpointer:
           "\nUse another --out directory, or the checkpoint's settings.")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      error = _as_os_error(e, self.directory)
+      if error is e:
+        raise
+      raise error from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+def _check_space(directory: Path, step: int, state: Any) -> None:
+  """OSError ENOSPC naming `directory` when its disk has less room than checkpoint `step`
+  takes (its arrays, and a tenth more for orbax's metadata): refused before orbax starts,
+  as a write that fails midway floods stderr from orbax's threads."""
+  need = sum(x.nbytes for x in jax.tree.leaves(state)) * 11 // 10
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"no room for checkpoint step {step} ({need:,} bytes, "
+                  f"{free:,} free)", str(directory))
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _as_os_error(error: Exception, directory: Path) -> Exception:
+  """tensorstore reports a failed write ("No space left on device") as a ValueError whose
+  message carries the OS error code: an OSError with it, naming `directory`; any other
+  error unchanged."""
+  found = _OS_ERROR_CODE.search(str(error))
+  if found is None:
+    return error
+  code = int(found.group(1))
+  return OSError(code, os.strerror(code), str(directory))
+
+
+def _check_shapes(saved: Any, expected: Any, item: str) -> None:
+  """ValueError naming the first tensor whose saved shape differs from the expected one."""
+  saved_shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in
+                  jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(leaf, "shape")}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    name = jax.tree_util.keystr(path)
+    if name in saved_shapes and saved_shapes[name] != tuple(leaf.shape):
+      shown = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ValueError(f"{item} {shown} was saved with shape {saved_shapes[name]}, "
+                       f"{tuple(leaf.shape)} is expected")
 
 
 def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
@@ -292,6 +389,20 @@ def _restore_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:
   return getattr(restored, name)
 
 
+def steps_on_disk(directory: Path) -> tuple[list[int], list[int]]:
+  """(complete steps, steps being written) from the directory listing alone (safe from any
+  thread): orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when
+  complete."""
+  complete, partial = [], []
+  for path in Path(directory).iterdir() if Path(directory).is_dir() else ():
+    step, _, suffix = path.name.partition(".")
+    if step.isdigit() and not suffix:
+      complete.append(int(step))
+    elif step.isdigit() and suffix.startswith("orbax-checkpoint-tmp"):
+      partial.append(int(step))
+  return sorted(complete), sorted(partial)
+
+
 def latest_step(directory: str | Path) -> int | None:
   """Newest complete checkpoint's step in `directory` (None when there is none)."""
   directory = Path(directory).absolute()
@@ -304,44 +415,95 @@ def latest_step(directory: str | Path) -> int | None:
     manager.close()
 
 
-def _step_or_newest(manager, directory: Path, step: int | None) -> int:
-  """`step`, or the newest complete checkpoint's; FileNotFoundError when there is none."""
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {directory}")
-  return step
-
-
-def restore_arrays(directory: str | Path, step: int | None = None) -> dict[str, np.ndarray]:
-  """The flat {key: numpy array} of a checkpoint (the `state` item's keys, and each
-  parameter as "params/<path>"), for tests and inspection."""
+def readable_step(directory: str | Path, step: int | None = None) -> int:
+  """The checkpoint a read takes, verified against its checksums: `step`, refused (ValueError)
+  when damaged; else the newest one not proven damaged, with one warning line for each newer
+  damaged one skipped. A warning line too when it could not be fully verified (saved
+  without checksums, or with checksums that do not cover its parameters).
+  FileNotFoundError when there is no complete checkpoint (or none at `step`)."""
   directory = Path(directory).absolute()
+  steps = _all_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"no complete checkpoint at step {step} in {directory} (it has "
+                              f"steps {', '.join(map(str, steps))})")
+    found = check(directory / str(step))
+    if found.damaged is not None:
+      raise ValueError(f"checkpoint step {step} in {directory} is damaged ({found.damaged}); "
+                       "refusing to read it")
+    choice = Choice(step, found.unverified, [])
+  else:
+    choice = newest_intact(directory, steps)
+  for bad, problem in choice.damaged:
+    _warn(f"checkpoint step {bad} in {directory} is damaged ({problem}); "
+          + (f"using step {choice.step}" if choice.step is not None else
+             "no older checkpoint is intact"))
+  if choice.step is None:
+    raise ValueError(f"every checkpoint in {directory} is damaged (steps "
+                     f"{', '.join(str(bad) for bad, _ in choice.damaged)}); none can be read")
+  if choice.unverified:
+    _warn(f"checkpoint step {choice.step} in {directory} {choice.unverified}: reading it "
+          "unverified")
+  return choice.step
+
+
+def _all_steps(directory: Path) -> list[int]:
+  if not directory.is_dir():
+    return []
   manager = _read_only_manager(directory)
   try:
-    step = _step_or_newest(manager, directory, step)
-    flat = dict(_restore_item(manager, step, "state"))
-    if _has_params_item(directory, step):
-      params = _restore_item(manager, step, "params")
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flat["params/" + "/".join(str(k.key) for k in path)] = leaf
+    return sorted(manager.all_steps())
   finally:
     manager.close()
-  return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def restore_params(directory: str | Path, abstract_params: Any,
                    step: int | None = None) -> tuple[int, Any]:
-  """(step, parameters) of the newest complete checkpoint in `directory` (or of `step`), on
-  this process's first device, in the tree of `abstract_params` (e.g.
-  `qwen.abstract_params(config)`); reads both checkpoint layouts (module docstring)."""
+  """(step, parameters) of the checkpoint `readable_step` takes in `directory` (the newest
+  intact one, or `step`), on this process's first device, in the tree of `abstract_params`
+  (e.g. `qwen.abstract_params(config)`); reads both checkpoint layouts (module docstring).
+
+  A run training into `directory` meanwhile deletes its older checkpoints: one removed
+  while it was read is read again from the then newest (FileNotFoundError, in one line,
+  when that keeps happening or `step` was asked for)."""
   directory = Path(directory).absolute()
+  for _ in range(3):
+    chosen = None
+    try:
+      chosen = readable_step(directory, step)
+      return chosen, _read_params(directory, chosen, abstract_params)
+    except Exception as e:
+      if not _removed_meanwhile(e, directory, step if step is not None else chosen):
+        raise
+      if step is not None:
+        break
+  which = step if step is not None else chosen
+  raise FileNotFoundError(
+      f"{'a checkpoint' if which is None else f'checkpoint step {which}'} in {directory} was "
+      "removed while it was read (a run training there deletes its older checkpoints); run "
+      "the command again")
+
+
+def _removed_meanwhile(error: Exception, directory: Path, step: int | None) -> bool:
+  """Whether `error` came from checkpoint `step` disappearing as it was read (`step` None:
+  a file vanishing as checkpoints were verified)."""
+  if step is None:
+    return isinstance(error, OSError) and error.errno == errno.ENOENT
+  return step not in steps_on_disk(directory)[0]
+
+
+def _read_params(directory: Path, step: int, abstract_params: Any) -> Any:
   manager = _read_only_manager(directory)
   try:
-    step = _step_or_newest(manager, directory, step)
     if _has_params_item(directory, step):
+      saved = manager.item_metadata(step).params
+      named_abstract = params_by_name(abstract_params)
+      _check_shapes(saved, named_abstract, "params")
       named = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
-          _on_one_device(params_by_name(abstract_params))))).params
-      return step, params_from_names(abstract_params, named)
+          _on_one_device(named_abstract)))).params
+      return params_from_names(abstract_params, named)
     flat = _restore_item(manager, step, "state")
     keys = _legacy_param_keys(abstract_params)
     missing = [k for k in keys if k not in flat]
@@ -353,7 +515,6 @@ def restore_params(directory: str | Path, abstract_params: Any,
       if flat[key].shape != leaf.shape:
         raise ValueError(f"checkpoint {directory / str(step)}: {key} has shape "
                          f"{flat[key].shape}, the model expects {leaf.shape}")
-    return step, jax.tree.unflatten(jax.tree.structure(abstract_params),
-                                    [flat[k] for k in keys])
+    return jax.tree.unflatten(jax.tree.structure(abstract_params), [flat[k] for k in keys])
   finally:
     manager.close()

@@ -135,6 +135,8 @@ class TrainConfig:
   # ------------------------------------------------------------------------- validation
   def validate(self) -> None:
     """Raise ValueError naming the field for any value that cannot work."""
+    _check_types(self)
+
     def positive_int(name):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -150,6 +152,9 @@ class TrainConfig:
       positive_int(name)
     for name in ("eval_every", "checkpoint_every"):
       non_negative_int(name)
+    if self.steps > _MAX_STEPS:
+      raise ValueError(f"steps must be at most {_MAX_STEPS:,} (the step counter is a 32-bit "
+                       f"integer), got {self.steps:,}")
     if self.warmup_steps is not None:
       non_negative_int("warmup_steps")
     if self.final_eval_batches is not None:
@@ -279,6 +284,30 @@ class TrainConfig:
 
   def to_json(self, path: str | Path) -> None:
     Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+_MAX_STEPS = 2**31 - 1
+# What each annotation of a TrainConfig field accepts (bool is not an int here: a JSON
+# `true` for `steps` is a mistake, and "no" for `tensorboard` is not false).
+_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "bool": ((bool,), "true or false"), "str": ((str,), "a string"),
+          "dict": ((dict,), "a JSON object"), "None": ((type(None),), "null")}
+
+
+def _check_types(config: TrainConfig) -> None:
+  """ValueError naming the first field whose value is not of its annotated type (values
+  from a --config file or the API are not parsed by the flags' types)."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    names = [part.strip().split("[")[0] for part in str(field.type).split("|")]
+    if not all(name in _KINDS for name in names):  # a type this check does not know
+      continue
+    kinds = [_KINDS[name] for name in names]
+    types = tuple(t for accepted, _ in kinds for t in accepted)
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+      continue
+    raise ValueError(f"{field.name} must be {' or '.join(words for _, words in kinds)}, "
+                     f"got {value!r}")
 
 
 def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:

@@ -2,14 +2,15 @@
 
 Order of a run:
 1. jax.distributed (multi-host), the lock on <out> (process 0) and the device mesh;
-2. the checkpoints in <out>/checkpoints: verified against their checksums (a damaged one is
-   reported and skipped), the newest good one's config checked against this run's (the
-   trajectory-changing fields must match); a run already finished stops here;
+2. the checkpoints in <out>/checkpoints, newest first, verified against their checksums (a
+   damaged one is reported and skipped), the newest intact one's config checked against
+   this run's (the trajectory-changing fields must match); a run already finished stops here;
 3. data (`TokenBatches`, each process reads only its rows; its fingerprint must match the
    checkpoint's), model, schedule, optimizer;
 4. shardings for params (logical axes -> mesh), optimizer state and batches;
-5. state: restored from the newest good checkpoint, falling back to older ones, else
-   initialised under jit directly into its shardings;
+5. state: restored from that checkpoint (one that does not restore is refused, with the
+   reason, and kept: only damaged ones are ever deleted), else initialised under jit
+   directly into its shardings;
 6. the jitted step, compiled ahead of time (its compiled memory analysis gives the peak
    device memory), then the loop: step, metrics, eval every eval_every, checkpoint every
    checkpoint_every, NaN/Inf guard;
@@ -35,9 +36,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.train import mesh as mesh_lib
-from sophia_lambda_jax.train.checkpoint import Checkpointer
+from sophia_lambda_jax.train.checkpoint import Checkpointer, steps_on_disk
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import (MetricsLogger, finite_or_none, read_metrics,
                                              unclipped_fractions)
@@ -288,8 +290,10 @@ class TrainProgram:
     return self.lower(donate).compile()
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-  """Ctrl-C during training; the message says where the run resumes."""
+# Seconds a stop requested by Ctrl-C or SIGTERM may take: the step in flight finishes and
+# so does the checkpoint being written, unless it takes longer; then it is abandoned
+# (`interrupts.deferred`) and the process exits within about this time of the signal.
+INTERRUPT_GRACE_S = 10.0
 
 
 def _say(message: str) -> None:
@@ -313,15 +317,24 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # An existing run in `out` is resumed only with the same trajectory-changing settings:
     # refuse before building anything.
     checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
-    candidates, verified, saved_meta = _checkpoint_candidates(checkpointer, config.to_dict())
+    try:
+      resume = _checkpoint_to_resume(checkpointer, config.to_dict())
+    except BaseException:
+      checkpointer.close()
+      raise
     summary_path = out / "summary.json"
-    if candidates and candidates[0] == config.steps and summary_path.is_file():
+    if resume.step == config.steps and summary_path.is_file():
       checkpointer.close()
       _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
            f"({summary_path.name} left as it is)")
       return json.loads(summary_path.read_text())
     try:
-      run = _set_up(config, out, checkpointer, candidates, verified, saved_meta)
+      run = _set_up(config, out, checkpointer, resume)
+    except KeyboardInterrupt as e:
+      checkpointer.close()
+      raise interrupts.Interrupted(_interrupted(checkpointer.directory,
+                                                interrupts.signal_of(e)),
+                                   interrupts.signal_of(e)) from None
     except BaseException:
       checkpointer.close()
       raise
@@ -341,10 +354,10 @@ class _Run(NamedTuple):
   state: Any
 
 
-def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidates: list[int],
-            verified: set[int], saved_meta: dict | None) -> _Run:
+def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
+            resume: "_Resume") -> _Run:
   """Mesh, data (its fingerprint checked against the checkpoint's), model, program, and the
-  state: restored from the first good candidate checkpoint, or initialised."""
+  state: restored from the checkpoint `resume` names, or initialised."""
   from sophia_lambda_jax import data as data_lib
 
   process, process_count = jax.process_index(), jax.process_count()
@@ -373,11 +386,11 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
       vocab_size=model.config.vocab_size, process_index=process,
       process_count=process_count)
   fingerprint = train_data.fingerprint
-  if candidates:
-    _check_data_fingerprint(saved_meta, fingerprint, data_dir, checkpointer.directory)
+  if resume.step is not None:
+    _check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
 
   program = TrainProgram(config, model, mesh)
-  start_step, state = _restore(checkpointer, candidates, verified, program)
+  start_step, state = _restore(checkpointer, resume, program)
   if process == 0:
     config.to_json(out / "config.json")
     # What `runs.load` needs to rebuild and decode the model without the presets, the
@@ -389,40 +402,47 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer, candidat
               start_step, state)
 
 
-def _checkpoint_candidates(checkpointer: Checkpointer, config_dict: dict[str, Any]
-                           ) -> tuple[list[int], set[int], dict | None]:
-  """The steps to try restoring (best first), those verified, and the first one's meta.
+class _Resume(NamedTuple):
+  """The checkpoint a run resumes from (`step` None: from scratch), its meta, and the newer
+  checkpoints proven damaged (deleted once the run is restored: their steps are trained
+  again)."""
+  step: int | None
+  meta: dict | None
+  damaged: list[int]
 
-  Verified checkpoints (their files match `checksums.json`) newest first, then ones without
-  checksums (saved before they existed) newest first, each with a warning; a damaged or
-  unreadable one is reported in one line and skipped. The first readable one's config must
-  match this run's (a ValueError otherwise: that is a refusal, not damage)."""
-  verified, unverified = [], []
-  for step in sorted(checkpointer.all_steps(), reverse=True):
-    try:
-      problem = checkpointer.verify(step)
-    except FileNotFoundError:
-      unverified.append(step)
-      continue
-    if problem is None:
-      verified.append(step)
-    else:
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is damaged "
-           f"({problem}); using an older one")
-  candidates, meta = [], None
-  for step in verified + unverified:
-    try:
-      saved_config, saved_meta = checkpointer.read_config(step), checkpointer.read_meta(step)
-    except Exception as e:  # damaged JSON or metadata: orbax raises many kinds
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} is unreadable "
-           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using an "
-           "older one")
-      continue
-    if not candidates:
-      checkpointer.check_config(step, config_dict, saved=saved_config)
-      meta = saved_meta
-    candidates.append(step)
-  return candidates, set(verified), meta
+
+def _checkpoint_to_resume(checkpointer: Checkpointer, config_dict: dict[str, Any]) -> _Resume:
+  """The newest checkpoint not proven damaged (its files match its checksums, or it has none
+  to tell), each damaged newer one reported in one line. Its config must match this run's
+  (a ValueError otherwise: a refusal, not damage); one that cannot be read is refused too,
+  every checkpoint left in place."""
+  directory = checkpointer.directory
+  choice = checkpointer.newest_intact()
+  for step, problem in choice.damaged:
+    _say(f"warning: checkpoint step {step} in {directory} is damaged ({problem}); "
+         + (f"resuming from step {choice.step}" if choice.step is not None else
+            "no older checkpoint is intact"))
+  damaged = [step for step, _ in choice.damaged]
+  if choice.step is None:
+    return _Resume(None, None, damaged)
+  try:
+    saved_config, meta = (checkpointer.read_config(choice.step),
+                          checkpointer.read_meta(choice.step))
+  except Exception as e:  # orbax raises many kinds
+    raise ValueError(f"refusing to resume from checkpoint step {choice.step} in {directory}: "
+                     f"its config or meta cannot be read ({_reason(e)}); every checkpoint is "
+                     "left in place") from e
+  checkpointer.check_config(choice.step, config_dict, saved=saved_config)
+  if choice.unverified:
+    _say(f"warning: checkpoint step {choice.step} in {directory} {choice.unverified}: "
+         "resuming from it unverified")
+  return _Resume(choice.step, meta, damaged)
+
+
+def _reason(error: BaseException) -> str:
+  """An exception as one line: its type and the first line of its message."""
+  lines = str(error).strip().splitlines()
+  return type(error).__name__ + (f": {lines[0]}" if lines else "")
 
 
 def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
@@ -438,63 +458,58 @@ def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
         "that folder, or use another --out")
 
 
-def _restore(checkpointer: Checkpointer, candidates: list[int], verified: set[int],
-             program: TrainProgram):
-  """(start step, state) from the first candidate that restores, else (0, fresh state).
-  Checkpoints newer than the one used are deleted (their steps are trained again)."""
-  state, start_step = None, 0
-  had_checkpoints = bool(checkpointer.all_steps())
-  for step in candidates:
-    try:
-      state = checkpointer.restore(step, program.abstract_state)
-    except Exception as e:  # unreadable without checksums to tell: try the next
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} could not be "
-           f"restored ({type(e).__name__}); using an older one")
-      continue
-    if step not in verified:
-      _say(f"warning: checkpoint step {step} in {checkpointer.directory} has no checksums "
-           "(saved by an older version, or killed while writing them): resuming from it "
-           "unverified")
-    start_step = step
-    break
-  for step in checkpointer.all_steps():
-    if step > start_step:
-      checkpointer.delete(step)
-  if state is None:
-    if had_checkpoints:
-      _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run "
-           "restarts from step 0")
+def _restore(checkpointer: Checkpointer, resume: _Resume, program: TrainProgram):
+  """(start step, state): restored from the checkpoint `resume` names, else (0, fresh state).
+  A checkpoint that does not restore is refused (ValueError with the reason), never deleted:
+  only the damaged ones are, after a successful restore."""
+  if resume.step is None:
     state = program.fresh_state()
-  return start_step, state
+  else:
+    try:
+      state = checkpointer.restore(resume.step, program.abstract_state)
+    except Exception as e:  # a shape mismatch, out of memory, ...: not proof of damage
+      raise ValueError(f"refusing to resume from checkpoint step {resume.step} in "
+                       f"{checkpointer.directory}: it cannot be restored ({_reason(e)}); "
+                       "every checkpoint is left in place") from e
+  for step in resume.damaged:
+    checkpointer.delete(step)
+  if resume.step is None and resume.damaged:
+    _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run restarts "
+         "from step 0")
+  return resume.step or 0, state
 
 
 def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict[str, Any]:
   """Compile, run the steps from run.start_step (eval, checkpoints), write summary.json."""
   is_main = jax.process_index() == 0
   model, program, checkpointer = run.model, run.program, run.checkpointer
-  compile_start = time.perf_counter()
-  compiled_step = program.compile()
-  compile_s = time.perf_counter() - compile_start
-
-  logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
-                         log_every=config.log_every, tensorboard=config.tensorboard)
-  logger.message(
-      f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} params) | "
-      f"{config.optimizer} lr {program.peak_lr:.3g} | mesh {mesh_lib.describe(run.mesh)} x "
-      f"{jax.process_count()} process(es) | {config.batch_tokens:,} tokens/step | "
-      + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
-  try:
-    last_val = _step_loop(config, run, compiled_step, logger)
-  except KeyboardInterrupt:
-    checkpointer.wait()
-    resume = checkpointer.latest_step()
-    raise TrainingInterrupted(
-        f"interrupted; the same command resumes from step {resume or 0}"
-        + (f" (the newest checkpoint in {checkpointer.directory})" if resume else
-           " (no checkpoint was written yet)")) from None
-  finally:
-    checkpointer.close()
-    logger.close()
+  logger = None
+  # From here a signal stops the run at the next step boundary (an exception could cut
+  # orbax's save in flight), or abandons what is still running INTERRUPT_GRACE_S later.
+  with interrupts.deferred(INTERRUPT_GRACE_S,
+                           functools.partial(_abandon, checkpointer.directory)) as stop:
+    try:
+      compile_start = time.perf_counter()
+      compiled_step = program.compile()
+      compile_s = time.perf_counter() - compile_start
+      logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
+                             log_every=config.log_every, tensorboard=config.tensorboard)
+      logger.message(
+          f"{config.init_from or config.model} ({_tree_size(model.abstract_params):,} "
+          f"params) | {config.optimizer} lr {program.peak_lr:.3g} | mesh "
+          f"{mesh_lib.describe(run.mesh)} x {jax.process_count()} process(es) | "
+          f"{config.batch_tokens:,} tokens/step | "
+          + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
+      last_val = _step_loop(config, run, compiled_step, logger, stop)
+    except KeyboardInterrupt as e:
+      checkpointer.wait()  # the save in flight completes (or the watchdog abandons it)
+      signum = stop.signum or interrupts.signal_of(e)
+      raise interrupts.Interrupted(_interrupted(checkpointer.directory, signum),
+                                   signum) from None
+    finally:
+      checkpointer.close()
+      if logger is not None:
+        logger.close()
 
   summary = _summary(config, out, model, program.abstract_opt, compiled_step, compile_s,
                      last_val, wall_start)
@@ -503,9 +518,29 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
   return summary
 
 
-def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float | None:
-  """Steps run.start_step..config.steps: train, log, evaluate, checkpoint. Returns the last
-  validation loss (None when evaluation is off)."""
+def _interrupted(directory: Path, signum: int, abandoned: bool = False) -> str:
+  """The one line of an interrupted run: where the same command resumes (and, when the
+  process is ending with a save in flight, which checkpoint it abandons)."""
+  complete, partial = steps_on_disk(directory)
+  line = interrupts.interrupted_by(signum)
+  if abandoned and partial:
+    line += (f" while checkpoint step {partial[-1]} was being written: abandoned (the next "
+             "run removes its partial files)")
+  if not complete:
+    return line + "; the same command starts again from step 0 (no checkpoint was written yet)"
+  return (line + f"; the same command resumes from step {complete[-1]} (the newest checkpoint "
+          f"in {directory})")
+
+
+def _abandon(directory: Path, signum: int) -> None:
+  """The watchdog of `interrupts.deferred`: the run did not stop in time; end it now."""
+  interrupts.exit_now(f"slj: {_interrupted(directory, signum, abandoned=True)}", signum)
+
+
+def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
+               stop: interrupts.Deferred) -> float | None:
+  """Steps run.start_step..config.steps: train, log, evaluate, checkpoint, until `stop`
+  records a signal. Returns the last validation loss (None when evaluation is off)."""
   model, program, checkpointer = run.model, run.program, run.checkpointer
   state, config_dict = run.state, config.to_dict()
   accum, batch_shape = config.grad_accum, program.batch_shape
@@ -536,6 +571,8 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger) -> float |
   last_val: float | None = None
   batch = load_batch(run.start_step) if run.start_step < config.steps else None
   for step in range(run.start_step, config.steps):
+    if stop.signum is not None:
+      raise interrupts.Interrupted(signum=stop.signum)
     t0 = time.perf_counter()
     state, metrics = compiled_step(state, batch)
     if step + 1 < config.steps:
@@ -603,6 +640,11 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
   records of metrics.jsonl, so a resumed run's cover all its segments; each segment's
   first step is left out of the means as warm-up."""
   records = read_metrics(out / "metrics.jsonl")
+  logged = len({r["step"] for r in records if "loss" in r})
+  if logged < config.steps:  # the file was deleted or cut while the run was stopped
+    _say(f"warning: {out / 'metrics.jsonl'} holds the records of {logged} of the run's "
+         f"{config.steps} steps (deleted or cut since); the summary's losses, timings and "
+         "clip fractions cover those steps only")
   train_losses = [r["loss"] for r in records if "loss" in r and r.get("loss") is not None]
   tail = train_losses[-max(1, min(10, len(train_losses) // 10)):] if train_losses else []
   timed = [r for r in records if "step_time_s" in r]
@@ -629,6 +671,7 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "model": config.model,
       "optimizer": config.optimizer,
       "steps": config.steps,
+      "logged_steps": logged,
       "tokens": config.steps * config.batch_tokens,
       "batch_tokens": config.batch_tokens,
       "param_count": _tree_size(model.abstract_params),

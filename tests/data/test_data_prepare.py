@@ -199,6 +199,60 @@ def test_resume_after_sigkill(tmp_path):
   assert shard_bytes(out) == reference
 
 
+def _children(pid):
+  """PIDs of the live processes whose parent is `pid` and that run a multiprocessing
+  worker."""
+  found = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+      cmdline = (stat.parent / "cmdline").read_bytes()
+    except OSError:
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+      found.append(int(stat.parent.name))
+  return found
+
+
+def _alive(pid):
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_tokenize_workers_with_their_parent(tmp_path):
+  import signal
+  import time
+
+  src = tmp_path / "src"
+  src.mkdir()
+  docs = make_documents(40)
+  for name in ("a", "b"):  # two units of ~5 MB: seconds of work each
+    write_jsonl(src / f"{name}.jsonl", docs * 100)
+  out = tmp_path / "out"
+  parent = subprocess.Popen([sys.executable, "-m", "sophia_lambda_jax.cli", "tokenize",
+                             str(src), str(out), "--workers", "2", "--no-progress"],
+                            stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 60
+    while len(list(out.glob(".train-*.bin.tmp"))) < 2 and time.monotonic() < deadline:
+      time.sleep(0.02)
+    workers = _children(parent.pid)
+    assert len(workers) == 2 and parent.poll() is None
+    parent.send_signal(signal.SIGTERM)
+    status = parent.wait(timeout=15)
+  finally:
+    parent.kill()
+  err = parent.stderr.read()
+  assert status == 143, err
+  assert len(err.splitlines()) == 1 and "interrupted by SIGTERM; the workers were stopped" \
+      in err, err
+  assert not any(_alive(pid) for pid in workers)  # stopped before the parent exited
+  assert not (out / "manifest.json").exists()
+
+
 def main_cli(argv):
   from sophia_lambda_jax import cli
 

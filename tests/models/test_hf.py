@@ -209,6 +209,17 @@ def test_refuses_missing_files(good_checkpoint, tmp_path):
     hf.from_hf(good_checkpoint)
 
 
+def test_truncated_weights_are_one_line_naming_the_file(good_checkpoint, capsys):
+  from sophia_lambda_jax import cli
+
+  file = good_checkpoint / "model.safetensors"
+  file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+  assert cli.main(["generate", str(good_checkpoint), "--prompt", "hi"]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and f"{file} is not a readable safetensors file" in err, \
+      err
+
+
 def test_refuses_bad_arguments(good_checkpoint):
   with pytest.raises(ValueError, match="dtype"):
     hf.from_hf(good_checkpoint, dtype=jnp.int32)

@@ -3,6 +3,8 @@ with logits equal to ours (on kept ids for a compact vocabulary), the project's 
 and the same greedy continuation as `slj generate --temperature 0`."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -139,3 +141,51 @@ def test_bfloat16_export(compact_run, tmp_path):
                                 ours[:-1].astype(ml_dtypes.bfloat16).astype(np.float32))
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
   assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def _files(directory):
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*")
+          if p.is_file()}
+
+
+def test_export_never_replaces_files_it_did_not_write_without_overwrite(compact_run, tmp_path,
+                                                                        capsys):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  (out / "config.json").write_text('{"mine": true}')
+  (out / "model-00001-of-00002.safetensors").write_bytes(b"an earlier export's shard")
+  before, run_before = _files(out), _files(compact_run)
+  assert cli.main(["export", str(compact_run), str(out)]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "is not empty" in err and "--overwrite" in err, err
+  assert cli.main(["export", str(compact_run), str(compact_run)]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "is a run directory" in err, err
+  assert _files(out) == before and _files(compact_run) == run_before
+  # --overwrite: the export's files replace theirs (an earlier export's shard included),
+  # other files stay.
+  assert cli.main(["export", str(compact_run), str(out), "--overwrite"]) == 0
+  assert (out / "notes.txt").read_text() == "keep me"
+  assert not (out / "model-00001-of-00002.safetensors").exists()
+  assert transformers.AutoConfig.from_pretrained(out).model_type == "qwen2"
+  assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging folder left
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_export_leaves_no_folder_that_looks_complete(compact_run, tmp_path,
+                                                                     capsys, monkeypatch,
+                                                                     signum):
+  from sophia_lambda_jax.models import hf
+
+  def interrupted(path, model_max_length):  # the signal arrives while the tokenizer is written
+    os.kill(os.getpid(), signum)
+
+  monkeypatch.setattr(hf, "write_tokenizer", interrupted)
+  out = tmp_path / "hf"
+  assert cli.main(["export", str(compact_run), str(out)]) == 128 + signum
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "the export into" in err and \
+      "nothing was written there" in err, err
+  assert ("SIGTERM" in err) == (signum == signal.SIGTERM)
+  assert list(tmp_path.iterdir()) == []  # neither OUT nor its staging folder

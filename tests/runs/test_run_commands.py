@@ -52,6 +52,12 @@ def test_eval_of_a_hf_directory_needs_data(capsys, tmp_path):
   _one_line_error(capsys, ["eval", str(tmp_path / "hf")], "pass --data DIR")
 
 
+@pytest.mark.parametrize("flag", ["--batches", "--batch-size", "--seq-len"])
+def test_eval_refuses_zero_instead_of_taking_the_default(capsys, compact_run, flag):
+  _one_line_error(capsys, ["eval", str(compact_run), flag, "0"],
+                  f"{flag} must be a positive integer, got 0")
+
+
 def test_eval_prints_loss_perplexity_and_tokens(capsys, compact_run):
   assert cli.main(["eval", str(compact_run), "--batches", "2"]) == 0
   result = json.loads(capsys.readouterr().out)

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from checkpoint_arrays import restore_arrays
 from sophia_lambda_jax import data, runs, train
 from sophia_lambda_jax.models import hf, loading, qwen
 from sophia_lambda_jax.train import checkpoint
@@ -70,7 +71,7 @@ def _legacy_copy(run, out):
   whole TrainState in the flat `state` item under "<index>.<path>" keys."""
   shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoints", "model.json",
                                                           data.COMPACT_VOCAB_FILE))
-  flat = checkpoint.restore_arrays(run / "checkpoints")
+  flat = restore_arrays(run / "checkpoints")
   params = {k: v for k, v in flat.items() if k.startswith("params/")}
   rest = {k: v for k, v in flat.items() if not k.startswith("params/")}
   abstract = _params(runs.load(run).model)

@@ -68,11 +68,17 @@ def test_init_from_starts_at_transformers_loss(token_data, tmp_path):
   assert loaded.tokenizer.compact is None and not loaded.model.config.tie_embeddings
 
 
-@pytest.mark.parametrize("case", ["small vocabulary", "other architecture"])
+@pytest.mark.parametrize("case", ["small vocabulary", "other architecture",
+                                  "a training run"])
 def test_init_from_refusals_are_one_line(token_data, tmp_path, capsys, case):
   hf_dir = tmp_path / "hf"
-  _write_hf(hf_dir, vocab_size=1000)
   expected = "vocab_size 1000"
+  if case == "a training run":  # what `slj train --out` writes, not yet exported
+    (hf_dir / "checkpoints").mkdir(parents=True)
+    train.TrainConfig(model="qwen-tiny", out=str(hf_dir)).to_json(hf_dir / "config.json")
+    expected = f"{hf_dir} is a training run directory, not a HuggingFace one: export it first"
+  else:
+    _write_hf(hf_dir, vocab_size=1000)
   if case == "other architecture":
     config = json.loads((hf_dir / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from sophia_lambda_jax import cli, data
-from sophia_lambda_jax.train import loop
-from sophia_lambda_jax.train.checkpoint import restore_arrays
+from checkpoint_arrays import restore_arrays
+from sophia_lambda_jax import cli, data, runs
+from sophia_lambda_jax.train import checkpoint, loop
 from sophia_lambda_jax.train.metrics import read_metrics
 from train_helpers import subprocess_env
 
@@ -66,9 +66,15 @@ def _assert_same_final_state(a, b):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def _largest_state_file(step_dir):
-  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+def _largest_state_file(step_dir, item="state"):
+  return max((p for p in (step_dir / item).rglob("*") if p.is_file()),
              key=lambda p: p.stat().st_size)
+
+
+def _flip_bit(path, position):
+  raw = bytearray(path.read_bytes())
+  raw[position] ^= 1
+  path.write_bytes(bytes(raw))
 
 
 def _one_line(err, *needles):
@@ -119,7 +125,8 @@ def test_tokenize_into_a_directory_in_use_is_refused_at_once(tmp_path):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("damage", ["overwrite bytes", "truncate", "empty config"])
+@pytest.mark.parametrize("damage", ["overwrite bytes", "truncate", "empty config",
+                                    "one bit of params"])
 def test_damaged_newest_checkpoint_falls_back_and_continues_bitwise(finished, tmp_path, capsys,
                                                                    damage):
   out = _copy(finished, tmp_path)
@@ -133,6 +140,9 @@ def test_damaged_newest_checkpoint_falls_back_and_continues_bitwise(finished, tm
   elif damage == "truncate":
     victim = _largest_state_file(step_dir)
     victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+  elif damage == "one bit of params":
+    victim = _largest_state_file(step_dir, "params")
+    _flip_bit(victim, victim.stat().st_size // 2)
   else:
     next(p for p in (step_dir / "config").rglob("*") if p.is_file()
          and p.name != "commit_success.txt").write_text("")
@@ -179,6 +189,153 @@ def test_checkpoints_of_older_runs_resume_with_warnings(finished, tmp_path, caps
   _one_line(captured.err, "without a data fingerprint")
   assert f"resumed at step {STEPS}" in captured.out
   _assert_same_final_state(finished, out)
+
+
+def test_one_flipped_bit_in_any_params_file_is_found(finished):
+  step_dir = finished / "checkpoints" / str(STEPS)
+  files = [p for p in (step_dir / "params").rglob("*") if p.is_file()]
+  assert len(files) > 3
+  for victim in files:
+    position = victim.stat().st_size * 2 // 3
+    _flip_bit(victim, position)
+    try:
+      found = checkpoint.check(step_dir)
+    finally:
+      _flip_bit(victim, position)
+    assert found.damaged is not None and str(victim.relative_to(step_dir)) in found.damaged
+  assert checkpoint.check(step_dir) == (None, None)
+
+
+def test_reads_take_the_newest_intact_checkpoint_and_refuse_a_damaged_one(finished, tmp_path,
+                                                                          capsys):
+  out = _copy(finished, tmp_path)
+  _flip_bit(_largest_state_file(out / "checkpoints" / str(STEPS), "params"), 100)
+  assert cli.main(["eval", str(out), "--batches", "1"]) == 0
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "damaged", "using step 2")
+  assert runs.load(out).step == 2 and runs.newest_checkpoint(out) == 2
+  capsys.readouterr()
+  abstract = _params_like(out)
+  with pytest.raises(ValueError, match=f"step {STEPS} .* is damaged .*refusing to read it"):
+    checkpoint.restore_params(out / "checkpoints", abstract, step=STEPS)
+  assert checkpoint.restore_params(out / "checkpoints", abstract, step=2)[0] == 2
+  # No intact checkpoint left: refused in one line, nothing deleted.
+  _flip_bit(_largest_state_file(out / "checkpoints" / "2", "params"), 100)
+  assert cli.main(["generate", str(out), "--prompt", "the"]) == 2
+  _one_line(capsys.readouterr().err, "every checkpoint", "is damaged")
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", str(STEPS)]
+
+
+def _params_like(run):
+  from flax import nnx
+
+  from sophia_lambda_jax.models import qwen
+
+  config = qwen.QwenConfig(**json.loads((run / "model.json").read_text()))
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: qwen.Qwen(config,
+                                                                      rngs=nnx.Rngs(0))),
+                                    nnx.Param))
+
+
+def test_checksums_written_before_they_covered_params_verify_the_rest_and_warn(finished,
+                                                                            tmp_path,
+                                                                            capsys):
+  out = _copy(finished, tmp_path)
+  for step_dir in (out / "checkpoints").iterdir():  # as an older version wrote them
+    manifest = json.loads((step_dir / checkpoint.CHECKSUMS).read_text())
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("params/")}
+    (step_dir / checkpoint.CHECKSUMS).write_text(json.dumps({"algorithm": "crc32",
+                                                             "files": files}))
+  assert runs.load(out).step == STEPS
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}",
+            "do not cover its parameters")
+  _flip_bit(_largest_state_file(out / "checkpoints" / str(STEPS)), 100)  # a listed file
+  assert runs.load(out).step == 2
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "damaged", "using step 2")
+
+
+def test_a_checkpoint_without_checksums_is_resumed_with_a_warning_never_deleted(finished,
+                                                                               tmp_path,
+                                                                               capsys):
+  from sophia_lambda_jax.train.checkpoint import Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "checkpoints" / str(STEPS) / checkpoint.CHECKSUMS).unlink()
+  config = json.loads((out / "config.json").read_text())
+  checkpointer = Checkpointer(out / "checkpoints", keep=2)
+  try:
+    resume = loop._checkpoint_to_resume(checkpointer, config)
+  finally:
+    checkpointer.close()
+  assert resume.step == STEPS and resume.damaged == []
+  _one_line(capsys.readouterr().err, f"checkpoint step {STEPS}", "has no checksums")
+
+
+@pytest.mark.parametrize("failure", ["preset changed", "out of memory"])
+def test_an_intact_checkpoint_that_does_not_restore_is_refused_and_kept(finished, tmp_path,
+                                                                        capsys, monkeypatch,
+                                                                        failure):
+  import dataclasses
+
+  from sophia_lambda_jax.models import qwen
+  from sophia_lambda_jax.train.checkpoint import Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  before = sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*"))
+  if failure == "preset changed":
+    monkeypatch.setitem(qwen.PRESETS, "qwen-tiny", dataclasses.replace(
+        qwen.PRESETS["qwen-tiny"], intermediate_size=96))
+    expected = ("mlp/down_proj/kernel was saved with shape (192, 64), (96, 64) is "
+                "expected")
+  else:
+    def exhausted(self, step, abstract_state):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 byte")
+
+    monkeypatch.setattr(Checkpointer, "restore", exhausted)
+    expected = "RuntimeError: RESOURCE_EXHAUSTED"
+  assert cli.main(_argv(_data_of(finished), out)) == 1
+  _one_line(capsys.readouterr().err, f"refusing to resume from checkpoint step {STEPS}",
+            expected, "every checkpoint is left in place")
+  assert sorted(p.relative_to(out) for p in (out / "checkpoints").rglob("*")) == before
+
+
+def test_reads_say_the_step_of_an_unfinished_run_and_survive_a_writer_deleting_it(
+    finished, tmp_path, capsys, monkeypatch):
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()  # unfinished, as during training
+  assert cli.main(["generate", str(out), "--prompt", "the", "--max-new-tokens", "2"]) == 0
+  _one_line(capsys.readouterr().err, "the run has not finished",
+            f"using its checkpoint at step {STEPS} of {STEPS}")
+  # A run training there deletes the checkpoint being read: the read takes the newest then.
+  read = checkpoint._read_params
+
+  def deleted_by_a_writer(directory, step, abstract):
+    if step == STEPS:
+      shutil.rmtree(directory / str(step))
+    return read(directory, step, abstract)
+
+  monkeypatch.setattr(checkpoint, "_read_params", deleted_by_a_writer)
+  assert runs.load(out).step == 2
+  capsys.readouterr()
+  # A writer always one save ahead of the reader: one line.
+  def always_ahead(directory, step, abstract):
+    (directory / str(step)).rename(directory / str(step + 2))
+    return read(directory, step, abstract)
+
+  monkeypatch.setattr(checkpoint, "_read_params", always_ahead)
+  assert cli.main(["eval", str(out), "--batches", "1"]) == 2
+  _one_line(capsys.readouterr().err, "was removed while it was read", "run the command again")
+
+
+def test_a_deleted_metrics_file_is_said_and_counted_in_the_summary(finished, tmp_path,
+                                                                  capsys):
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  (out / "metrics.jsonl").unlink()
+  assert cli.main(_argv(_data_of(finished), out)) == 0
+  _one_line(capsys.readouterr().err, "metrics.jsonl holds the records of 0 of the run's "
+            f"{STEPS} steps")
+  assert json.loads((out / "summary.json").read_text())["logged_steps"] == 0
 
 
 # ----------------------------------------------------------------------------- data, reruns
@@ -228,6 +385,67 @@ def test_ctrl_c_says_where_the_run_resumes(corpus, tmp_path, capsys, monkeypatch
   _one_line(capsys.readouterr().err, "interrupted", "resumes from step 2")
 
 
+# A `slj train` whose checkpoint saves take argv[1] seconds (the checksums are written on
+# orbax's background thread, before the step directory is renamed into place); it prints
+# "saving <step>" when one starts.
+_SLOW_SAVES = """
+import sys, time
+from sophia_lambda_jax import cli
+from sophia_lambda_jax.train import checkpoint
+write = checkpoint.write_checksums
+def slow(step_dir):
+  print("saving", step_dir.name.split(".")[0], flush=True)
+  time.sleep(float(sys.argv[1]))
+  write(step_dir)
+checkpoint.write_checksums = slow
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _interrupt_a_save(argv, save_s, signals, env):
+  """Start `slj train` with saves of `save_s` seconds, send `signals` (0.3 s apart) once a
+  save has started; (exit status, seconds from the first signal to the exit, stderr)."""
+  import time
+
+  child = subprocess.Popen([sys.executable, "-c", _SLOW_SAVES, str(save_s), *argv],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in child.stdout:
+      if line.startswith("saving"):
+        break
+    start = time.monotonic()
+    for signum in signals:
+      child.send_signal(signum)
+      time.sleep(0.3)
+    status = child.wait(timeout=30)
+    elapsed = time.monotonic() - start
+  finally:
+    child.kill()
+  return status, elapsed, child.stderr.read()
+
+
+def test_ctrl_c_or_sigterm_during_a_save_exits_within_15_s(corpus, tmp_path, compile_cache):
+  out = tmp_path / "run"
+  argv = _argv(corpus, out, steps=40, **{"checkpoint-every": 2})
+  env = subprocess_env(1, compile_cache)
+  # A save that completes within the grace period is waited for.
+  status, elapsed, err = _interrupt_a_save(argv, 2, [signal.SIGINT], env)
+  assert status == 130 and elapsed < 15, err
+  _one_line(err, "interrupted;", "resumes from step")
+  complete, partial = checkpoint.steps_on_disk(out / "checkpoints")
+  assert partial == [] and f"resumes from step {complete[-1]} " in err
+  # One that does not is abandoned; the process ends, its lock with it.
+  status, elapsed, err = _interrupt_a_save(argv, 60, [signal.SIGTERM], env)
+  assert status == 143 and elapsed < 15, err
+  _one_line(err, "interrupted by SIGTERM while checkpoint step", "abandoned",
+            f"resumes from step {checkpoint.steps_on_disk(out / 'checkpoints')[0][-1]} ")
+  # A second Ctrl-C abandons at once.
+  status, elapsed, err = _interrupt_a_save(argv, 60, [signal.SIGINT, signal.SIGINT], env)
+  assert status == 130 and elapsed < 5, err
+  _one_line(err, "interrupted while checkpoint step", "abandoned")
+  assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- bad input, OS
 def test_bad_optimizer_value_is_refused_before_anything_runs(corpus, tmp_path, capsys):
   out = tmp_path / "run"
@@ -237,6 +455,24 @@ def test_bad_optimizer_value_is_refused_before_anything_runs(corpus, tmp_path, c
   assert cli.main(_argv(corpus, out, **{"model.num_layers": "-1"})) == 2
   _one_line(capsys.readouterr().err, "num_layers must be a positive integer")
   assert not out.exists()
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"tensorboard": "no"}, "tensorboard must be true or false, got 'no'"),
+    ({"final_lr_fraction": "0.1"}, "final_lr_fraction must be a number, got '0.1'"),
+    ({"seed": [1]}, "seed must be an integer, got [1]"),
+    ({"steps": 10**12}, "steps must be at most 2,147,483,647"),
+])
+def test_config_values_of_the_wrong_type_or_size_are_refused_in_one_line(corpus, tmp_path,
+                                                                         capsys, values,
+                                                                         expected):
+  (tmp_path / "run.json").write_text(json.dumps(values))
+  out = tmp_path / "run"
+  assert cli.main(_argv(corpus, out)[:1] + ["--config", str(tmp_path / "run.json"),
+                                             "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  _one_line(err, expected)
+  assert len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_out_that_is_a_file_is_one_line_and_debug_shows_the_traceback(corpus, tmp_path,
@@ -249,10 +485,20 @@ def test_out_that_is_a_file_is_one_line_and_debug_shows_the_traceback(corpus, tm
     cli.main(_argv(corpus, blocker) + ["--debug"])
 
 
-def test_disk_full_is_one_line_naming_the_path(corpus, tmp_path, capsys, monkeypatch):
-  def full(self, path):
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+@pytest.mark.parametrize("full_at", ["config.json", "a checkpoint"])
+def test_disk_full_is_one_line_naming_the_path(corpus, tmp_path, capsys, monkeypatch,
+                                               full_at):
+  if full_at == "config.json":
+    def full(self, path):
+      raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-  monkeypatch.setattr(loop.TrainConfig, "to_json", full)
+    monkeypatch.setattr(loop.TrainConfig, "to_json", full)
+    path = tmp_path / "run" / "config.json"
+  else:  # room for less than a checkpoint: refused before orbax writes any of it
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    path = tmp_path / "run" / "checkpoints"
   assert cli.main(_argv(corpus, tmp_path / "run")) == 1
-  _one_line(capsys.readouterr().err, str(tmp_path / "run" / "config.json"), "no space left")
+  err = capsys.readouterr().err
+  _one_line(err, f"{path}: no space left")
+  assert len(err.splitlines()) == 1, err

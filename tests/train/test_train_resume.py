@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoint_arrays import restore_arrays
 from sophia_lambda_jax import train
-from sophia_lambda_jax.train.checkpoint import Checkpointer, restore_arrays
+from sophia_lambda_jax.train.checkpoint import Checkpointer
 from sophia_lambda_jax.train.metrics import read_metrics
 from train_helpers import losses, run_train, subprocess_env, train_command
 
