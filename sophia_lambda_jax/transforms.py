@@ -318,7 +318,8 @@ class HessianEMAState(NamedTuple):
   per leaf (shape (..., n / block)), without bias correction. interval: current refresh
   interval. next_refresh: the t of the next refresh. refresh_count: refreshes done (k).
   relative_change: r of the last refresh. correction: the factor the EMA is read with,
-  1 / (1 - b2^k) with bias correction and 1 without.
+  1 / (1 - b2^k) with bias correction and 1 without. skipped: refreshes left out because
+  their estimate had a non-finite entry (they do not count in k).
   """
   count: Array
   h: Any
@@ -327,6 +328,7 @@ class HessianEMAState(NamedTuple):
   refresh_count: Array
   relative_change: Array
   correction: Array
+  skipped: Array
 
 
 def _refresh_due(state: HessianEMAState) -> Array:
@@ -355,6 +357,14 @@ def _block_ema(h, estimate, blocks, b2):
       lambda h, e, b: (b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b)).astype(
           jnp.float32),
       h, estimate, blocks)
+
+
+def _all_finite(tree) -> Array:
+  """True when every entry of every leaf is finite (one bool scalar)."""
+  finite = jnp.ones([], bool)
+  for x in jax.tree.leaves(tree):
+    finite = finite & jnp.all(jnp.isfinite(x))
+  return finite
 
 
 def _debias_factor(b2, refresh_count: Array, bias_correction: bool) -> Array:
@@ -420,6 +430,14 @@ def hessian_ema(
               r > r_high -> interval = max(interval // 2, min_interval);
               next_refresh = t + interval.   (docs/design.md section 4.3.)
 
+  Non-finite estimates: a refresh whose new h would hold an inf or NaN (an estimate with a
+  non-finite entry, or one that overflows the EMA) is skipped as a whole: h, k and the
+  interval stay as they were, ``skipped`` counts it, and the next refresh comes one
+  interval later as usual, so one bad estimate costs one refresh and h stays finite. (A
+  per-entry repair would leave k, and so the bias correction, inconsistent between
+  entries.) Non-finite *gradients* are not this transform's business: they enter m and make
+  the update non-finite, and the training loop stops on them (docs/design.md section 7).
+
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
   current block-reduced h (h_hat with bias correction) in place of the updates. ``update``
   needs ``params`` and ``hessian_fn`` (a function params -> pytree like params) and raises
@@ -454,6 +472,7 @@ def hessian_ema(
         refresh_count=jnp.zeros([], jnp.int32),
         relative_change=jnp.zeros([], jnp.float32),
         correction=jnp.ones([], jnp.float32),
+        skipped=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, hessian_fn: Optional[HessianFn] = None,
@@ -467,21 +486,24 @@ def hessian_ema(
       raise ValueError(
           "hessian_fn must be passed to update() of a second-order optimizer as a function "
           "params -> pytree like params: tx.update(grads, state, params, hessian_fn=fn)")
-    do_refresh = _refresh_due(state)
+    due = _refresh_due(state)
 
     def refresh(h_before):
       h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks_of(params), b2)
+      finite = _all_finite(h_after)
+      h_after = jax.tree.map(lambda a, b: jnp.where(finite, a, b), h_after, h_before)
       if not adaptive_interval:
-        return h_after, jnp.zeros([], jnp.float32)
+        return h_after, jnp.zeros([], jnp.float32), finite
       r = _relative_change(h_after, h_before,
                            _debias_factor(b2, state.refresh_count + 1, bias_correction),
                            state.correction)
-      return h_after, r.astype(jnp.float32)
+      return h_after, jnp.where(finite, r.astype(jnp.float32), state.relative_change), finite
 
     def keep(h_before):
-      return h_before, state.relative_change
+      return h_before, state.relative_change, jnp.ones([], bool)
 
-    h, r = jax.lax.cond(do_refresh, refresh, keep, state.h)
+    h, r, finite = jax.lax.cond(due, refresh, keep, state.h)
+    do_refresh = due & finite
     refresh_count = state.refresh_count + do_refresh.astype(jnp.int32)
     if adaptive_interval:
       interval = _adapted_interval(state.interval, r, do_refresh, refresh_count,
@@ -489,8 +511,7 @@ def hessian_ema(
     else:
       interval = jnp.broadcast_to(jnp.asarray(hessian_interval), ())
     interval = interval.astype(jnp.int32)
-    next_refresh = jnp.where(do_refresh, state.count + interval,
-                             state.next_refresh).astype(jnp.int32)
+    next_refresh = jnp.where(due, state.count + interval, state.next_refresh).astype(jnp.int32)
     correction = _debias_factor(b2, refresh_count, bias_correction)
     new_state = HessianEMAState(
         count=optax.safe_increment(state.count),
@@ -500,6 +521,7 @@ def hessian_ema(
         refresh_count=refresh_count,
         relative_change=r,
         correction=correction,
+        skipped=state.skipped + (due & ~finite).astype(jnp.int32),
     )
     return (jax.tree.map(lambda x: correction * x, h) if bias_correction else h), new_state
 
@@ -849,6 +871,15 @@ def hessian_relative_change(state):
   if not found:
     return None
   return found[0].relative_change
+
+
+def hessian_skipped(state):
+  """How many refreshes of the first Hessian EMA in an optimizer state were skipped because
+  their estimate was not finite (``hessian_ema``), or None when the state has none."""
+  found = _find(state, HessianEMAState)
+  if not found:
+    return None
+  return found[0].skipped
 
 
 def clip_fraction(state, groups=None):
