@@ -595,15 +595,22 @@ def check_rho(rho, target_unclipped) -> None:
   check_number("rho", rho, low=0.0, low_open=True)
 
 
+def _sum3(x, y):
+  return tuple(a + b for a, b in zip(x, y))
+
+
 def _unclipped_fractions(ratios) -> tuple[Array, Array, Array]:
   """(f_1/2, f_1, f_2): the fraction of all coordinates with |ratio| < c for c = 1/2, 1, 2.
-  Counted per leaf in int32 (exact, whatever the sharding), summed over leaves in float32."""
+  Counted per leaf in int32 (exact, whatever the sharding) by one variadic reduction, which
+  XLA fuses with the clip (three separate sums cost 4x the update on a CPU), then summed
+  over leaves in float32."""
   counts = [jnp.zeros([], jnp.float32) for _ in range(3)]
   total = 0
   for r in jax.tree.leaves(ratios):
     magnitude = jnp.abs(r)
-    for i, c in enumerate((0.5, 1.0, 2.0)):
-      counts[i] = counts[i] + jnp.sum(magnitude < c, dtype=jnp.int32).astype(jnp.float32)
+    below = tuple((magnitude < c).astype(jnp.int32) for c in (0.5, 1.0, 2.0))
+    sums = jax.lax.reduce(below, (np.int32(0),) * 3, _sum3, tuple(range(r.ndim)))
+    counts = [c + s.astype(jnp.float32) for c, s in zip(counts, sums)]
     total += int(np.prod(r.shape))
   return tuple(c / max(total, 1) for c in counts)
 
