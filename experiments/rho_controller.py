@@ -130,7 +130,7 @@ def _final_rho(record) -> float | None:
   return rhos[-1] if rhos else None
 
 
-def controller_report(root: Path) -> dict:
+def controller_report(root: Path, command: str = "python -m experiments.rho_controller") -> dict:
   from sophia_lambda_jax.compare import tables
   from sophia_lambda_jax.train.metrics import in_unclipped_band
 
@@ -188,17 +188,21 @@ def controller_report(root: Path) -> dict:
       beats[rho] = (None if None in outcomes else all(outcomes))
     verdicts[opt] = beats
   return {"stages": stages, "fixed_beats_auto_everywhere": verdicts,
-          "markdown": _markdown(stages, verdicts)}
+          "markdown": _markdown(stages, verdicts, command)}
 
 
 def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def _markdown(stages: dict, verdicts: dict) -> str:
+def _markdown(stages: dict, verdicts: dict, command: str) -> str:
+  import jax
+
   from sophia_lambda_jax.compare import tables
 
   lines = ["# The rho controller against fixed rho", "",
+           f"Made with `{command}` (jax {jax.__version__}, {os.cpu_count()} CPU cores; one "
+           "stage at a time: `--stages a`, `--stages b`, `--stages c`).", "",
            "Final validation loss: mean ± sample std over seeds. 'auto - fixed': the mean "
            "over seeds of the per-seed difference of final validation losses ± its standard "
            "error (negative: auto is better); 'better'/'worse' only beyond 2 standard "
@@ -333,7 +337,9 @@ def main(argv: Sequence[str] | None = None, *, trainer=None) -> int:
   statuses = runner.execute(chosen, root, trainer=trainer, retry_failed=args.retry_failed)
   if not runner._is_main_process():
     return 0
-  report = controller_report(root)
+  command = "python -m experiments.rho_controller " + " ".join(
+      a for a in (sys.argv[1:] if argv is None else argv) if a)
+  report = controller_report(root, command.strip())
   _write(root, "results.md", report["markdown"])
   _write(root, "results.json", json.dumps(
       {k: report[k] for k in ("stages", "fixed_beats_auto_everywhere")}, indent=2,

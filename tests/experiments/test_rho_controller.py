@@ -107,6 +107,7 @@ def test_stages_run_separately_and_the_report_pairs_seeds(tmp_path, capsys):
     assert f"## ({stage})" in md
   assert "better than auto beyond 2 standard errors in all three settings: no" in md
   assert "Best fixed rho of x0.5 / x1 / x2 around 0.2" in md
+  assert f"Made with `python -m experiments.rho_controller --out {tmp_path} --set steps=20" in md
   for png in ("rho.png", "clip_fraction.png"):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
