@@ -359,7 +359,7 @@ def sophia_lambda(
     ``target_unclipped`` (default ``transforms.DEFAULT_TARGET_UNCLIPPED``, inside the
     Sophia paper's 10-50 % band) whatever the batch size, model or run length; this is the
     project's extension, not the paper's (docs/design.md section 3.5,
-    docs/rho-controller.md). A number fixes rho as in Sophia-G (the papers use 0.04).
+    docs/operating-regime.md). A number fixes rho as in Sophia-G (the papers use 0.04).
 
   The defaults follow the ablations in ``docs/results/`` (``python -m
   experiments.ablations``). The paper's eq. (1) has no eps and no weight decay; we keep
