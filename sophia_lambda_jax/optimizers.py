@@ -24,11 +24,17 @@ Under ``optax.inject_hyperparams`` pass ``static_args=("block_size",)`` for
 A run-time change of ``hessian_interval`` takes effect for a fixed interval; with
 ``adaptive_interval=True`` the interval lives in the state.
 
-Logging: ``hessian_interval_and_count(state)`` -> (current refresh interval, refreshes done)
-and ``clip_fraction(state)`` -> fraction of coordinates whose curvature ratio reached the
+Logging: ``hessian_interval_and_count(state)`` -> (current refresh interval, refreshes done),
+``clip_fraction(state)`` -> fraction of coordinates whose curvature ratio reached the
 clip on the last update (recomputed from m and h in the state: one read of m, so the update
-itself carries no extra pass); both return None for first-order optimizers and work through
+itself carries no extra pass), ``current_rho(state)`` -> the rho of the last update (fixed,
+or the controller's with ``rho="auto"``) and ``hessian_skipped(state)`` -> refreshes skipped
+for a non-finite estimate; all return None for first-order optimizers and work through
 ``inject_hyperparams``, ``MultiSteps`` and ``apply_if_finite`` states.
+
+rho: ``sophia_lambda`` adjusts it by default (``rho="auto"``, the rho controller of
+docs/design.md section 3.5); ``sophia`` and ``sophia_h`` keep the official fixed rho (0.04,
+0.01) and accept ``rho="auto"``. ``target_unclipped`` goes with ``rho="auto"`` only.
 
 Non-finite gradients: by default nothing is skipped, so a NaN/Inf gradient enters the
 moments and every later update is non-finite (the training loop detects that).
@@ -194,12 +200,13 @@ def lamvs(
   )
 
 
-def _sophia_chain(learning_rate, b1, b2, eps, weight_decay, mask, rho, batch_tokens,
-                  hessian_ema, layer_scale=None, rules=None):
+def _sophia_chain(learning_rate, b1, b2, eps, weight_decay, mask, rho, target_unclipped,
+                  batch_tokens, hessian_ema, layer_scale=None, rules=None):
   transforms.check_learning_rate(learning_rate)
   parts = [
       transforms.scale_by_clipped_curvature(b1=b1, rho=rho, eps=eps,
-                                            batch_tokens=batch_tokens, hessian=hessian_ema),
+                                            batch_tokens=batch_tokens, hessian=hessian_ema,
+                                            target_unclipped=target_unclipped),
   ]
   if layer_scale is not None and layer_scale is not False:
     parts.append(transforms.scale_by_layer_scale(layer_scale, rules))
@@ -218,9 +225,10 @@ def sophia(
     eps: float = 1e-15,
     weight_decay: float = 0.1,
     mask: Optional[Any] = None,
-    rho: float = 0.04,
+    rho: Union[float, str] = 0.04,
     hessian_interval: int = 10,
     bias_correction: bool = False,
+    target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-G (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for
   Language Model Pre-training", Alg. 3 with the Gauss-Newton-Bartlett estimator):
@@ -244,10 +252,14 @@ def sophia(
 
   ``bias_correction=True`` reads h as h / (1 - b2^k) after k refreshes
   (``transforms.hessian_ema``); the official SophiaG has no such correction.
+
+  rho: the official fixed 0.04 by default; ``rho="auto"`` lets the rho controller hold the
+  unclipped fraction at ``target_unclipped`` (``transforms.scale_by_clipped_curvature``,
+  docs/design.md section 3.5).
   """
   transforms.check_intervals(hessian_interval, 1, 1)
   return _sophia_chain(
-      learning_rate, b1, b2, eps, weight_decay, mask, rho, batch_tokens,
+      learning_rate, b1, b2, eps, weight_decay, mask, rho, target_unclipped, batch_tokens,
       transforms.hessian_ema(b2=b2, block_size=1, hessian_interval=hessian_interval,
                              adaptive_interval=False, bias_correction=bias_correction))
 
@@ -259,9 +271,10 @@ def sophia_h(
     eps: float = 1e-12,
     weight_decay: float = 0.1,
     mask: Optional[Any] = None,
-    rho: float = 0.01,
+    rho: Union[float, str] = 0.01,
     hessian_interval: int = 10,
     bias_correction: bool = False,
+    target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-H (Liu et al. 2023, Alg. 3 with the Hutchinson estimator): Sophia with B = 1,
 
@@ -277,11 +290,12 @@ def sophia_h(
   estimates the Hessian itself from an ``obj_fn`` extra argument while we take
   ``hessian_fn``. With b1 = 0 (no bias correction to differ) and a constant curvature, our
   update at step t equals optax's at step t + 1 (tests/test_optimizers.py checks this).
-  ``bias_correction`` as in ``sophia``.
+  ``bias_correction`` as in ``sophia``. rho: the official fixed 0.01 by default;
+  ``rho="auto"`` and ``target_unclipped`` as in ``sophia``.
   """
   transforms.check_intervals(hessian_interval, 1, 1)
   return _sophia_chain(
-      learning_rate, b1, b2, eps, weight_decay, mask, rho, 1,
+      learning_rate, b1, b2, eps, weight_decay, mask, rho, target_unclipped, 1,
       transforms.hessian_ema(b2=b2, block_size=1, hessian_interval=hessian_interval,
                              adaptive_interval=False, bias_correction=bias_correction))
 
@@ -294,7 +308,7 @@ def sophia_lambda(
     eps: float = 1e-15,
     weight_decay: float = 0.1,
     mask: Optional[Any] = None,
-    rho: float = 0.04,
+    rho: Union[float, str] = "auto",
     hessian_interval: int = 10,
     block_size: int = 64,
     adaptive_interval: bool = False,
@@ -305,6 +319,7 @@ def sophia_lambda(
     layer_scale: Union[bool, None, Callable[[Any], Any]] = True,
     bias_correction: bool = True,
     rules: Optional[Any] = None,
+    target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-Lambda (Sophia-Lambda paper, eqs. 1-2): Sophia-G with a block-wise Hessian EMA,
   a layer scale and an optional adaptive refresh interval:
@@ -339,13 +354,19 @@ def sophia_lambda(
     official SophiaG code has none, and ``sophia`` / ``sophia_h`` keep it off to match it;
     for Sophia-Lambda the ablation in its regime chose it (docs/results/ablations-cpu,
     docs/design.md section 3.4).
+  * ``rho="auto"`` (default): rho is not hand-set but adjusted every update by the rho
+    controller, so that the fraction of coordinates the clip leaves alone tracks
+    ``target_unclipped`` (default ``transforms.DEFAULT_TARGET_UNCLIPPED``, inside the
+    Sophia paper's 10-50 % band) whatever the batch size, model or run length; this is the
+    project's extension, not the paper's (docs/design.md section 3.5,
+    docs/operating-regime.md). A number fixes rho as in Sophia-G (the papers use 0.04).
 
   The defaults follow the ablations in ``docs/results/`` (``python -m
   experiments.ablations``). The paper's eq. (1) has no eps and no weight decay; we keep
   Sophia-G's.
   """
   return _sophia_chain(
-      learning_rate, b1, b2, eps, weight_decay, mask, rho, batch_tokens,
+      learning_rate, b1, b2, eps, weight_decay, mask, rho, target_unclipped, batch_tokens,
       transforms.hessian_ema(b2=b2, block_size=block_size, hessian_interval=hessian_interval,
                              adaptive_interval=adaptive_interval, min_interval=min_interval,
                              max_interval=max_interval, r_low=r_low, r_high=r_high,
@@ -473,9 +494,12 @@ hessian_interval_and_count = transforms.hessian_interval_and_count
 clip_fraction = transforms.clip_fraction
 hessian_relative_change = transforms.hessian_relative_change
 hessian_refresh_due = transforms.hessian_refresh_due
+current_rho = transforms.current_rho
+hessian_skipped = transforms.hessian_skipped
 
 # What ``sophia_lambda_jax`` re-exports at the top level: the registry and every factory.
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "register", "unregister", "resolve",
            "get_optimizer", "hessian_interval_and_count", "clip_fraction",
-           "hessian_relative_change", "hessian_refresh_due"] + [
+           "hessian_relative_change", "hessian_refresh_due", "current_rho",
+           "hessian_skipped"] + [
                spec.factory.__name__ for spec in _REGISTRY.values()]

@@ -14,7 +14,8 @@ casts the updates back to the parameter dtype.
 Hyperparameters that shape the state or Python control flow must be static under
 ``optax.inject_hyperparams`` (pass them in ``static_args``): ``block_size`` and callables that
 are not schedules (``mask``, ``layer_scale``). ``adaptive_interval`` is a bool, which
-``inject_hyperparams`` already keeps static. Everything else may be a traced scalar.
+``inject_hyperparams`` already keeps static, and so is the string ``rho="auto"``.
+Everything else may be a traced scalar (``target_unclipped`` included).
 """
 
 from __future__ import annotations
@@ -309,7 +310,8 @@ class HessianEMAState(NamedTuple):
   per leaf (shape (..., n / block)), without bias correction. interval: current refresh
   interval. next_refresh: the t of the next refresh. refresh_count: refreshes done (k).
   relative_change: r of the last refresh. correction: the factor the EMA is read with,
-  1 / (1 - b2^k) with bias correction and 1 without.
+  1 / (1 - b2^k) with bias correction and 1 without. skipped: refreshes left out because
+  their estimate was not finite (they do not count in k).
   """
   count: Array
   h: Any
@@ -318,6 +320,7 @@ class HessianEMAState(NamedTuple):
   refresh_count: Array
   relative_change: Array
   correction: Array
+  skipped: Array
 
 
 def _refresh_due(state: HessianEMAState) -> Array:
@@ -346,6 +349,14 @@ def _block_ema(h, estimate, blocks, b2):
       lambda h, e, b: (b2 * h + (1.0 - b2) * block_mean(e.astype(jnp.float32), b)).astype(
           jnp.float32),
       h, estimate, blocks)
+
+
+def _all_finite(tree) -> Array:
+  """True when every entry of every leaf is finite (one bool scalar)."""
+  finite = jnp.ones([], bool)
+  for x in jax.tree.leaves(tree):
+    finite = finite & jnp.all(jnp.isfinite(x))
+  return finite
 
 
 def _debias_factor(b2, refresh_count: Array, bias_correction: bool) -> Array:
@@ -411,6 +422,14 @@ def hessian_ema(
               r > r_high -> interval = max(interval // 2, min_interval);
               next_refresh = t + interval.   (docs/design.md section 4.3.)
 
+  Non-finite estimates: a refresh whose new h would hold an inf or NaN (an estimate with a
+  non-finite entry, or one that overflows the EMA) is skipped as a whole: h, k and the
+  interval stay as they were, ``skipped`` counts it, and the next refresh comes one
+  interval later as usual, so one bad estimate costs one refresh and h stays finite. (A
+  per-entry repair would leave k, and so the bias correction, inconsistent between
+  entries.) Non-finite *gradients* are not this transform's business: they enter m and make
+  the update non-finite, and the training loop stops on them (docs/design.md section 7).
+
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
   current block-reduced h (h_hat with bias correction) in place of the updates. ``update``
   needs ``params`` and ``hessian_fn`` (a function params -> pytree like params) and raises
@@ -445,6 +464,7 @@ def hessian_ema(
         refresh_count=jnp.zeros([], jnp.int32),
         relative_change=jnp.zeros([], jnp.float32),
         correction=jnp.ones([], jnp.float32),
+        skipped=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, hessian_fn: Optional[HessianFn] = None,
@@ -458,21 +478,24 @@ def hessian_ema(
       raise ValueError(
           "hessian_fn must be passed to update() of a second-order optimizer as a function "
           "params -> pytree like params: tx.update(grads, state, params, hessian_fn=fn)")
-    do_refresh = _refresh_due(state)
+    due = _refresh_due(state)
 
     def refresh(h_before):
       h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks_of(params), b2)
+      finite = _all_finite(h_after)
+      h_after = jax.tree.map(lambda a, b: jnp.where(finite, a, b), h_after, h_before)
       if not adaptive_interval:
-        return h_after, jnp.zeros([], jnp.float32)
+        return h_after, jnp.zeros([], jnp.float32), finite
       r = _relative_change(h_after, h_before,
                            _debias_factor(b2, state.refresh_count + 1, bias_correction),
                            state.correction)
-      return h_after, r.astype(jnp.float32)
+      return h_after, jnp.where(finite, r.astype(jnp.float32), state.relative_change), finite
 
     def keep(h_before):
-      return h_before, state.relative_change
+      return h_before, state.relative_change, jnp.ones([], bool)
 
-    h, r = jax.lax.cond(do_refresh, refresh, keep, state.h)
+    h, r, finite = jax.lax.cond(due, refresh, keep, state.h)
+    do_refresh = due & finite
     refresh_count = state.refresh_count + do_refresh.astype(jnp.int32)
     if adaptive_interval:
       interval = _adapted_interval(state.interval, r, do_refresh, refresh_count,
@@ -480,8 +503,7 @@ def hessian_ema(
     else:
       interval = jnp.broadcast_to(jnp.asarray(hessian_interval), ())
     interval = interval.astype(jnp.int32)
-    next_refresh = jnp.where(do_refresh, state.count + interval,
-                             state.next_refresh).astype(jnp.int32)
+    next_refresh = jnp.where(due, state.count + interval, state.next_refresh).astype(jnp.int32)
     correction = _debias_factor(b2, refresh_count, bias_correction)
     new_state = HessianEMAState(
         count=optax.safe_increment(state.count),
@@ -491,6 +513,7 @@ def hessian_ema(
         refresh_count=refresh_count,
         relative_change=r,
         correction=correction,
+        skipped=state.skipped + (due & ~finite).astype(jnp.int32),
     )
     return (jax.tree.map(lambda x: correction * x, h) if bias_correction else h), new_state
 
@@ -504,12 +527,16 @@ def hessian_ema(
 
 class ClippedCurvatureState(NamedTuple):
   """State of ``scale_by_clipped_curvature``: momentum m (float32), the Hessian EMA state,
-  and the denominator constants rho * B and eps of the last update (so ``clip_fraction``
-  can recompute, from the state alone, which coordinates the last update clipped)."""
+  the denominator constants rho * B and eps of the last update (so ``clip_fraction`` can
+  recompute, from the state alone, which coordinates the last update clipped), rho: the rho
+  of the last update, and log_rho: the log of the rho the next update uses (with
+  ``rho="auto"`` the controller's state; with a fixed rho, log of that rho)."""
   mu: Any
   hessian: HessianEMAState
   scale: Array
   eps: Array
+  rho: Array
+  log_rho: Array
 
 
 def _curvature_ratio(m: Array, h_blk: Array, scale, eps) -> Array:
@@ -523,12 +550,88 @@ def _curvature_ratio(m: Array, h_blk: Array, scale, eps) -> Array:
   return merge_last_axes(split_last_axis(m, block) / denominator, m)
 
 
+# The rho controller (rho="auto"; docs/design.md section 3.5). Its constants:
+AUTO_RHO = "auto"
+# rho of the first update. Any value inside the bounds works (each step moves rho by at
+# most a factor 2); this one is the papers' GNB rho.
+RHO_AUTO_INITIAL = 0.04
+# rho stays in [RHO_AUTO_MIN, RHO_AUTO_MAX] whatever the tree (an all-zero gradient drives
+# it down, h = 0 up): wide enough for GNB (rho B h) and Hutchinson (rho h) scales.
+RHO_AUTO_MIN = 1e-6
+RHO_AUTO_MAX = 1e4
+# Newton damping gamma, the floor of the slope d f / d log rho, and the largest step of
+# log rho per update (ln 2: rho at most doubles or halves).
+RHO_AUTO_GAIN = 0.5
+RHO_AUTO_MIN_SLOPE = 0.05
+RHO_AUTO_MAX_STEP = math.log(2.0)
+# The unclipped fraction the controller holds when target_unclipped is not given
+# (docs/decisions.md).
+DEFAULT_TARGET_UNCLIPPED = 0.3
+
+
+def check_rho(rho, target_unclipped) -> None:
+  """rho is a number in (0, inf) or "auto"; target_unclipped goes with "auto" only and lies
+  in (0, 1). Raises ValueError naming the argument."""
+  if isinstance(rho, str):
+    if rho != AUTO_RHO:
+      raise ValueError(f"rho must be a number in (0, inf) or {AUTO_RHO!r}, got {rho!r}")
+    if target_unclipped is not None:
+      check_number("target_unclipped", target_unclipped, low=0.0, high=1.0, low_open=True,
+                   high_open=True)
+    return
+  if target_unclipped is not None:
+    raise ValueError(
+        f"target_unclipped is the rho controller's target and needs rho={AUTO_RHO!r}; got "
+        f"target_unclipped={target_unclipped!r} with rho={rho!r}")
+  check_number("rho", rho, low=0.0, low_open=True)
+
+
+def _sum3(x, y):
+  return tuple(a + b for a, b in zip(x, y))
+
+
+def _unclipped_fractions(ratios) -> tuple[Array, Array, Array]:
+  """(f_1/2, f_1, f_2): the fraction of all coordinates with |ratio| < c for c = 1/2, 1, 2.
+  Counted per leaf in int32 (exact, whatever the sharding) by one variadic reduction, which
+  XLA fuses with the clip (three separate sums made the update 6x slower on a CPU;
+  docs/decisions.md), then summed over leaves in float32."""
+  counts = [jnp.zeros([], jnp.float32) for _ in range(3)]
+  total = 0
+  for r in jax.tree.leaves(ratios):
+    magnitude = jnp.abs(r)
+    below = tuple((magnitude < c).astype(jnp.int32) for c in (0.5, 1.0, 2.0))
+    sums = jax.lax.reduce(below, (np.int32(0),) * 3, _sum3, tuple(range(r.ndim)))
+    counts = [c + s.astype(jnp.float32) for c, s in zip(counts, sums)]
+    total += int(np.prod(r.shape))
+  return tuple(c / max(total, 1) for c in counts)
+
+
+def rho_controller_step(log_rho: Array, fractions, target) -> Array:
+  """One step of the rho controller (docs/design.md section 3.5), a damped Newton step on
+  log rho towards f_1 = target with the chord slope of f over [rho / 2, 2 rho]:
+
+      s = (f_2 - f_1/2) / ln 4
+      log rho <- clip(log rho + clip(gamma (target - f_1) / max(s, s_min), -ln 2, ln 2),
+                      ln rho_min, ln rho_max)
+
+  f_c is the fraction of coordinates with |m / (rho B h + eps)| < c: the unclipped fraction
+  at rho for c = 1, and (up to eps) the one rho / 2 and 2 rho would give for c = 1/2, 2.
+  """
+  f_half, f_one, f_two = fractions
+  slope = (f_two - f_half) / math.log(4.0)
+  step = RHO_AUTO_GAIN * (target - f_one) / jnp.maximum(slope, RHO_AUTO_MIN_SLOPE)
+  step = jnp.clip(step, -RHO_AUTO_MAX_STEP, RHO_AUTO_MAX_STEP)
+  return jnp.clip(log_rho + step, math.log(RHO_AUTO_MIN), math.log(RHO_AUTO_MAX)).astype(
+      jnp.float32)
+
+
 def scale_by_clipped_curvature(
     b1: float = 0.965,
-    rho: float = 0.04,
+    rho: Union[float, str] = 0.04,
     eps: float = 1e-15,
     batch_tokens: float = 1,
     hessian: Optional[optax.GradientTransformationExtraArgs] = None,
+    target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia's momentum, pre-conditioned by the Hessian EMA and clipped element-wise:
 
@@ -543,12 +646,23 @@ def scale_by_clipped_curvature(
   (Liu et al. 2023, Alg. 3; github.com/Liuhong99/Sophia). The block-reduced h is broadcast
   along the last axis, never materialised at full size.
 
+  ``rho="auto"`` (this project's extension, docs/design.md section 3.5): rho_t is the
+  controller's, starting at ``RHO_AUTO_INITIAL``. From the ratio the clip forms, the same
+  update counts the fractions f_c of coordinates with |ratio| < c (c = 1/2, 1, 2) and, after
+  the update is formed with rho_t, moves log rho by a damped Newton step towards
+  f_1 = ``target_unclipped`` (default ``DEFAULT_TARGET_UNCLIPPED``) with the slope
+  (f_2 - f_1/2) / ln 4 (``rho_controller_step``): at most a factor 2 per update, inside
+  [``RHO_AUTO_MIN``, ``RHO_AUTO_MAX``]. Liu et al. 2023 hand-tune rho for 10-50 %
+  unclipped; the controller holds the fraction without a recalibration when B, the model or
+  the run length change.
+  ``target_unclipped`` may be traced under ``inject_hyperparams``; "auto" is static.
+
   ``update`` takes ``params`` and ``hessian_fn`` (passed on to ``hessian``). The fraction
-  of clipped coordinates is not counted here (a full extra pass over m on every step); use
-  ``clip_fraction(state)``, which recomputes it from m, h, rho * B and eps in the state.
+  of clipped coordinates per group is not counted here; use ``clip_fraction(state)``,
+  which recomputes it from m, h, rho * B and eps in the state, and ``current_rho(state)``.
   """
   check_beta("b1", b1)
-  check_number("rho", rho, low=0.0, low_open=True)
+  check_rho(rho, target_unclipped)
   check_number("eps", eps, low=0.0)
   if batch_tokens is None:
     raise ValueError(
@@ -557,24 +671,39 @@ def scale_by_clipped_curvature(
         "finite number in (0, inf)")
   check_number("batch_tokens", batch_tokens, low=0.0, low_open=True)
   hessian = hessian_ema() if hessian is None else hessian
+  auto = isinstance(rho, str)
+  target = DEFAULT_TARGET_UNCLIPPED if target_unclipped is None else target_unclipped
 
   def init_fn(params):
+    first_rho = jnp.asarray(RHO_AUTO_INITIAL if auto else rho, jnp.float32)
     return ClippedCurvatureState(
         mu=jax.tree.map(lambda p: _zeros_sharded_like(p, tuple(p.shape)), params),
         hessian=hessian.init(params),
         scale=jnp.zeros([], jnp.float32),
-        eps=jnp.zeros([], jnp.float32))
+        eps=jnp.zeros([], jnp.float32),
+        rho=first_rho,
+        log_rho=jnp.log(first_rho))
 
   def update_fn(updates, state, params=None, **extra_args):
     h, hessian_state = hessian.update(updates, state.hessian, params, **extra_args)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     mu = jax.tree.map(lambda m: m.astype(jnp.float32), mu)
-    scale = jnp.asarray(rho * batch_tokens, jnp.float32)
     eps_ = jnp.asarray(eps, jnp.float32)
-    new_updates = jax.tree.map(
-        lambda m, hb: jnp.clip(_curvature_ratio(m, hb, scale, eps_), -1.0, 1.0), mu, h)
+    if auto:
+      rho_t = jnp.exp(state.log_rho)
+      scale = rho_t * jnp.asarray(batch_tokens, jnp.float32)
+      ratios = jax.tree.map(lambda m, hb: _curvature_ratio(m, hb, scale, eps_), mu, h)
+      new_updates = jax.tree.map(lambda r: jnp.clip(r, -1.0, 1.0), ratios)
+      log_rho = rho_controller_step(state.log_rho, _unclipped_fractions(ratios),
+                                    jnp.asarray(target, jnp.float32))
+    else:
+      rho_t = jnp.asarray(rho, jnp.float32)
+      scale = jnp.asarray(rho * batch_tokens, jnp.float32)
+      new_updates = jax.tree.map(
+          lambda m, hb: jnp.clip(_curvature_ratio(m, hb, scale, eps_), -1.0, 1.0), mu, h)
+      log_rho = jnp.log(rho_t)
     return new_updates, ClippedCurvatureState(mu=mu, hessian=hessian_state, scale=scale,
-                                              eps=eps_)
+                                              eps=eps_, rho=rho_t, log_rho=log_rho)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -820,6 +949,26 @@ def hessian_relative_change(state):
   if not found:
     return None
   return found[0].relative_change
+
+
+def hessian_skipped(state):
+  """How many refreshes of the first Hessian EMA in an optimizer state were skipped because
+  their estimate was not finite (``hessian_ema``), or None when the state has none."""
+  found = _find(state, HessianEMAState)
+  if not found:
+    return None
+  return found[0].skipped
+
+
+def current_rho(state):
+  """The rho the last update of the first clipped-curvature state divided by (the
+  controller's with ``rho="auto"``, before the first update its initial rho), or None for
+  optimizers without one. Works through chains and optax's wrappers like the readers
+  above."""
+  found = _find(state, ClippedCurvatureState)
+  if not found:
+    return None
+  return found[0].rho
 
 
 def clip_fraction(state, groups=None):

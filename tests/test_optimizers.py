@@ -166,12 +166,26 @@ def ref_layer_scales():
   return {k: min(max(c * raw[k], 0.1), 10.0) for k in LEAVES}
 
 
+def rho_controller(log_rho, ratios, target):
+  """The rho controller of docs/design.md section 3.5 in float64: the log rho of the next
+  update from the ratios m / (rho B h + eps) of this one (initial rho 0.04, bounds 1e-6 and
+  1e4, gain 0.5, slope floor 0.05, step at most ln 2)."""
+  r = np.abs(np.concatenate([np.ravel(x) for x in ratios]))
+  f_half, f_one, f_two = (np.mean(r < c) for c in (0.5, 1.0, 2.0))
+  slope = (f_two - f_half) / math.log(4)
+  step = np.clip(0.5 * (target - f_one) / max(slope, 0.05), -math.log(2), math.log(2))
+  return float(np.clip(log_rho + step, math.log(1e-6), math.log(1e4)))
+
+
 def ref_sophia_family(params, grads_seq, hessian_seq, lr, *, b1, b2, eps, wd, rho, batch,
                       block_size=1, interval=10, adaptive=False, min_interval=2,
                       max_interval=100, r_low=0.002, r_high=0.02, scales=None, mask=decays,
-                      bias_correction=False):
+                      bias_correction=False, target=0.3, rhos=None):
   """Sophia-G / -H / -Lambda; returns (params history, interval history, refresh steps).
-  With bias_correction, h is read as h / (1 - b2^k) after k refreshes (r included)."""
+  With bias_correction, h is read as h / (1 - b2^k) after k refreshes (r included). With
+  rho="auto" the rho controller sets rho (appended to ``rhos`` when given, per step)."""
+  auto = rho == "auto"
+  log_rho = math.log(0.04)
   p = {k: v.copy() for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in p.items()}
 
@@ -212,13 +226,20 @@ def ref_sophia_family(params, grads_seq, hessian_seq, lr, *, b1, b2, eps, wd, rh
           interval = max(interval // 2, min_interval)
       next_refresh = t + interval
     intervals.append(interval)
+    rho_t = math.exp(log_rho) if auto else rho
+    ratios = []
     for k in p:
       m[k] = b1 * m[k] + (1 - b1) * g[k]
       h_read = corrected(h[k], refreshes)
-      u = np.clip(m[k] / (rho * batch * np.maximum(expand(k, h_read), 0) + eps), -1, 1)
+      ratios.append(m[k] / (rho_t * batch * np.maximum(expand(k, h_read), 0) + eps))
+      u = np.clip(ratios[-1], -1, 1)
       if scales is not None:
         u = scales[k] * u
       p[k] = p[k] - lr(t) * (u + (wd * p[k] if mask(k) else 0.0))
+    if auto:
+      log_rho = rho_controller(log_rho, ratios, target)
+    if rhos is not None:
+      rhos.append(rho_t)
     history.append({k: x.copy() for k, x in p.items()})
   return history, intervals, refresh_steps
 
@@ -420,7 +441,7 @@ def test_sophia_h_agrees_with_optax_contrib_sophia_one_step_later():
 def test_sophia_lambda_matches_reference(block_size):
   hs = hessians(800, SOPHIA_STEPS, scale=1e-3)
   tx = slj.sophia_lambda(learning_rate=lr_schedule, batch_tokens=256, block_size=block_size,
-                         hessian_interval=2, adaptive_interval=False)
+                         hessian_interval=2, adaptive_interval=False, rho=0.04)
   got, state = run_library(tx, SOPHIA_GRADS, PARAMS0, hs)
   want, _, _ = ref_sophia_family(
       PARAMS0, SOPHIA_GRADS, hs, lr_schedule, b1=0.965, b2=0.99, eps=1e-15, wd=0.1, rho=0.04,
@@ -443,14 +464,14 @@ def test_bias_correction_matches_float64_reference(name, adaptive):
   """h_hat = h / (1 - b2^k) after k refreshes, in the update, in r and in clip_fraction."""
   hs = hessians(950, SOPHIA_STEPS, scale=1e-3)
   batch = {"sophia_h": 1}.get(name, 256)
-  kwargs = dict(learning_rate=lr_schedule, hessian_interval=2, bias_correction=True)
+  rho, eps = (0.01, 1e-12) if name == "sophia_h" else (0.04, 1e-15)
+  kwargs = dict(learning_rate=lr_schedule, hessian_interval=2, bias_correction=True, rho=rho)
   if name != "sophia_h":
     kwargs["batch_tokens"] = batch
   if name == "sophia_lambda":
     kwargs.update(block_size=8, adaptive_interval=adaptive, min_interval=1, r_high=0.5)
   tx = slj.get_optimizer(name, **kwargs)
   got, state = run_library(tx, SOPHIA_GRADS, PARAMS0, hs)
-  rho, eps = (0.01, 1e-12) if name == "sophia_h" else (0.04, 1e-15)
   want, intervals, _ = ref_sophia_family(
       PARAMS0, SOPHIA_GRADS, hs, lr_schedule, b1=0.965, b2=0.99, eps=eps, wd=0.1, rho=rho,
       batch=batch, block_size=8 if name == "sophia_lambda" else 1, interval=2,
@@ -482,10 +503,49 @@ def test_bias_correction_clip_fraction_reads_the_corrected_h():
   assert float(slj.optimizers.clip_fraction(plain_state)) == 1.0
 
 
+@pytest.mark.parametrize("name,target", [("sophia", 0.2), ("sophia_h", 0.45),
+                                         ("sophia_lambda", None)])
+def test_rho_auto_matches_float64_reference(name, target):
+  """rho="auto": parameters and rho stepped side by side with the float64 reference of the
+  update rule and the controller (docs/design.md section 3.5)."""
+  steps = 14
+  hs = hessians(1500, steps, scale=1e-3 if name != "sophia_h" else 1.0)
+  grads = [random_flat(1600 + t, scale=1e-2) for t in range(steps)]
+  batch = 1 if name == "sophia_h" else 256
+  kwargs = dict(learning_rate=lr_schedule, hessian_interval=3, rho="auto")
+  if target is not None:
+    kwargs["target_unclipped"] = target
+  if name != "sophia_h":
+    kwargs["batch_tokens"] = batch
+  if name == "sophia_lambda":
+    kwargs["block_size"] = 8
+  tx = slj.get_optimizer(name, **kwargs)
+  params, state = to_jax(PARAMS0), None
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p, e: tx.update(g, s, p, hessian_fn=lambda _: e))
+  got, got_rhos = [], []
+  for t in range(steps):
+    updates, state = step(to_jax(grads[t]), state, params, to_jax(hs[t]))
+    params = optax.apply_updates(params, updates)
+    got.append(flat(params))
+    got_rhos.append(float(slj.optimizers.current_rho(state)))
+  want_rhos = []
+  eps = 1e-12 if name == "sophia_h" else 1e-15
+  want, _, _ = ref_sophia_family(
+      PARAMS0, grads, hs, lr_schedule, b1=0.965, b2=0.99, eps=eps, wd=0.1, rho="auto",
+      batch=batch, block_size=8 if name == "sophia_lambda" else 1, interval=3,
+      bias_correction=name == "sophia_lambda",
+      scales=ref_layer_scales() if name == "sophia_lambda" else None,
+      target=0.3 if target is None else target, rhos=want_rhos)
+  assert_histories_close(got, want)
+  np.testing.assert_allclose(got_rhos, want_rhos, rtol=1e-5)
+  assert max(want_rhos) / min(want_rhos) > 2  # the controller moved rho
+
+
 def test_sophia_lambda_block_size_1_is_sophia():
   hs = hessians(900, 4, scale=1e-5)
   a = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, block_size=1, layer_scale=None,
-                        bias_correction=False,
+                        bias_correction=False, rho=0.04,
                         adaptive_interval=False, hessian_interval=2)
   b = slj.sophia(learning_rate=0.01, batch_tokens=64, hessian_interval=2)
   got_a, _ = run_library(a, SOPHIA_GRADS[:4], PARAMS0, hs)
@@ -562,7 +622,7 @@ def test_adaptive_interval_halves_while_the_ema_warms_up():
   hs = constant_hessians(np.full(num_steps, 1e-5))
   grads = [random_flat(1200 + t, scale=1e-2) for t in range(num_steps)]
   tx = slj.sophia_lambda(learning_rate=1e-3, batch_tokens=64, hessian_interval=8,
-                         bias_correction=False,
+                         bias_correction=False, rho=0.04,
                          min_interval=2, adaptive_interval=True)
   got, state = run_library(tx, grads, PARAMS0, hs)
   want, intervals, refresh_steps = ref_sophia_family(
@@ -609,7 +669,7 @@ def test_inject_hyperparams_learning_rate_changed_at_run_time(bias_correction):
   tx = factory(learning_rate=0.01, batch_tokens=64, weight_decay=0.0,
                rho=lambda count: 0.04 + 0.0 * count, bias_correction=bias_correction)
   reference = slj.sophia_lambda(learning_rate=0.01, batch_tokens=64, weight_decay=0.0,
-                                bias_correction=bias_correction)
+                                bias_correction=bias_correction, rho=0.04)
   params = to_jax(PARAMS0)
   state, ref_state = tx.init(params), reference.init(params)
   hfn = lambda p: jax.tree.map(lambda x: jnp.full_like(x, 1e-5), p)
@@ -756,6 +816,41 @@ def test_nonfinite_gradient_poisons_by_default_and_is_skipped_on_request():
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("name", ["sophia", "sophia_lambda"])
+def test_one_non_finite_hessian_estimate_costs_one_refresh(name, bad):
+  """A quadratic loss 0.5 sum d theta^2 with its exact curvature d as the estimate, except
+  at one refresh whose estimate has a +inf, -inf or NaN entry: the state stays finite, the
+  skipped refresh is counted, and the loss keeps falling as without the bad estimate."""
+  curvature = to_jax(random_flat(1700, scale=1.0, positive=True))
+  loss = lambda p: sum(0.5 * jnp.sum(d * x * x) for d, x in
+                       zip(jax.tree.leaves(curvature), jax.tree.leaves(p)))
+  broken = jax.tree.map(lambda d: d.at[(0,) * d.ndim].set(bad), curvature)
+  kwargs = dict(learning_rate=0.01, batch_tokens=1, hessian_interval=5, weight_decay=0.0)
+  if name == "sophia":
+    kwargs["rho"] = "auto"
+
+  def train(bad_step):
+    tx = slj.get_optimizer(name, **kwargs)
+    params = to_jax(PARAMS0)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, e: tx.update(jax.grad(loss)(p), s, p, hessian_fn=lambda _: e))
+    losses = []
+    for t in range(40):
+      updates, state = step(params, state, broken if t == bad_step else curvature)
+      params = optax.apply_updates(params, updates)
+      losses.append(float(loss(params)))
+    return losses, state
+
+  losses, state = train(bad_step=10)
+  clean, _ = train(bad_step=-1)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+  assert int(slj.optimizers.hessian_skipped(state)) == 1
+  assert int(slj.optimizers.hessian_interval_and_count(state)[1]) == 7  # 8 refreshes, one out
+  assert all(b < a for a, b in zip(losses[10:], losses[11:]))  # falling after the bad one
+  assert losses[-1] < 0.75 * losses[10] and losses[-1] == pytest.approx(clean[-1], rel=0.05)
+
+
 # ------------------------------------------------------------------------------------------
 # Registry and bad input
 # ------------------------------------------------------------------------------------------
@@ -810,6 +905,15 @@ BAD_INPUTS = [
     ("adamw", {"weight_decay": -0.1}, "weight_decay"),
     ("sophia", {"batch_tokens": 8, "rho": 0.0}, "rho"),
     ("sophia_h", {"rho": -0.01}, "rho"),
+    ("sophia", {"batch_tokens": 8, "rho": "automatic"}, "rho"),
+    ("sophia_lambda", {"batch_tokens": 8, "rho": ""}, "rho"),
+    ("sophia_h", {"rho": 0.01, "target_unclipped": 0.3}, "target_unclipped"),
+    ("sophia_lambda", {"batch_tokens": 8, "rho": 0.2, "target_unclipped": 0.3},
+     "target_unclipped"),
+    ("sophia", {"batch_tokens": 8, "rho": "auto", "target_unclipped": 0.0}, "target_unclipped"),
+    ("sophia_lambda", {"batch_tokens": 8, "target_unclipped": 1.0}, "target_unclipped"),
+    ("sophia_h", {"rho": "auto", "target_unclipped": -0.2}, "target_unclipped"),
+    ("adamw", {"target_unclipped": 0.3}, "target_unclipped"),
     ("sophia_lambda", {"batch_tokens": 8, "block_size": 0}, "block_size"),
     ("sophia_lambda", {"batch_tokens": 8, "block_size": 2.5}, "block_size"),
     ("sophia_lambda", {"batch_tokens": 8, "min_interval": 20, "max_interval": 10},

@@ -6,6 +6,8 @@ is sharded like that parameter on each dimension the mesh still divides, both af
 and after jitted updates; and the sharded result equals the single-device one to 1e-6.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,14 +81,19 @@ def check_state_sharding(state, mesh):
   return checked
 
 
-@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS) + ["sophia_lambda+bias_correction"])
+@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS) + [
+    "sophia_lambda+bias_correction=false", "sophia_lambda+rho=0.04", "sophia+rho=\"auto\"",
+    "sophia_h+rho=\"auto\""])
 def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
+  """Also with the rho controller (sophia_lambda's default, and rho="auto" for the others):
+  its fractions are exact integer counts, so rho follows the single-device trajectory."""
   name, _, option = name.partition("+")
   kwargs = {"batch_tokens": 256} if name in ("sophia", "sophia_lambda") else {}
   if optimizers.OPTIMIZERS[name].second_order:
     kwargs["hessian_interval"] = 2
   if option:
-    kwargs[option] = True
+    key, _, value = option.partition("=")
+    kwargs[key] = json.loads(value)
   tx = slj.get_optimizer(name, learning_rate=1e-2, **kwargs)
   params_np = arrays(0, 1.0)
   grads_np = [arrays(10 + t, 1e-2) for t in range(3)]
@@ -108,7 +115,7 @@ def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
     return params, initial_state, state
 
   device = jax.devices()[0]
-  single, _, _ = run(lambda k, v: jax.device_put(v, device))
+  single, _, single_state = run(lambda k, v: jax.device_put(v, device))
   sharded, initial_state, final_state = run(
       lambda k, v: jax.device_put(v, NamedSharding(mesh, LAYOUT[k][1])))
 
@@ -119,6 +126,9 @@ def test_sharded_matches_single_device_and_state_follows_params(name, mesh):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   assert check_state_sharding(initial_state, mesh) >= len(LAYOUT)
   assert check_state_sharding(final_state, mesh) >= len(LAYOUT)
+  if optimizers.OPTIMIZERS[name].second_order:
+    assert float(optimizers.current_rho(final_state)) == pytest.approx(
+        float(optimizers.current_rho(single_state)), rel=1e-6)
 
 
 def test_explicit_sharding_mode(mesh):

@@ -107,6 +107,10 @@ CPU_LONG_TUNED_REGIME: dict[str, dict[str, Any]] = {
 
 # The papers' shared hyperparameters ("same hyperparameters" for every optimizer).
 PAPER_OPTIMIZER_KWARGS: dict[str, Any] = {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
+# The papers' fixed rho for the GNB Sophia family, pinned: the library's Sophia-Lambda
+# adjusts rho itself by default (rho="auto"), which the papers did not.
+PAPER_RHO_KWARGS: dict[str, dict[str, Any]] = {"sophia": {"rho": 0.04},
+                                               "sophia_lambda": {"rho": 0.04}}
 PAPER_LR = 3e-4
 # Default token directory of the paper protocols: `slj tokenize 'fineweb/*.parquet' fineweb`.
 PAPER_DATA = "fineweb"
@@ -295,14 +299,17 @@ def cpu_long(seeds: int = 3, optimizers: Sequence[str] | None = None,
 
 
 def paper(seeds: int = 1, optimizers: Sequence[str] | None = None, **overrides) -> list[RunSpec]:
-  """The papers' setting, the same hyperparameters for every optimizer."""
-  return _per_optimizer("paper", paper_fields(**overrides), seeds, optimizers)
+  """The papers' setting, the same hyperparameters for every optimizer (and the papers'
+  rho 0.04 for Sophia-G and Sophia-Lambda, PAPER_RHO_KWARGS)."""
+  return _per_optimizer("paper", paper_fields(**overrides), seeds, optimizers,
+                        regime=PAPER_RHO_KWARGS)
 
 
 def paper_short(seeds: int = 1, optimizers: Sequence[str] | None = None,
                 **overrides) -> list[RunSpec]:
-  """The papers' hyperparameters at about one GPU-hour in total."""
-  return _per_optimizer("paper-short", paper_short_fields(**overrides), seeds, optimizers)
+  """The papers' hyperparameters at about one GPU-hour in total (rho as in `paper`)."""
+  return _per_optimizer("paper-short", paper_short_fields(**overrides), seeds, optimizers,
+                        regime=PAPER_RHO_KWARGS)
 
 
 def default_learning_rate(optimizer: str, model: str = "qwen-cpu") -> float:

@@ -308,6 +308,31 @@ class Checkpointer:
     params = params_from_names(abstract_state.params, restored.params)
     return unflatten_state(rest, dict(restored.state))._replace(params=params)
 
+  def check_layout(self, step: int, meta: dict[str, Any], abstract_state: Any) -> None:
+    """Refuse, in one line, to resume a checkpoint whose state holds other leaves than this
+    version's (`meta["keys"]` against the flat keys of `abstract_state`): a version that
+    added or removed an optimizer-state field wrote it. Restoring would fail inside orbax;
+    refusing here leaves every checkpoint in place."""
+    saved = meta.get("keys")
+    if saved is None:
+      return
+    state = abstract_state if not _has_params_item(self.directory, step) else \
+        _without_params(abstract_state)
+    expected = _flat_keys(state)
+    if list(saved) == expected:
+      return
+    path = lambda key: key.split(".", 1)[-1]  # without the index, which later leaves shift
+    saved_paths, expected_paths = {path(k) for k in saved}, {path(k) for k in expected}
+    missing = [path(k) for k in expected if path(k) not in saved_paths]
+    extra = [path(k) for k in saved if path(k) not in expected_paths]
+    difference = (f"this version's state has {missing[0]!r}, which it lacks" if missing else
+                  f"it holds {extra[0]!r}, which this version's state lacks" if extra else
+                  "its leaves are in another order")
+    raise ValueError(
+        f"refusing to resume from {self.directory} (step {step}): it was written by another "
+        f"version of the optimizer state ({difference}); resume it with that version, or "
+        "use another --out")
+
   def check_config(self, step: int, config: dict[str, Any],
                    saved: dict[str, Any] | None = None) -> None:
     """Refuse to resume a checkpoint written with a different model/optimizer/run config

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -41,7 +42,8 @@ from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer, steps_on_disk
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
-from sophia_lambda_jax.train.metrics import (MetricsLogger, finite_or_none, read_metrics,
+from sophia_lambda_jax.train.metrics import (UNCLIPPED_BAND, MetricsLogger, finite_or_none,
+                                             in_unclipped_band, read_metrics,
                                              unclipped_fractions)
 from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -67,7 +69,8 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule):
 
 
 def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
-  """Refresh interval, refresh count and clipped fraction of a Sophia-family state.
+  """Refresh interval, refresh count, refreshes skipped for a non-finite estimate, rho and
+  clipped fraction of a Sophia-family state.
 
   roles: optional pytree like params of role names (``labels.label_params``); the clipped
   fraction is then also reported per role as "clip_fraction/<role>" (the tied embedding is
@@ -83,6 +86,10 @@ def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
     out["hessian_refreshes"] = jnp.asarray(count, jnp.int32)
     out["hessian_relative_change"] = jnp.asarray(
         optimizers.hessian_relative_change(opt_state), jnp.float32)
+    out["hessian_skipped"] = jnp.asarray(optimizers.hessian_skipped(opt_state), jnp.int32)
+  rho = optimizers.current_rho(opt_state)
+  if rho is not None:
+    out["rho"] = jnp.asarray(rho, jnp.float32)
   fractions = optimizers.clip_fraction(opt_state, roles)
   if fractions is None:
     return out
@@ -390,6 +397,8 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
     _check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
 
   program = TrainProgram(config, model, mesh)
+  if resume.step is not None:
+    checkpointer.check_layout(resume.step, resume.meta, program.abstract_state)
   start_step, state = _restore(checkpointer, resume, program)
   if process == 0:
     config.to_json(out / "config.json")
@@ -515,6 +524,8 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
                      last_val, wall_start)
   if is_main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if summary["unclipped_in_band"] is False:
+    _say(_out_of_band_warning(config, summary["unclipped_fraction"]))
   return summary
 
 
@@ -535,6 +546,21 @@ def _interrupted(directory: Path, signum: int, abandoned: bool = False) -> str:
 def _abandon(directory: Path, signum: int) -> None:
   """The watchdog of `interrupts.deferred`: the run did not stop in time; end it now."""
   interrupts.exit_now(f"slj: {_interrupted(directory, signum, abandoned=True)}", signum)
+
+
+def _out_of_band_warning(config: TrainConfig, unclipped: float) -> str:
+  """The one line a Sophia-family run outside the 10-50 % unclipped band ends with."""
+  from sophia_lambda_jax import optimizers
+
+  rho = config.optimizer_kwargs.get("rho", inspect.signature(
+      optimizers.resolve(config.optimizer).factory).parameters["rho"].default)
+  side = ("sign momentum: rho too small" if unclipped < UNCLIPPED_BAND[0] else
+          "the clip rarely acts: rho too large")
+  hint = ("the rho controller did not reach its target in this run" if rho == "auto" else
+          f"rho {rho} is fixed: pass --rho auto, or calibrate rho for this setting")
+  return (f"warning: {100 * unclipped:.1f} % of coordinates unclipped over the second half, "
+          f"outside the {100 * UNCLIPPED_BAND[0]:.0f}-{100 * UNCLIPPED_BAND[1]:.0f} % band "
+          f"Sophia is tuned for ({side}); {hint}")
 
 
 def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
@@ -627,9 +653,12 @@ def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
   if "hessian_interval" in metrics:
     refreshed = bool(metrics["refresh"])
     record.update(hessian_interval=int(metrics["hessian_interval"]),
-                  hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed)
+                  hessian_refreshes=int(metrics["hessian_refreshes"]), refresh=refreshed,
+                  hessian_skipped=int(metrics["hessian_skipped"]))
     if refreshed:
       record["hessian_relative_change"] = float(metrics["hessian_relative_change"])
+  if "rho" in metrics:
+    record["rho"] = float(metrics["rho"])
   record.update({k: float(v) for k, v in metrics.items() if k.startswith("clip_fraction")})
   return record
 
@@ -663,6 +692,9 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
           "mean_over_other": float(np.mean(times) / np.mean(other_t)),
       }
   unclipped = unclipped_fractions(records, config.steps)
+  rhos = [r["rho"] for r in records if isinstance(r.get("rho"), (int, float))]
+  skipped = [r["hessian_skipped"] for r in records
+             if isinstance(r.get("hessian_skipped"), int)]
   device_peak = None
   stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
@@ -689,8 +721,13 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "opt_state_bytes": _tree_bytes(abstract_opt),
       "hessian_overhead": overhead,
       # 1 - clip fraction over the second half of training (Sophia family; see metrics.py).
-      "unclipped_fraction": unclipped.pop("all", None),
-      "unclipped_fraction_by_role": unclipped or None,
+      "unclipped_fraction": unclipped.get("all"),
+      "unclipped_fraction_by_role": {k: v for k, v in unclipped.items() if k != "all"} or None,
+      "unclipped_in_band": in_unclipped_band(unclipped.get("all")),
+      # rho of the last update (the controller's with rho "auto"; Sophia family).
+      "final_rho": rhos[-1] if rhos else None,
+      # Hessian refreshes skipped because their estimate was not finite.
+      "hessian_skipped": skipped[-1] if skipped else None,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "backend": jax.default_backend(),

@@ -4,9 +4,10 @@
 
 - a train record per optimizer step: {"step", "loss", "lr", "grad_norm", "step_time_s",
   "tokens_per_s", "refresh"} plus, for the Sophia family, "hessian_interval",
-  "hessian_refreshes", "clip_fraction" and "clip_fraction/<role>" per parameter role (step
-  is 1-based: the record of step s describes the update that produced parameters after s
-  steps);
+  "hessian_refreshes", "hessian_skipped" (refreshes skipped for a non-finite estimate),
+  "rho" (the rho of this update: fixed, or the rho controller's), "clip_fraction" and
+  "clip_fraction/<role>" per parameter role (step is 1-based: the record of step s
+  describes the update that produced parameters after s steps);
 - an eval record every eval_every steps: {"step", "val_loss"}.
 
 On a restart the file is cut back to the restored checkpoint's step, so it never holds two
@@ -119,7 +120,7 @@ class MetricsLogger:
     elif step % self.log_every == 0 or step == self.total_steps:
       fields = " ".join(f"{k}={_format(record[k])}" for k in
                         ("loss", "lr", "grad_norm", "tokens_per_s", "hessian_interval",
-                         "clip_fraction") if record.get(k) is not None)
+                         "rho", "clip_fraction") if record.get(k) is not None)
       print(f"step {step}/{self.total_steps} {fields}", file=self.stream, flush=True)
 
   def log_eval(self, step: int, val_loss: float, batches: int | None = None) -> None:

@@ -77,7 +77,9 @@ def test_paper_protocols_use_the_papers_hyperparameters_for_everyone(name):
     assert s.fields["model"] == "qwen-134m"
     assert s.fields["seq_len"] == 2048
     assert s.fields["learning_rate"] == 3e-4
-    assert s.fields["optimizer_kwargs"] == {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1}
+    # The papers' fixed rho 0.04 for the GNB pair (Sophia-Lambda's default is "auto").
+    rho = {"rho": 0.04} if s.optimizer in ("sophia", "sophia_lambda") else {}
+    assert s.fields["optimizer_kwargs"] == {"b1": 0.9, "b2": 0.95, "weight_decay": 0.1, **rho}
     assert s.fields["batch_size"] % s.fields["grad_accum"] == 0
   assert len({_tokens(s) for s in specs}) == 1
 
@@ -243,6 +245,15 @@ def test_unknown_train_config_field_is_named(tmp_path):
   spec = protocols.cpu(optimizers=["adamw"], no_such_field=1)[0]
   with pytest.raises(ValueError, match="no_such_field"):
     spec.train_config(tmp_path)
+
+
+def test_rho_auto_can_be_set_for_every_run():
+  """`slj compare --set 'optimizer_kwargs={"rho": "auto"}'` replaces the calibrated rho."""
+  specs = protocols.cpu(1, ["sophia", "sophia_lambda"], optimizer_kwargs={"rho": "auto"})
+  assert [s.fields["optimizer_kwargs"] for s in specs] == [
+      {"rho": "auto", "bias_correction": True}] * 2
+  for spec in specs:
+    spec.train_config("unused")  # validated like any other value
 
 
 def test_spec_json_round_trip():

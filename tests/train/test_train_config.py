@@ -35,6 +35,21 @@ def test_json_config_file_is_overridden_by_flags(tmp_path):
   assert TrainConfig.from_json(tmp_path / "again.json") == config
 
 
+def test_rho_auto_and_its_target_pass_the_registry_s_validation(tmp_path):
+  config = config_from_argv(["--optimizer", "sophia", "--rho", "auto",
+                             "--target-unclipped", "0.25"])
+  assert config.optimizer_kwargs == {"rho": "auto", "target_unclipped": 0.25}
+  json_config = tmp_path / "run.json"
+  json_config.write_text(json.dumps({"optimizer": "sophia_h",
+                                     "optimizer_kwargs": {"rho": "auto"}}))
+  assert config_from_argv(["--config", str(json_config)]).optimizer_kwargs == {"rho": "auto"}
+  with pytest.raises(ValueError, match="rho must be a number in .* or 'auto'"):
+    TrainConfig(optimizer="sophia", optimizer_kwargs={"rho": "automatic"})
+  with pytest.raises(ValueError, match="target_unclipped .* needs rho='auto'"):
+    TrainConfig(optimizer="sophia_lambda", optimizer_kwargs={"rho": 0.2,
+                                                             "target_unclipped": 0.3})
+
+
 @pytest.mark.parametrize("values, field", [
     ({"steps": 0}, "steps"),
     ({"batch_size": 10, "grad_accum": 3}, "grad_accum"),

@@ -1,5 +1,6 @@
-"""Sophia-family diagnostics of a training run: the clip fraction per parameter role in
-metrics.jsonl, the unclipped fraction of the second half in summary.json, and the
+"""Sophia-family diagnostics of a training run: the clip fraction per parameter role and
+rho in metrics.jsonl, the unclipped fraction of the second half, the final rho and the
+band verdict in summary.json (a warning line when out of band), and the
 `hessian_estimator` field that swaps the curvature estimator of one optimizer."""
 
 import json
@@ -10,10 +11,11 @@ from sophia_lambda_jax.train import TrainConfig, run_training
 from sophia_lambda_jax.train.metrics import read_metrics, unclipped_fractions
 
 
-def _config(token_data, out, **kw):
+def _config(token_data, out, optimizer="sophia_lambda", optimizer_kwargs=(), **kw):
   return TrainConfig(model="qwen-tiny", data=str(token_data), steps=4, batch_size=2,
                      seq_len=16, eval_batches=1, tensorboard=False, out=str(out),
-                     optimizer="sophia_lambda", optimizer_kwargs={"hessian_interval": 2},
+                     optimizer=optimizer,
+                     optimizer_kwargs={"hessian_interval": 2, **dict(optimizer_kwargs)},
                      compute_dtype="float32", **kw)
 
 
@@ -32,6 +34,21 @@ def test_clip_fraction_by_role_and_unclipped_summary(token_data, tmp_path):
   assert set(summary["unclipped_fraction_by_role"]) == roles
   assert json.loads((tmp_path / "summary.json").read_text())["unclipped_fraction"] == \
       pytest.approx(summary["unclipped_fraction"])
+  # Sophia-Lambda's default rho="auto": the controller's rho of every update is logged.
+  rhos = [r["rho"] for r in records]
+  assert rhos[0] == pytest.approx(0.04) and len(set(rhos)) == len(rhos)
+  assert summary["final_rho"] == rhos[-1]
+  assert summary["hessian_skipped"] == 0 and {r["hessian_skipped"] for r in records} == {0}
+
+
+def test_a_fixed_rho_out_of_the_band_ends_with_one_warning_line(token_data, tmp_path, capsys):
+  summary = run_training(_config(token_data, tmp_path, optimizer="sophia",
+                                 optimizer_kwargs={"rho": 1e-4}))
+  assert summary["unclipped_fraction"] < 0.1 and summary["unclipped_in_band"] is False
+  assert summary["final_rho"] == pytest.approx(1e-4)
+  lines = [line for line in capsys.readouterr().err.splitlines() if "band" in line]
+  assert len(lines) == 1 and lines[0].startswith("warning: ")
+  assert "rho 0.0001 is fixed: pass --rho auto" in lines[0]
 
 
 def test_unclipped_fractions_use_the_second_half_only():

@@ -338,6 +338,26 @@ def test_a_deleted_metrics_file_is_said_and_counted_in_the_summary(finished, tmp
   assert json.loads((out / "summary.json").read_text())["logged_steps"] == 0
 
 
+def test_a_checkpoint_of_another_optimizer_state_layout_is_refused_and_kept(finished, tmp_path,
+                                                                          capsys, monkeypatch):
+  """A checkpoint written before the optimizer state gained a field (here: without rho and
+  log_rho, as before the rho controller) is refused in one line, before any restore, and
+  every checkpoint stays in place."""
+  from sophia_lambda_jax.train.checkpoint import Checkpointer
+
+  out = _copy(finished, tmp_path)
+  (out / "summary.json").unlink()
+  read_meta = Checkpointer.read_meta
+  monkeypatch.setattr(Checkpointer, "read_meta", lambda self, step: dict(
+      read_meta(self, step), keys=[k for k in read_meta(self, step)["keys"]
+                                   if not k.endswith("rho")]))
+  before = sorted(p.name for p in (out / "checkpoints").iterdir())
+  assert cli.main(_argv(_data_of(finished), out)) == 1
+  _one_line(capsys.readouterr().err, "refusing to resume", "another version of the optimizer "
+            "state", "rho'")
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before == ["2", "4"]
+
+
 # ----------------------------------------------------------------------------- data, reruns
 def test_resume_on_replaced_data_is_refused(finished, corpus, tmp_path, capsys):
   out = _copy(finished, tmp_path)

@@ -158,3 +158,43 @@ def test_missing_arguments_and_bad_hessian_fn():
 def test_invalid_arguments(kwargs, named):
   with pytest.raises(ValueError, match=named):
     transforms.hessian_ema(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_non_finite_estimate_is_skipped_for_one_refresh(bad, adaptive):
+  """One estimate with a +inf, -inf or NaN entry never enters h: that refresh is skipped
+  (h, k, r and the interval as before, counted in `skipped`), the next one comes one
+  interval later and h is then the EMA of the finite estimates alone."""
+  params = {"w": jnp.zeros((2, 8)), "b": jnp.zeros((3,))}
+  rng = np.random.default_rng(5)
+  estimates = [{"w": rng.uniform(size=(2, 8)), "b": rng.uniform(size=3)} for _ in range(12)]
+  estimates[3]["w"][1, 5] = bad  # the second refresh (interval 3)
+  tx = transforms.hessian_ema(b2=0.7, block_size=4, hessian_interval=3,
+                              adaptive_interval=adaptive, min_interval=3, max_interval=3,
+                              bias_correction=True)
+  hs, states = run(tx, [jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), e)
+                        for e in estimates], params)
+  assert [int(s.skipped) for s in states] == [0, 0, 0] + [1] * 9
+  assert [int(s.refresh_count) for s in states] == [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+  assert [int(s.next_refresh) for s in states][:7] == [3, 3, 3, 6, 6, 6, 9]
+  assert float(states[3].relative_change) == float(states[2].relative_change)
+  h = {"w": np.zeros((2, 2)), "b": np.zeros(3)}
+  k = 0
+  for t in range(12):
+    if t % 3 == 0 and t != 3:
+      h = {"w": 0.7 * h["w"] + 0.3 * estimates[t]["w"].reshape(2, 2, 4).mean(-1),
+           "b": 0.7 * h["b"] + 0.3 * estimates[t]["b"]}
+      k += 1
+    for key in h:
+      assert np.all(np.isfinite(hs[t][key]))
+      np.testing.assert_allclose(hs[t][key], h[key] / (1 - 0.7 ** k), rtol=1e-5)
+
+
+def test_an_estimate_whose_block_mean_overflows_is_skipped():
+  params = {"w": jnp.zeros((2, 4))}
+  big = {"w": jnp.full((2, 4), 3e38, jnp.float32)}  # finite, but its block sum is not
+  tx = transforms.hessian_ema(b2=0.0, block_size=4, hessian_interval=1)
+  hs, states = run(tx, [{"w": jnp.ones((2, 4))}, big, {"w": jnp.full((2, 4), 2.0)}], params)
+  assert [float(h["w"][0, 0]) for h in hs] == [1.0, 1.0, 2.0]
+  assert int(states[-1].skipped) == 1
