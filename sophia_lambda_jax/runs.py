@@ -317,8 +317,9 @@ def cli_eval(argv: list[str]) -> int:
   parser.add_argument("path", help="run directory or HuggingFace Qwen2 directory")
   parser.add_argument("--data", help="prepared data directory or 'builtin' (default: the "
                       "run's; required for a HuggingFace directory)")
-  parser.add_argument("--batches", type=int, help="validation batches (default: the run's "
-                      "eval_batches, 8 otherwise)")
+  parser.add_argument("--batches", type=int, help="validation batches (default: as the run's "
+                      "final evaluation, the whole split when it had final_eval_batches null; "
+                      "8 for a HuggingFace directory)")
   parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the "
                       "run's, 8 otherwise)")
   parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, "
@@ -349,7 +350,11 @@ def cli_eval(argv: list[str]) -> int:
                        f"{config.max_seq_len} tokens")
     batches = data.TokenBatches(data_dir, "val", batch_size, seq_len,
                                 vocab_size=config.vocab_size, compact_vocab=compact)
-    result = evaluate(loaded.model, batches, args.batches or run.get("eval_batches") or 8)
+    # The run's own final evaluation: final_eval_batches (None: the whole split; runs made
+    # before it existed ended with eval_batches).
+    own = run.get("final_eval_batches", run.get("eval_batches")) if run else 8
+    result = evaluate(loaded.model, batches,
+                      args.batches or (batches.num_batches if own is None else own))
   except (ValueError, FileNotFoundError) as e:
     print(f"slj eval: error: {e}", file=sys.stderr)
     return 2

@@ -34,7 +34,7 @@ def _train(out: Path, data_dir: Path, **model_overrides) -> Path:
   train.run_training(train.TrainConfig(
       model="qwen-tiny", model_overrides=model_overrides, optimizer="adamw",
       learning_rate=1e-2, steps=STEPS, batch_size=4, seq_len=32, data=str(data_dir),
-      out=str(out), eval_every=STEPS, eval_batches=2, checkpoint_every=0,
+      out=str(out), eval_every=STEPS, eval_batches=2, final_eval_batches=2, checkpoint_every=0,
       compute_dtype="float32", tensorboard=False, mesh="data=1,fsdp=1"))
   return out
 

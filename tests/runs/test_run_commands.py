@@ -2,11 +2,12 @@
 as one line on stderr with exit status 2."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from sophia_lambda_jax import cli, train
+from sophia_lambda_jax import cli, data, train
 
 
 def _one_line_error(capsys, argv, expected):
@@ -101,3 +102,19 @@ def test_generate_and_eval_a_hf_directory(capsys, tmp_path, corpus):
   result = json.loads(capsys.readouterr().out)
   # An untrained model is close to uniform over the vocabulary.
   assert result["tokens"] == 32 and abs(result["loss"] - np.log(data.QWEN_VOCAB_SIZE)) < 0.5
+
+
+def test_eval_defaults_to_the_runs_own_final_evaluation(capsys, compact_run, tmp_path):
+  assert cli.main(["eval", str(compact_run)]) == 0
+  result = json.loads(capsys.readouterr().out)
+  summary = json.loads((compact_run / "summary.json").read_text())
+  assert result["batches"] == summary["final_val_batches"] == 2
+  np.testing.assert_allclose(result["loss"], summary["final_val_loss"], rtol=1e-5)
+  # final_eval_batches null: the whole validation split.
+  whole = tmp_path / "whole"
+  shutil.copytree(compact_run, whole)
+  config = json.loads((whole / "config.json").read_text())
+  (whole / "config.json").write_text(json.dumps(dict(config, final_eval_batches=None)))
+  assert cli.main(["eval", str(whole)]) == 0
+  split = data.TokenBatches(config["data"], "val", 4, 32, vocab_size=1024).num_batches
+  assert json.loads(capsys.readouterr().out)["batches"] == split > 2
