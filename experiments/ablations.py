@@ -22,8 +22,10 @@ is the shared `baseline` run of every family:
                    `hessian_estimator` training field; B becomes 1 as in Sophia-H).
 
 Every variant uses the same token budget, learning rate (Sophia-Lambda's default) and
-seeds, and the table gives each variant's unclipped fraction: a variant outside the 10-50 %
-band is marked, since it then tests sign momentum rather than the second-order update.
+seeds. The table gives each variant's loss minus the default's, paired by seed, ± its
+standard error, with a verdict only beyond 2 standard errors (`tables.difference`, as the
+comparison tables), and its unclipped fraction: a variant outside the 10-50 % band is
+marked, since it then tests sign momentum rather than the second-order update.
 Results: `<out>/ablations.md`, `<out>/ablations.json`, `<out>/ablations.png`, and the run
 directories, restartable like `slj compare` (finished runs are skipped).
 """
@@ -90,8 +92,9 @@ def _describe(label: str) -> str:
 
 
 def ablation_report(root: Path) -> dict:
-  """Per family: val loss mean +- std, vs baseline, opt-state bytes, overhead, and the
-  number of Hessian refreshes (from the last metrics record that has it)."""
+  """Per family: val loss mean +- std, the difference to the default with its standard error
+  (`tables.difference`: paired by seed), opt-state bytes, overhead, and the number of
+  Hessian refreshes (from the last metrics record that has it)."""
   from sophia_lambda_jax.compare import tables
 
   plan, records = tables.load_results(root)
@@ -102,10 +105,12 @@ def ablation_report(root: Path) -> dict:
               if isinstance(m.get("hessian_refreshes"), (int, float))]
     if counts:
       refreshes.setdefault(r.spec.label, []).append(counts[-1])
-  base = aggs.get("baseline")
+  diffs = {label: tables.difference(aggs, label, "baseline") for label in aggs
+           if label != "baseline" and "baseline" in aggs}
   lines = ["# Sophia-Lambda ablations (cpu setting)", "",
-           "Validation loss: final evaluation, mean ± sample std over seeds. 'vs default' is "
-           "the difference of means (negative = the variant is better)."]
+           "Validation loss: final evaluation, mean ± sample std over seeds. "
+           + tables.difference_caption([d for d in diffs.values() if d is not None],
+                                       "vs default", "the default", "ablations.json")]
   out = {}
   for family in FAMILIES:
     labels = [l for l, a in aggs.items() if family in a["group"].split(",")]
@@ -114,21 +119,20 @@ def ablation_report(root: Path) -> dict:
     rows = []
     for label in labels:
       a = aggs[label]
-      v = a["final_val_loss"]
-      diff = ("—" if label == "baseline" or base is None or v.mean is None
-              or base["final_val_loss"].mean is None
-              else f"{v.mean - base['final_val_loss'].mean:+.4f}")
+      diff = diffs.get(label)
       n_ref = tables.stat(refreshes.get(label, []))
       oh = a["hessian_overhead"]
-      rows.append([_describe(label), v.fmt(4), diff, tables.unclipped_cell(a),
-                   a["opt_state_bytes"].fmt(3, 1e-6),
+      rows.append([_describe(label), a["final_val_loss"].fmt(4),
+                   "—" if diff is None else tables.difference_cell(diff, 4),
+                   tables.unclipped_cell(a), a["opt_state_bytes"].fmt(3, 1e-6),
                    "n/a" if n_ref.mean is None else f"{n_ref.mean:.1f}",
                    "n/a" if oh.mean is None else f"{100 * oh.mean:.1f}%",
                    a["tokens_per_s"].fmt(0), f"{a['finished']}/{a['runs']}"])
     lines += ["", f"## {family}", "", tables._md_table(
         ["Variant", "Val loss", "vs default", "Unclipped", "Opt-state MB", "Hessian refreshes",
          "Hessian overhead", "tokens/s", "Runs"], rows)]
-    out[family] = {l: tables._jsonable(aggs[l]) for l in labels}
+    out[family] = {l: tables._jsonable({**aggs[l], "vs_default": diffs.get(l)})
+                   for l in labels}
   markdown = "\n".join(lines) + "\n"
   return {"families": out, "markdown": markdown}
 

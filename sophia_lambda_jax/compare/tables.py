@@ -327,23 +327,21 @@ def default_target(aggs: dict[str, dict]) -> float | None:
   return None if label is None else aggs[label]["final_val_loss"].mean
 
 
-def versus_adamw(aggs: dict[str, dict], label: str) -> dict | None:
-  """`label`'s final validation loss minus AdamW's (negative = better), its standard error
-  and a verdict: 'better'/'worse' beyond 2 standard errors, else 'within noise' ('single
-  seed' when there is no spread to measure).
+def difference(aggs: dict[str, dict], label: str, base: str) -> dict | None:
+  """`label`'s final validation loss minus `base`'s (negative = lower than `base`), its
+  standard error and a verdict: 'better'/'worse' beyond 2 standard errors, else 'within
+  noise' ('single seed' when there is no spread to measure). None when either has no loss.
 
   Runs of one seed share the initialisation and the data order, so where both have at
   least two seeds in common the difference is paired: the mean over common seeds of the
   per-seed differences, with SE = their sample std / sqrt(n) ("paired": True, the per-seed
   differences in "by_seed"). Otherwise the difference of means with SE = sqrt(s_a^2 / n_a +
-  s_b^2 / n_b)."""
-  base = _label_of(aggs, "adamw")
-  if base is None or base == label:
-    return None
+  s_b^2 / n_b) (docs/design.md section 8)."""
   a, b = aggs[label]["final_val_loss"], aggs[base]["final_val_loss"]
   if a.mean is None or b.mean is None:
     return None
-  ours, theirs = aggs[label]["final_val_loss_by_seed"], aggs[base]["final_val_loss_by_seed"]
+  ours = aggs[label].get("final_val_loss_by_seed") or {}
+  theirs = aggs[base].get("final_val_loss_by_seed") or {}
   common = sorted(seed for seed in ours if seed in theirs
                   and ours[seed] is not None and theirs[seed] is not None)
   if len(common) >= 2:
@@ -360,6 +358,65 @@ def versus_adamw(aggs: dict[str, dict], label: str) -> dict | None:
   if abs(out["diff"]) > 2 * out["se"]:
     out["verdict"] = "better" if out["diff"] < 0 else "worse"
   return out
+
+
+def versus_adamw(aggs: dict[str, dict], label: str) -> dict | None:
+  """`difference` of `label` to the configuration that stands for AdamW (None for AdamW
+  itself, or when there is none)."""
+  base = _label_of(aggs, "adamw")
+  if base is None or base == label:
+    return None
+  return difference(aggs, label, base)
+
+
+def difference_cell(diff: dict, digits: int = 3) -> str:
+  """A `difference` as a table cell: '+0.065 ± 0.039 (within noise)', '+0.065 (single
+  seed)'."""
+  if diff["se"] is None:
+    return f"{diff['diff']:+.{digits}f} (single seed)"
+  return f"{diff['diff']:+.{digits}f} ± {diff['se']:.{digits}f} ({diff['verdict']})"
+
+
+def _two_se_coverage(dof: int) -> float:
+  """P(|T| < 2) for Student's t with `dof` degrees of freedom: what '2 standard errors' of
+  a mean over dof + 1 paired seeds covers (Simpson's rule on the density)."""
+  log_norm = (math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)
+              - 0.5 * math.log(dof * math.pi))
+
+  def density(x):
+    return math.exp(log_norm - (dof + 1) / 2 * math.log1p(x * x / dof))
+
+  n, h = 200, 2.0 / 200
+  total = density(0.0) + density(2.0) + sum((4 if i % 2 else 2) * density(i * h)
+                                             for i in range(1, n))
+  return 2 * total * h / 3
+
+
+def difference_caption(diffs: Sequence[dict], column: str, base: str,
+                       json_file: str = RESULTS_JSON) -> str:
+  """What a column of `difference`s says: `column` is its header, `base` what it is measured
+  against ('AdamW', 'the default'), `json_file` the file that holds the per-seed values."""
+  paired = [d for d in diffs if d.get("paired")]
+  ns = sorted({d["n"] for d in paired})
+  text = (f"'{column}' is this configuration's loss minus {base}'s (negative = lower than "
+          f"{base}). ")
+  if paired:
+    text += ("Runs of one seed share initialisation and data order, so it is the mean of the "
+             "per-seed differences ± its standard error (sample std of the differences / "
+             f"sqrt(n)); per-seed values are in {json_file}. ")
+    if len(ns) == 1:
+      dof = ns[0] - 1
+      text += (f"A verdict ('better'/'worse') is given only beyond 2 standard errors: with "
+               f"n = {ns[0]} seeds, ± 2 standard errors covers about "
+               f"{100 * _two_se_coverage(dof):.0f} % (Student's t, {dof} degree"
+               f"{'s' if dof > 1 else ''} of freedom), not 95 %.")
+    else:
+      text += ("A verdict ('better'/'worse') is given only beyond 2 standard errors (an "
+               "interval of Student's t with n - 1 degrees of freedom).")
+  else:
+    text += ("Seeds could not be paired: difference of means ± sqrt(s_a²/n_a + s_b²/n_b); "
+             "'better'/'worse' only beyond 2 standard errors.")
+  return text
 
 
 # ------------------------------------------------------------------------------ markdown
@@ -432,10 +489,8 @@ def summary_table(aggs: dict[str, dict], target: float | None) -> str:
     vs = versus_adamw(aggs, label)
     if vs is None:
       vs_s = "baseline" if a["optimizer"] == "adamw" else "n/a"
-    elif vs["se"] is None:
-      vs_s = f"{vs['diff']:+.3f} (single seed)"
     else:
-      vs_s = f"{vs['diff']:+.3f} ± {vs['se']:.3f} ({vs['verdict']})"
+      vs_s = difference_cell(vs)
     lr = a["learning_rate"]
     name = display_name(a["optimizer"])
     if label not in (a["optimizer"],) and not label.startswith(a["optimizer"] + "/"):
@@ -541,26 +596,9 @@ def _final_eval_text(records: Sequence[RunRecord]) -> str:
 
 def _versus_caption(aggs: dict[str, dict]) -> str:
   """What the 'vs AdamW' column's numbers are."""
-  comparisons = [v for label in aggs if (v := versus_adamw(aggs, label)) is not None]
-  paired = [v for v in comparisons if v.get("paired")]
-  ns = sorted({v["n"] for v in paired})
-  text = ("'vs AdamW' is this configuration's loss minus AdamW's (negative = lower than "
-          "AdamW). ")
-  if paired:
-    text += ("Runs of one seed share initialisation and data order, so it is the mean of the "
-             "per-seed differences ± its standard error (sample std of the differences / "
-             "sqrt(n)); per-seed values are in results.json. ")
-    if ns == [3]:
-      text += ("A verdict ('better'/'worse') is given only beyond 2 standard errors: with "
-               "n = 3 seeds that is about an 82 % interval (Student's t, 2 degrees of "
-               "freedom), not 95 %.")
-    else:
-      text += ("A verdict ('better'/'worse') is given only beyond 2 standard errors (an "
-               "interval of Student's t with n - 1 degrees of freedom).")
-  else:
-    text += ("Seeds could not be paired: difference of means ± sqrt(s_a²/n_a + s_b²/n_b); "
-             "'better'/'worse' only beyond 2 standard errors.")
-  return text
+  return difference_caption(
+      [v for label in aggs if (v := versus_adamw(aggs, label)) is not None], "vs AdamW",
+      "AdamW")
 
 
 def build_report(root: Path, target: float | None = None) -> dict:

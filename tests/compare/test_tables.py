@@ -82,6 +82,46 @@ def test_paired_standard_error_is_the_std_of_differences_over_root_n():
                                              + statistics.variance([4.20, 4.22]) / 2))
 
 
+def test_difference_to_any_base_and_its_cell_and_caption():
+  def agg(optimizer, by_seed):
+    return {"optimizer": optimizer, "final_val_loss": tables.stat(by_seed.values()),
+            "final_val_loss_by_seed": by_seed, "unclipped_fraction": None}
+
+  base = {0: 6.26, 1: 6.28}
+  aggs = {"adamw": agg("adamw", {0: 6.30, 1: 6.35}), "baseline": agg("sophia_lambda", base),
+          "block_size_1": agg("sophia_lambda", {0: 6.31, 1: 6.34}),
+          "layer_scale_off": agg("sophia_lambda", {0: 6.39, 1: 6.40})}
+  d = tables.difference(aggs, "block_size_1", "baseline")
+  assert d["paired"] and d["n"] == 2
+  assert d["diff"] == pytest.approx(0.055)
+  assert d["se"] == pytest.approx(statistics.stdev([0.05, 0.06]) / math.sqrt(2))
+  assert d["verdict"] == "worse"  # 0.055 > 2 * 0.005
+  assert tables.difference_cell(d, 4) == "+0.0550 ± 0.0050 (worse)"
+  # versus_adamw is the difference to AdamW's label.
+  assert tables.versus_adamw(aggs, "baseline") == tables.difference(aggs, "baseline", "adamw")
+  # The caption names the column, the base and what 2 SE covers at the seeds paired.
+  text = tables.difference_caption([d], "vs default", "the default", "ablations.json")
+  assert "'vs default' is this configuration's loss minus the default's" in text
+  assert "ablations.json" in text and "about 70 % (Student's t, 1 degree of freedom)" in text
+  three = {"n": 3, "paired": True}
+  assert "about 82 % (Student's t, 2 degrees of freedom)" in tables.difference_caption(
+      [three], "vs AdamW", "AdamW")
+  # Without per-seed values (aggregates stored before they were kept): unpaired, and a
+  # single seed gives no standard error.
+  for label in ("baseline", "layer_scale_off"):
+    aggs[label] = dict(aggs[label], final_val_loss_by_seed={})
+  d = tables.difference(aggs, "layer_scale_off", "baseline")
+  assert not d["paired"]
+  assert d["se"] == pytest.approx(math.sqrt(statistics.variance(base.values()) / 2
+                                            + statistics.variance([6.39, 6.40]) / 2))
+  assert d["verdict"] == "worse"
+  assert "sqrt(s_a²/n_a + s_b²/n_b)" in tables.difference_caption([d], "vs default",
+                                                                   "the default")
+  aggs["one"] = agg("sophia_lambda", {0: 6.5})
+  assert tables.difference_cell(tables.difference(aggs, "one", "baseline"), 3) == (
+      "+0.230 (single seed)")
+
+
 def test_time_to_target_sums_step_times():
   metrics = [{"step": s, "loss": 5.0, "step_time_s": 0.5} for s in range(1, 11)]
   metrics += [{"step": 4, "val_loss": 4.8}, {"step": 8, "val_loss": 4.4},

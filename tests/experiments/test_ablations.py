@@ -1,9 +1,12 @@
 """Sophia-Lambda ablation plan and report (with a fake trainer)."""
 
 import json
+import math
+import statistics
 
 import pytest
 
+from compare_fakes import write_fake_run
 from experiments import ablations
 
 
@@ -57,6 +60,34 @@ def test_ablation_main_writes_report_and_png(tmp_path, fake_trainer, capsys):
   again = fake_trainer()
   assert ablations.main(["--out", str(tmp_path), "--steps", "20"], trainer=again) == 0
   assert again.calls == []
+
+
+def test_vs_default_is_the_paired_difference_with_its_standard_error(tmp_path):
+  from sophia_lambda_jax.compare import runner
+
+  # Final loss shifts per (variant, seed) against the default: block size 1 worse on both
+  # seeds, layer scale off worse on one seed and better on the other.
+  shifts = {"block_size_1": {0: 0.05, 1: 0.08}, "layer_scale_off": {0: 0.02, 1: -0.01}}
+  specs = ablations.ablation_specs(2, steps=20)
+  for spec in specs:
+    write_fake_run(tmp_path / spec.run_name, spec, shift=shifts.get(spec.label, {}).get(
+        spec.seed, 0.0))
+  runner.write_plan(tmp_path, specs, "ablation")
+  report = ablations.ablation_report(tmp_path)
+  rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+          for line in report["markdown"].splitlines() if line.startswith("| ")}
+  se = statistics.stdev([0.05, 0.08]) / math.sqrt(2)
+  assert rows["block size 1"][2] == f"+0.0650 ± {se:.4f} (worse)"
+  assert rows["layer scale off"][2] == f"+0.0050 ± {se:.4f} (within noise)"
+  assert rows["block size 8"][2] == "+0.0000 ± 0.0000 (within noise)"
+  assert rows[ablations._describe("baseline")][2] == "—"
+  md = report["markdown"]
+  assert "'vs default' is this configuration's loss minus the default's" in md
+  assert "about 70 % (Student's t, 1 degree of freedom)" in md
+  vs = report["families"]["block_size"]["block_size_1"]["vs_default"]
+  assert vs["paired"] and vs["n"] == 2
+  assert vs["by_seed"] == pytest.approx({0: 0.05, 1: 0.08})
+  assert report["families"]["block_size"]["baseline"]["vs_default"] is None
 
 
 def test_family_subset_and_bad_family(tmp_path, fake_trainer, capsys):
