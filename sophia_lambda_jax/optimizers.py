@@ -352,8 +352,8 @@ def sophia_lambda(
     the estimate itself.
   * ``bias_correction`` (default on): read h as h / (1 - b2^k) after k refreshes. The
     official SophiaG code has none, and ``sophia`` / ``sophia_h`` keep it off to match it;
-    for Sophia-Lambda the ablation in its regime chose it (docs/results/ablations-cpu,
-    docs/design.md section 3.4).
+    for Sophia-Lambda it is on after a short ablation that changed rho together with it, so
+    the correction's own effect is not separated (docs/design.md section 3.4).
   * ``rho="auto"`` (default): rho is not hand-set but adjusted every update by the rho
     controller, so that the fraction of coordinates the clip leaves alone tracks
     ``target_unclipped`` (default ``transforms.DEFAULT_TARGET_UNCLIPPED``, inside the
