@@ -19,10 +19,13 @@ estimator; ``register`` adds one. Second-order optimizers
 pytree like params, a fresh Hessian-diagonal estimate, e.g. ``slj.hessian.
 gauss_newton_bartlett``) in ``update``; ``hessian_fn`` runs only on refresh steps.
 
-Under ``optax.inject_hyperparams`` pass ``static_args=("block_size",)`` for
-``sophia_lambda`` and also any callable that is not a schedule (``mask``, ``layer_scale``).
-A run-time change of ``hessian_interval`` takes effect for a fixed interval; with
-``adaptive_interval=True`` the interval lives in the state.
+Every optimizer works under ``optax.inject_hyperparams`` as written, e.g.
+``optax.inject_hyperparams(slj.sophia_lambda)(learning_rate=3e-3, batch_tokens=B)``: every
+numeric hyperparameter is injectable, and ``block_size``, which shapes the state, is read
+once in ``init`` (under a jitted ``init`` pass ``static_args=("block_size",)``). A callable
+that is not a schedule (``mask``, a callable ``layer_scale``) goes in ``static_args``, as
+for optax's own optimizers. A run-time change of ``hessian_interval`` takes effect for a
+fixed interval; with ``adaptive_interval=True`` the interval lives in the state.
 
 Logging: ``hessian_interval_and_count(state)`` -> (current refresh interval, refreshes done),
 ``clip_fraction(state)`` -> fraction of coordinates whose curvature ratio reached the
@@ -331,8 +334,8 @@ def sophia_lambda(
 
   * Blocks: along the last axis of leaves with ndim >= 2 and n >= 2, of the largest divisor
     of n that is <= ``block_size`` (default 64); h is stored as (..., n / block) and
-    broadcast, never materialised. ``block_size=1`` is Sophia. Static under
-    ``inject_hyperparams``.
+    broadcast, never materialised. ``block_size=1`` is Sophia. Under
+    ``inject_hyperparams`` it is read in ``init`` (see the module docstring).
   * ``layer_scale``: lambda_l = c sqrt(d_l / n_l) from ``slj.labels.layer_scales`` (c makes
     the parameter-count-weighted mean 1; clamped to [0.1, 10]); ``None`` turns it off, a
     callable params -> pytree of floats replaces it. d_l is the layer's fan-in and n_l its

@@ -11,11 +11,14 @@ State dtype: every moment and Hessian EMA is kept in float32 whatever the parame
 (bf16 parameters included); ``with_float32_state`` does the casting for a whole chain and
 casts the updates back to the parameter dtype.
 
-Hyperparameters that shape the state or Python control flow must be static under
-``optax.inject_hyperparams`` (pass them in ``static_args``): ``block_size`` and callables that
-are not schedules (``mask``, ``layer_scale``). ``adaptive_interval`` is a bool, which
-``inject_hyperparams`` already keeps static, and so is the string ``rho="auto"``.
-Everything else may be a traced scalar (``target_unclipped`` included).
+Under ``optax.inject_hyperparams`` every numeric hyperparameter may be a traced scalar
+(``target_unclipped`` included). ``block_size``, which shapes the state, needs nothing
+either: ``init`` reads it as the concrete value inject_hyperparams passes outside
+``jax.jit`` (under a jitted ``init`` pass it in ``static_args``) and ``update`` reads the
+blocks from the state's shapes. Bools (``adaptive_interval``, ``bias_correction``) and the
+string ``rho="auto"`` stay static by themselves. Callables that are not schedules (``mask``,
+a callable ``layer_scale``) go in ``static_args``, as for optax's own optimizers, which
+takes any callable for a schedule.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ def is_concrete_number(value) -> bool:
   if isinstance(value, numbers.Real):
     return True
   return isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
+
+
+def concrete_int(value):
+  """``value`` as a Python int when it is a jax array holding a concrete integer (as
+  ``optax.inject_hyperparams`` hands a structural hyperparameter such as ``block_size`` to
+  the factory outside ``jax.jit``); anything else unchanged."""
+  if (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+      and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    return int(value)
+  return value
 
 
 def check_number(
@@ -433,25 +446,24 @@ def hessian_ema(
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
   current block-reduced h (h_hat with bias correction) in place of the updates. ``update``
   needs ``params`` and ``hessian_fn`` (a function params -> pytree like params) and raises
-  ValueError without. ``block_size`` must be static under ``inject_hyperparams``.
+  ValueError without. Under ``inject_hyperparams`` ``block_size`` is read in ``init`` (see
+  the module docstring).
   """
   check_beta("b2", b2)
+  block_size = concrete_int(block_size)
   check_number("block_size", block_size, low=1, integer=True)
   check_intervals(hessian_interval, min_interval, max_interval)
   check_number("r_low", r_low, low=0.0)
   check_number("r_high", r_high, low=0.0)
   if is_concrete_number(r_low) and is_concrete_number(r_high) and r_low > r_high:
     raise ValueError(f"r_low must be <= r_high, got r_low={r_low} > r_high={r_high}")
-  if not is_concrete_number(block_size):
-    raise ValueError(
-        "block_size must be a Python integer >= 1 (it sets the state's shapes; pass it in "
-        "static_args of optax.inject_hyperparams)")
-  block_size = int(block_size)
-
-  def blocks_of(tree):
-    return jax.tree.map(lambda x: hessian_block_size(tuple(x.shape), block_size), tree)
 
   def init_fn(params):
+    if not is_concrete_number(block_size):
+      raise ValueError(
+          "block_size is traced in init: it sets the state's shapes, so under jax.jit of "
+          "init pass it in static_args of optax.inject_hyperparams (outside jit it needs "
+          "nothing)")
     h = jax.tree.map(
         lambda p: _zeros_sharded_like(
             p, block_shape(tuple(p.shape), hessian_block_size(tuple(p.shape), block_size))),
@@ -481,7 +493,10 @@ def hessian_ema(
     due = _refresh_due(state)
 
     def refresh(h_before):
-      h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks_of(params), b2)
+      # The blocks are read from the state's shapes: block_size may be traced here.
+      blocks = jax.tree.map(lambda p, h: p.shape[-1] // h.shape[-1] if p.ndim else 1,
+                            params, h_before)
+      h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks, b2)
       finite = _all_finite(h_after)
       h_after = jax.tree.map(lambda a, b: jnp.where(finite, a, b), h_after, h_before)
       if not adaptive_interval:
