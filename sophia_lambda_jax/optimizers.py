@@ -234,7 +234,7 @@ def sophia(
     target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-G (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for
-  Language Model Pre-training", Alg. 3 with the Gauss-Newton-Bartlett estimator):
+  Language Model Pre-training", Alg. 3 with the Gauss-Newton-Bartlett estimator)::
 
       m = b1 m + (1-b1) g
       on refresh steps (t = 0, interval, 2 interval, ...), first:
@@ -325,7 +325,7 @@ def sophia_lambda(
     target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-Lambda (Sophia-Lambda paper, eqs. 1-2): Sophia-G with a block-wise Hessian EMA,
-  a layer scale and an optional adaptive refresh interval:
+  a layer scale and an optional adaptive refresh interval::
 
       m = b1 m + (1-b1) g
       on refresh steps: h_blk = b2 h_blk + (1-b2) block_mean(hessian_fn(params))
@@ -381,15 +381,17 @@ def sophia_lambda(
 class OptimizerSpec:
   """Everything the library, the trainer and the comparison tables know about one optimizer.
 
-  name: the registry key (``get_optimizer(name)``); aliases: other names that resolve to it.
-  factory: the function building the ``optax`` transformation.
-  display_name: the name tables and plots print.
-  source: where the update rule comes from (paper, or "reconstruction").
-  base_learning_rate: the trainer's peak learning rate for a model of hidden size 128 when
-    none is given (scaled 1/width, ``train.config.TrainConfig.resolved_learning_rate``).
-  hessian_estimator: None for first-order optimizers; "gnb" or "hutchinson": the curvature
-    estimate the trainer hands to ``update`` as ``hessian_fn``.
-  needs_batch_tokens: the update multiplies the curvature by ``batch_tokens`` (GNB).
+  Attributes:
+    name: the registry key (``get_optimizer(name)``).
+    factory: the function building the ``optax`` transformation.
+    display_name: the name tables and plots print.
+    source: where the update rule comes from (paper, or "reconstruction").
+    base_learning_rate: the trainer's peak learning rate for a model of hidden size 128 when
+      none is given (scaled 1/width, ``train.config.TrainConfig.resolved_learning_rate``).
+    hessian_estimator: None for first-order optimizers; "gnb" or "hutchinson": the
+      curvature estimate the trainer hands to ``update`` as ``hessian_fn``.
+    needs_batch_tokens: the update multiplies the curvature by ``batch_tokens`` (GNB).
+    aliases: other names that resolve to it.
   """
   name: str
   factory: Callable[..., optax.GradientTransformationExtraArgs]

@@ -2,7 +2,8 @@
 
 Each function returns an ``optax.GradientTransformation`` (or ``...ExtraArgs``) whose
 docstring states its equation and where it comes from; the optimizers in
-``sophia_lambda_jax.optimizers`` are ``optax.chain``s of these and of optax's own transforms.
+``sophia_lambda_jax.optimizers`` are chains (``optax.chain``) of these and of optax's own
+transforms.
 
 Notation (docs/design.md section 1): g gradient, m first moment, v second moment, h the EMA of
 the Hessian diagonal, t the number of updates already applied (0 on the first call).
@@ -168,10 +169,10 @@ def _to_float32(tree):
 
 def with_float32_state(
     inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Runs ``inner`` on float32 gradients with float32 state; updates get the param dtype.
+  """Runs ``inner`` on float32 gradients with float32 state; updates get the param dtype::
 
-  init:   state = inner.init(float32(params))      (so every zeros_like moment is float32)
-  update: u = inner.update(float32(g), state, params, **extra);  u = u.astype(params.dtype)
+    init:   state = inner.init(float32(params))      (so every zeros_like moment is float32)
+    update: u = inner.update(float32(g), state, params, **extra);  u = u.astype(params.dtype)
 
   ``params`` reach ``inner`` (and a ``hessian_fn``) in their own dtype. For float32
   parameters this transform is the identity. Its state is ``inner``'s state, unchanged.
@@ -426,7 +427,7 @@ def hessian_ema(
 
   ``hessian_fn`` runs inside ``jax.lax.cond``, so it costs nothing on other steps. The block
   mean follows ``hessian_block_size`` (``block_size=1``: full diagonal, i.e. Sophia; Liu et
-  al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer", Alg. 3). Then:
+  al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer", Alg. 3). Then::
 
     fixed:    next_refresh = t + hessian_interval
     adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
@@ -623,13 +624,13 @@ def _unclipped_fractions(ratios) -> tuple[Array, Array, Array]:
 
 def rho_controller_step(log_rho: Array, fractions, target) -> Array:
   """One step of the rho controller (docs/design.md section 3.5), a damped Newton step on
-  log rho towards f_1 = target with the chord slope of f over [rho / 2, 2 rho]:
+  log rho towards f_1 = target with the chord slope of f over [rho / 2, 2 rho]::
 
       s = (f_2 - f_1/2) / ln 4
       log rho <- clip(log rho + clip(gamma (target - f_1) / max(s, s_min), -ln 2, ln 2),
                       ln rho_min, ln rho_max)
 
-  f_c is the fraction of coordinates with |m / (rho B h + eps)| < c: the unclipped fraction
+  f_c is the fraction of coordinates with ``|m / (rho B h + eps)| < c``: the unclipped fraction
   at rho for c = 1, and (up to eps) the one rho / 2 and 2 rho would give for c = 1/2, 2.
   """
   f_half, f_one, f_two = fractions
@@ -663,7 +664,7 @@ def scale_by_clipped_curvature(
 
   ``rho="auto"`` (this project's extension, docs/design.md section 3.5): rho_t is the
   controller's, starting at ``RHO_AUTO_INITIAL``. From the ratio the clip forms, the same
-  update counts the fractions f_c of coordinates with |ratio| < c (c = 1/2, 1, 2) and, after
+  update counts the fractions f_c of coordinates with ``|ratio| < c`` (c = 1/2, 1, 2) and, after
   the update is formed with rho_t, moves log rho by a damped Newton step towards
   f_1 = ``target_unclipped`` (default ``DEFAULT_TARGET_UNCLIPPED``) with the slope
   (f_2 - f_1/2) / ln 4 (``rho_controller_step``): at most a factor 2 per update, inside
@@ -910,7 +911,8 @@ def add_decoupled_weight_decay(
     mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
 ) -> optax.GradientTransformation:
   """Decoupled weight decay (Loshchilov & Hutter 2019): u = u + wd * theta on masked leaves;
-  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of docs/design.md section 2.1.
+  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of docs/design.md
+  section 2.1.
 
   ``mask=None`` uses ``default_weight_decay_mask`` (ndim >= 2 and not a norm); a pytree of
   bools or a callable params -> such a pytree overrides it. Reuses
@@ -987,7 +989,7 @@ def current_rho(state):
 
 
 def clip_fraction(state, groups=None):
-  """Fraction of coordinates whose ratio |m| / (rho B max(h_hat, 0) + eps) reached the clip
+  """Fraction of coordinates whose ratio ``|m| / (rho B max(h_hat, 0) + eps)`` reached the clip
   (>= 1) on the last update, or None for optimizers without a clipped-curvature state.
   1 - clip_fraction is the fraction the Hessian acts on (the "win rate" of the official
   SophiaG code); Liu et al. 2023 choose rho so that it is 10-50 %.
