@@ -265,9 +265,9 @@ def gauss_newton_bartlett(logits_fn: Callable[[PyTree], jax.Array], key: jax.Arr
 
   ``hessian_fn(params)`` runs ``logits, vjp = jax.vjp(logits_fn, params)``, samples
   y_hat ~ Categorical(stop_gradient(logits)) per token and returns g_hat * g_hat with
-  g_hat = grad_params [1/|T| sum_{t in T} CE(logits_t, y_hat_t)] over the unmasked tokens
-  T. Multiply by B = |T| (the optimizer's ``batch_tokens``) for the Gauss-Newton diagonal;
-  that factor is applied in the optimizer, not here.
+  ``g_hat = grad_params [1/|T| sum_{t in T} CE(logits_t, y_hat_t)]`` over the unmasked
+  tokens T. Multiply by ``B = |T|`` (the optimizer's ``batch_tokens``) for the Gauss-Newton
+  diagonal; that factor is applied in the optimizer, not here.
 
   Args:
     logits_fn: ``params -> logits`` of shape (..., vocab), the batch closed over.

@@ -568,7 +568,7 @@ def _scale_problems(entries, num_blocks) -> Optional[str]:
 
 def layer_scales(params, c: float | None = None, rules=None,
                  clip: tuple[float, float] | None = (0.1, 10.0), strict: bool = True):
-  """Sophia-Lambda layer scales lambda_l = clamp(c * sqrt(d_l / n_l), *clip) per leaf.
+  """Sophia-Lambda layer scales ``lambda_l = clamp(c * sqrt(d_l / n_l), *clip)`` per leaf.
 
   d_l and n_l are the ``dim`` and ``depth`` of :func:`label_params` (Sophia-Lambda paper,
   eq. 2: "d_l is layer dimension and n_l is position in network"). With ``c=None``, c

@@ -19,10 +19,13 @@ estimator; ``register`` adds one. Second-order optimizers
 pytree like params, a fresh Hessian-diagonal estimate, e.g. ``slj.hessian.
 gauss_newton_bartlett``) in ``update``; ``hessian_fn`` runs only on refresh steps.
 
-Under ``optax.inject_hyperparams`` pass ``static_args=("block_size",)`` for
-``sophia_lambda`` and also any callable that is not a schedule (``mask``, ``layer_scale``).
-A run-time change of ``hessian_interval`` takes effect for a fixed interval; with
-``adaptive_interval=True`` the interval lives in the state.
+Every optimizer works under ``optax.inject_hyperparams`` as written, e.g.
+``optax.inject_hyperparams(slj.sophia_lambda)(learning_rate=3e-3, batch_tokens=B)``: every
+numeric hyperparameter is injectable, and ``block_size``, which shapes the state, is read
+once in ``init`` (under a jitted ``init`` pass ``static_args=("block_size",)``). A callable
+that is not a schedule (``mask``, a callable ``layer_scale``) goes in ``static_args``, as
+for optax's own optimizers. A run-time change of ``hessian_interval`` takes effect for a
+fixed interval; with ``adaptive_interval=True`` the interval lives in the state.
 
 Logging: ``hessian_interval_and_count(state)`` -> (current refresh interval, refreshes done),
 ``clip_fraction(state)`` -> fraction of coordinates whose curvature ratio reached the
@@ -231,7 +234,7 @@ def sophia(
     target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-G (Liu et al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer for
-  Language Model Pre-training", Alg. 3 with the Gauss-Newton-Bartlett estimator):
+  Language Model Pre-training", Alg. 3 with the Gauss-Newton-Bartlett estimator)::
 
       m = b1 m + (1-b1) g
       on refresh steps (t = 0, interval, 2 interval, ...), first:
@@ -322,7 +325,7 @@ def sophia_lambda(
     target_unclipped: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sophia-Lambda (Sophia-Lambda paper, eqs. 1-2): Sophia-G with a block-wise Hessian EMA,
-  a layer scale and an optional adaptive refresh interval:
+  a layer scale and an optional adaptive refresh interval::
 
       m = b1 m + (1-b1) g
       on refresh steps: h_blk = b2 h_blk + (1-b2) block_mean(hessian_fn(params))
@@ -331,8 +334,8 @@ def sophia_lambda(
 
   * Blocks: along the last axis of leaves with ndim >= 2 and n >= 2, of the largest divisor
     of n that is <= ``block_size`` (default 64); h is stored as (..., n / block) and
-    broadcast, never materialised. ``block_size=1`` is Sophia. Static under
-    ``inject_hyperparams``.
+    broadcast, never materialised. ``block_size=1`` is Sophia. Under
+    ``inject_hyperparams`` it is read in ``init`` (see the module docstring).
   * ``layer_scale``: lambda_l = c sqrt(d_l / n_l) from ``slj.labels.layer_scales`` (c makes
     the parameter-count-weighted mean 1; clamped to [0.1, 10]); ``None`` turns it off, a
     callable params -> pytree of floats replaces it. d_l is the layer's fan-in and n_l its
@@ -378,15 +381,17 @@ def sophia_lambda(
 class OptimizerSpec:
   """Everything the library, the trainer and the comparison tables know about one optimizer.
 
-  name: the registry key (``get_optimizer(name)``); aliases: other names that resolve to it.
-  factory: the function building the ``optax`` transformation.
-  display_name: the name tables and plots print.
-  source: where the update rule comes from (paper, or "reconstruction").
-  base_learning_rate: the trainer's peak learning rate for a model of hidden size 128 when
-    none is given (scaled 1/width, ``train.config.TrainConfig.resolved_learning_rate``).
-  hessian_estimator: None for first-order optimizers; "gnb" or "hutchinson": the curvature
-    estimate the trainer hands to ``update`` as ``hessian_fn``.
-  needs_batch_tokens: the update multiplies the curvature by ``batch_tokens`` (GNB).
+  Attributes:
+    name: the registry key (``get_optimizer(name)``).
+    factory: the function building the ``optax`` transformation.
+    display_name: the name tables and plots print.
+    source: where the update rule comes from (paper, or "reconstruction").
+    base_learning_rate: the trainer's peak learning rate for a model of hidden size 128 when
+      none is given (scaled 1/width, ``train.config.TrainConfig.resolved_learning_rate``).
+    hessian_estimator: None for first-order optimizers; "gnb" or "hutchinson": the
+      curvature estimate the trainer hands to ``update`` as ``hessian_fn``.
+    needs_batch_tokens: the update multiplies the curvature by ``batch_tokens`` (GNB).
+    aliases: other names that resolve to it.
   """
   name: str
   factory: Callable[..., optax.GradientTransformationExtraArgs]

@@ -21,7 +21,8 @@ A run directory is what `slj train --out DIR` writes (`train.loop`):
 Runs written before model.json and compact_vocab.npy existed are rebuilt from config.json
 (preset + overrides) and, for a compact vocabulary, from the data folder it names.
 
-`export_run` writes a run as a HuggingFace Qwen2 directory that transformers loads offline.
+`export_run` writes a run as a HuggingFace Qwen2 directory that transformers loads offline
+and that scores the run's loss (a compact vocabulary stays compact).
 `cli_generate`, `cli_eval` and `cli_export` are `slj generate`, `slj eval` and `slj export`.
 """
 
@@ -184,26 +185,30 @@ def load(path, compute_dtype: str | None = None) -> Loaded:
 
 
 def _write_export(model, compact, out: Path, dtype: str) -> Path:
-  """`model` (widened to the full Qwen2 vocabulary when `compact` is its compact vocabulary)
-  written into `out` as a HuggingFace Qwen2 directory: weights in `dtype`, config.json,
-  generation_config.json (EOS as BOS and EOS, greedy) and the Qwen2 tokenizer."""
-  if compact is not None:
-    model = hf.full_vocabulary(model, compact)
+  """`model` written into `out` as a HuggingFace Qwen2 directory: weights in `dtype`,
+  config.json, generation_config.json (EOS as BOS and EOS, greedy) and its tokenizer: Qwen2's,
+  or for a compact vocabulary `compact` that vocabulary's (`hf.write_compact_tokenizer`)."""
+  eos = data.EOS_ID if compact is None else compact.eos_id
   out = hf.to_hf(model, out, dtype=dtype)
   config = hf.read_config(out)
-  config.update(bos_token_id=data.EOS_ID, eos_token_id=data.EOS_ID)
+  config.update(bos_token_id=eos, eos_token_id=eos)
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   (out / "generation_config.json").write_text(json.dumps(
-      {"bos_token_id": data.EOS_ID, "eos_token_id": data.EOS_ID, "do_sample": False},
-      indent=2) + "\n")
-  hf.write_tokenizer(out, model.config.max_seq_len)
+      {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
+  if compact is None:
+    hf.write_tokenizer(out, model.config.max_seq_len)
+  else:
+    hf.write_compact_tokenizer(out, compact, model.config.max_seq_len)
   return out
 
 
-# The names an export writes besides the tokenizer's: `--overwrite` replaces these (a
-# previous export's weights of another sharding included) and leaves other files alone.
+# The names an export of either vocabulary writes: `--overwrite` replaces these (a previous
+# export's weights of another sharding, or tokenizer of the other kind, included) and leaves
+# other files alone.
 _EXPORT_NAMES = ("config.json", "generation_config.json", "model.safetensors",
-                 "model.safetensors.index.json", "model-*-of-*.safetensors")
+                 "model.safetensors.index.json", "model-*-of-*.safetensors",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "qwen2_bpe.json", "compact_vocab.npy", "tokenization_compact_qwen2.py")
 
 
 def _export_target(run: Path, out: Path, overwrite: bool) -> None:
@@ -241,8 +246,10 @@ def _move_into_place(staged: Path, out: Path) -> None:
 def export_run(run, out, dtype: str = "float32", overwrite: bool = False) -> Path:
   """Writes the newest intact checkpoint of training run `run` as a HuggingFace Qwen2
   directory `out` that transformers loads offline (weights in `dtype`, config.json,
-  generation_config.json, tokenizer files); a compact vocabulary is exported at the full
-  Qwen2 vocabulary (`models.hf.full_vocabulary`). Returns `out`.
+  generation_config.json, tokenizer files). A compact vocabulary is exported as it is: the
+  weights at its size, its id table and a tokenizer that gives the run's ids
+  (`models.hf.write_compact_tokenizer`; load it with `trust_remote_code=True`), so the
+  directory scores the run's loss. Returns `out`.
 
   The files are written into a hidden sibling folder, then renamed into place, so `out`
   never holds a partial export. `out` must be new or empty, unless `overwrite`: then the
@@ -368,7 +375,8 @@ def cli_export(argv: list[str]) -> int:
       prog="slj export",
       description="Write a run's newest checkpoint as a HuggingFace Qwen2 directory "
                   "(safetensors, config, generation config, tokenizer) that transformers "
-                  "loads offline; a compact vocabulary is widened to the full Qwen2 one.")
+                  "loads offline. A compact vocabulary is exported as it is, with a "
+                  "tokenizer that gives the run's ids (load it with trust_remote_code=True).")
   parser.add_argument("run", help="run directory (slj train --out)")
   parser.add_argument("out", help="output directory")
   parser.add_argument("--dtype", default="float32", choices=sorted(hf.EXPORT_DTYPES))

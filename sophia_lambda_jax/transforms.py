@@ -2,7 +2,8 @@
 
 Each function returns an ``optax.GradientTransformation`` (or ``...ExtraArgs``) whose
 docstring states its equation and where it comes from; the optimizers in
-``sophia_lambda_jax.optimizers`` are ``optax.chain``s of these and of optax's own transforms.
+``sophia_lambda_jax.optimizers`` are chains (``optax.chain``) of these and of optax's own
+transforms.
 
 Notation (docs/design.md section 1): g gradient, m first moment, v second moment, h the EMA of
 the Hessian diagonal, t the number of updates already applied (0 on the first call).
@@ -11,11 +12,14 @@ State dtype: every moment and Hessian EMA is kept in float32 whatever the parame
 (bf16 parameters included); ``with_float32_state`` does the casting for a whole chain and
 casts the updates back to the parameter dtype.
 
-Hyperparameters that shape the state or Python control flow must be static under
-``optax.inject_hyperparams`` (pass them in ``static_args``): ``block_size`` and callables that
-are not schedules (``mask``, ``layer_scale``). ``adaptive_interval`` is a bool, which
-``inject_hyperparams`` already keeps static, and so is the string ``rho="auto"``.
-Everything else may be a traced scalar (``target_unclipped`` included).
+Under ``optax.inject_hyperparams`` every numeric hyperparameter may be a traced scalar
+(``target_unclipped`` included). ``block_size``, which shapes the state, needs nothing
+either: ``init`` reads it as the concrete value inject_hyperparams passes outside
+``jax.jit`` (under a jitted ``init`` pass it in ``static_args``) and ``update`` reads the
+blocks from the state's shapes. Bools (``adaptive_interval``, ``bias_correction``) and the
+string ``rho="auto"`` stay static by themselves. Callables that are not schedules (``mask``,
+a callable ``layer_scale``) go in ``static_args``, as for optax's own optimizers, which
+takes any callable for a schedule.
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ def is_concrete_number(value) -> bool:
   if isinstance(value, numbers.Real):
     return True
   return isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
+
+
+def concrete_int(value):
+  """``value`` as a Python int when it is a jax array holding a concrete integer (as
+  ``optax.inject_hyperparams`` hands a structural hyperparameter such as ``block_size`` to
+  the factory outside ``jax.jit``); anything else unchanged."""
+  if (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+      and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer)):
+    return int(value)
+  return value
 
 
 def check_number(
@@ -155,10 +169,10 @@ def _to_float32(tree):
 
 def with_float32_state(
     inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Runs ``inner`` on float32 gradients with float32 state; updates get the param dtype.
+  """Runs ``inner`` on float32 gradients with float32 state; updates get the param dtype::
 
-  init:   state = inner.init(float32(params))      (so every zeros_like moment is float32)
-  update: u = inner.update(float32(g), state, params, **extra);  u = u.astype(params.dtype)
+    init:   state = inner.init(float32(params))      (so every zeros_like moment is float32)
+    update: u = inner.update(float32(g), state, params, **extra);  u = u.astype(params.dtype)
 
   ``params`` reach ``inner`` (and a ``hessian_fn``) in their own dtype. For float32
   parameters this transform is the identity. Its state is ``inner``'s state, unchanged.
@@ -413,7 +427,7 @@ def hessian_ema(
 
   ``hessian_fn`` runs inside ``jax.lax.cond``, so it costs nothing on other steps. The block
   mean follows ``hessian_block_size`` (``block_size=1``: full diagonal, i.e. Sophia; Liu et
-  al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer", Alg. 3). Then:
+  al. 2023, "Sophia: A Scalable Stochastic Second-order Optimizer", Alg. 3). Then::
 
     fixed:    next_refresh = t + hessian_interval
     adaptive: from the 4th refresh on, with r = ||h_after - h_before|| / (||h_before|| + 1e-30)
@@ -433,25 +447,24 @@ def hessian_ema(
   This is a building block of ``scale_by_clipped_curvature``: its ``update`` returns the
   current block-reduced h (h_hat with bias correction) in place of the updates. ``update``
   needs ``params`` and ``hessian_fn`` (a function params -> pytree like params) and raises
-  ValueError without. ``block_size`` must be static under ``inject_hyperparams``.
+  ValueError without. Under ``inject_hyperparams`` ``block_size`` is read in ``init`` (see
+  the module docstring).
   """
   check_beta("b2", b2)
+  block_size = concrete_int(block_size)
   check_number("block_size", block_size, low=1, integer=True)
   check_intervals(hessian_interval, min_interval, max_interval)
   check_number("r_low", r_low, low=0.0)
   check_number("r_high", r_high, low=0.0)
   if is_concrete_number(r_low) and is_concrete_number(r_high) and r_low > r_high:
     raise ValueError(f"r_low must be <= r_high, got r_low={r_low} > r_high={r_high}")
-  if not is_concrete_number(block_size):
-    raise ValueError(
-        "block_size must be a Python integer >= 1 (it sets the state's shapes; pass it in "
-        "static_args of optax.inject_hyperparams)")
-  block_size = int(block_size)
-
-  def blocks_of(tree):
-    return jax.tree.map(lambda x: hessian_block_size(tuple(x.shape), block_size), tree)
 
   def init_fn(params):
+    if not is_concrete_number(block_size):
+      raise ValueError(
+          "block_size is traced in init: it sets the state's shapes, so under jax.jit of "
+          "init pass it in static_args of optax.inject_hyperparams (outside jit it needs "
+          "nothing)")
     h = jax.tree.map(
         lambda p: _zeros_sharded_like(
             p, block_shape(tuple(p.shape), hessian_block_size(tuple(p.shape), block_size))),
@@ -481,7 +494,10 @@ def hessian_ema(
     due = _refresh_due(state)
 
     def refresh(h_before):
-      h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks_of(params), b2)
+      # The blocks are read from the state's shapes: block_size may be traced here.
+      blocks = jax.tree.map(lambda p, h: p.shape[-1] // h.shape[-1] if p.ndim else 1,
+                            params, h_before)
+      h_after = _block_ema(h_before, _estimate_of(hessian_fn, params), blocks, b2)
       finite = _all_finite(h_after)
       h_after = jax.tree.map(lambda a, b: jnp.where(finite, a, b), h_after, h_before)
       if not adaptive_interval:
@@ -608,13 +624,13 @@ def _unclipped_fractions(ratios) -> tuple[Array, Array, Array]:
 
 def rho_controller_step(log_rho: Array, fractions, target) -> Array:
   """One step of the rho controller (docs/design.md section 3.5), a damped Newton step on
-  log rho towards f_1 = target with the chord slope of f over [rho / 2, 2 rho]:
+  log rho towards f_1 = target with the chord slope of f over [rho / 2, 2 rho]::
 
       s = (f_2 - f_1/2) / ln 4
       log rho <- clip(log rho + clip(gamma (target - f_1) / max(s, s_min), -ln 2, ln 2),
                       ln rho_min, ln rho_max)
 
-  f_c is the fraction of coordinates with |m / (rho B h + eps)| < c: the unclipped fraction
+  f_c is the fraction of coordinates with ``|m / (rho B h + eps)| < c``: the unclipped fraction
   at rho for c = 1, and (up to eps) the one rho / 2 and 2 rho would give for c = 1/2, 2.
   """
   f_half, f_one, f_two = fractions
@@ -648,7 +664,7 @@ def scale_by_clipped_curvature(
 
   ``rho="auto"`` (this project's extension, docs/design.md section 3.5): rho_t is the
   controller's, starting at ``RHO_AUTO_INITIAL``. From the ratio the clip forms, the same
-  update counts the fractions f_c of coordinates with |ratio| < c (c = 1/2, 1, 2) and, after
+  update counts the fractions f_c of coordinates with ``|ratio| < c`` (c = 1/2, 1, 2) and, after
   the update is formed with rho_t, moves log rho by a damped Newton step towards
   f_1 = ``target_unclipped`` (default ``DEFAULT_TARGET_UNCLIPPED``) with the slope
   (f_2 - f_1/2) / ln 4 (``rho_controller_step``): at most a factor 2 per update, inside
@@ -895,7 +911,8 @@ def add_decoupled_weight_decay(
     mask: Optional[Union[Any, Callable[[Any], Any]]] = None,
 ) -> optax.GradientTransformation:
   """Decoupled weight decay (Loshchilov & Hutter 2019): u = u + wd * theta on masked leaves;
-  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of docs/design.md section 2.1.
+  followed by ``scale_by_learning_rate`` this is the ``- lr * wd * theta`` of docs/design.md
+  section 2.1.
 
   ``mask=None`` uses ``default_weight_decay_mask`` (ndim >= 2 and not a norm); a pytree of
   bools or a callable params -> such a pytree overrides it. Reuses
@@ -972,7 +989,7 @@ def current_rho(state):
 
 
 def clip_fraction(state, groups=None):
-  """Fraction of coordinates whose ratio |m| / (rho B max(h_hat, 0) + eps) reached the clip
+  """Fraction of coordinates whose ratio ``|m| / (rho B max(h_hat, 0) + eps)`` reached the clip
   (>= 1) on the last update, or None for optimizers without a clipped-curvature state.
   1 - clip_fraction is the fraction the Hessian acts on (the "win rate" of the official
   SophiaG code); Liu et al. 2023 choose rho so that it is 10-50 %.

@@ -12,6 +12,7 @@ This package imports neither the models nor the optimizers.
 from sophia_lambda_jax.data.loader import (
     COMPACT_VOCAB_FILE,
     CompactVocab,
+    UNK_TEXT,
     TokenBatches,
     feistel_permutation,
 )
@@ -31,7 +32,7 @@ from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE, get_tokeni
 __all__ = [
     "EOS_ID", "QWEN_VOCAB_SIZE", "get_tokenizer", "prepare", "builtin_dataset_dir",
     "resolve_data", "load_manifest", "TokenBatches", "CompactVocab", "COMPACT_VOCAB_FILE",
-    "cli_tokenize",
+    "UNK_TEXT", "cli_tokenize",
     "builtin_documents", "is_validation", "read_header", "write_shard", "feistel_permutation",
     "DEFAULT_VAL_FRACTION", "BUILTIN_VAL_FRACTION",
 ]

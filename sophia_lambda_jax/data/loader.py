@@ -25,7 +25,8 @@ Compact vocabulary (`vocab_size` < 151936; `CompactVocab`): ids are remapped to
     V-1       UNK: every other id.
 The table is a pure function of `train_counts.npy` (written by `prepare`) and V; a training
 run stores it in its directory (`CompactVocab.save`, file COMPACT_VOCAB_FILE) so that the
-run decodes and evaluates without the data folder.
+run decodes and evaluates without the data folder, and `slj export` writes it beside the
+weights. UNK decodes to UNK_TEXT.
 
 (grain's random-access samplers would do the same job; a plain NumPy implementation keeps the
 stream a closed-form function that is easy to state and test.)
@@ -62,6 +63,9 @@ _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 _MASK64 = (1 << 64) - 1
 
 COMPACT_VOCAB_FILE = "compact_vocab.npy"
+# What UNK decodes to: a visible placeholder (U+FFFD would read as broken bytes), the same
+# in `slj generate` and in an exported tokenizer.
+UNK_TEXT = "<|unk|>"
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

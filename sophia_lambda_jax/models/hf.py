@@ -19,11 +19,13 @@ Anything the model cannot represent exactly (another architecture, sliding-windo
 attention, rope scaling, a missing, extra or mis-shaped tensor) is refused with an error
 rather than loaded approximately.
 
-`write_tokenizer` writes the Qwen2 tokenizer beside the weights, and `full_vocabulary` widens
-a compact-vocabulary model to the full Qwen2 vocabulary: Qwen2 id t gets the row (and head
-column) of its compact id, i.e. kept ids keep theirs and every dropped id gets UNK's, exactly
-what the run's own model sees for t, so the logits of kept ids are unchanged. A training run
-becomes such a directory with `runs.export_run` (`slj export RUN OUT`).
+`write_tokenizer` writes the Qwen2 tokenizer beside the weights. A model of a compact
+vocabulary (`data.CompactVocab`) is written as it is, at its compact size, with
+`write_compact_tokenizer`: Qwen2's BPE, the run's id table and the tokenizer class that
+maps one onto the other (`tokenization_compact_qwen2.py`, loaded by transformers with
+`trust_remote_code=True`), so that the directory gives the run's ids and the run's loss.
+`read_compact_vocab` reads the table back. A training run becomes such a directory with
+`runs.export_run` (`slj export RUN OUT`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import safetensors.numpy
 from flax import nnx
 
 from sophia_lambda_jax.data import tokenizer as qwen_tokenizer
+from sophia_lambda_jax.data.loader import COMPACT_VOCAB_FILE, UNK_TEXT, CompactVocab
 from sophia_lambda_jax.models.qwen import Qwen, QwenConfig
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -438,19 +441,48 @@ def write_tokenizer(path, model_max_length: int) -> Path:
   return path
 
 
-def full_vocabulary(model: Qwen, compact) -> Qwen:
-  """`model` of a compact vocabulary (`data.CompactVocab`) at the full Qwen2 vocabulary:
-  Qwen2 id t takes the embedding row and head column of compact id forward[t]."""
-  forward = np.asarray(compact.forward)
-  if model.config.vocab_size != compact.size:
-    raise ValueError(f"model has {model.config.vocab_size} ids, the compact vocabulary "
-                     f"{compact.size}")
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params["embed"]["embedding"] = params["embed"]["embedding"][forward]
-  if "lm_head" in params:
-    params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, forward]
-  config = dataclasses.replace(model.config, vocab_size=len(forward))
-  abstract = nnx.eval_shape(lambda: Qwen(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, params)
-  return nnx.merge(graphdef, state)
+# The compact tokenizer's files (the names its class declares in vocab_files_names).
+_COMPACT_TOKENIZER_MODULE = "tokenization_compact_qwen2"
+_QWEN2_BPE_FILE = "qwen2_bpe.json"
+
+
+def write_compact_tokenizer(path, compact: CompactVocab, model_max_length: int) -> Path:
+  """Writes the tokenizer of compact vocabulary `compact` into `path`: qwen2_bpe.json (Qwen2's
+  BPE, without special tokens: their text is plain text in training), compact_vocab.npy,
+  tokenization_compact_qwen2.py and a tokenizer_config.json naming it.
+
+  `AutoTokenizer.from_pretrained(path, trust_remote_code=True)` then gives the ids of
+  `models.VocabTokenizer(compact.size, compact)`, except that the text "<|endoftext|>" (or
+  "<|unk|>") inside a text becomes that special token, as for Qwen2's own tokenizer;
+  `split_special_tokens=True` gives the training ids.
+  """
+  try:  # the optional `hf` extra: the BPE file is converted by transformers' converter
+    bpe = json.loads(_qwen2_tokenizer_json())
+  except ImportError as e:
+    raise ImportError(f"writing the tokenizer needs transformers (pip install "
+                      f"'sophia-lambda-jax[hf]'): {e}") from None
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  bpe["added_tokens"] = []
+  (path / _QWEN2_BPE_FILE).write_text(json.dumps(bpe, ensure_ascii=False))
+  compact.save(path / COMPACT_VOCAB_FILE)
+  source = importlib.resources.files("sophia_lambda_jax.models") / \
+      f"{_COMPACT_TOKENIZER_MODULE}.py"
+  (path / f"{_COMPACT_TOKENIZER_MODULE}.py").write_text(source.read_text())
+  eos = qwen_tokenizer.QWEN2_CONTROL_TOKENS[0]
+  tokenizer_config = {
+      "tokenizer_class": "CompactQwen2Tokenizer",
+      "auto_map": {"AutoTokenizer": [f"{_COMPACT_TOKENIZER_MODULE}.CompactQwen2Tokenizer",
+                                     None]},
+      "eos_token": eos, "pad_token": eos, "unk_token": UNK_TEXT,
+      "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+  }
+  (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+  return path
+
+
+def read_compact_vocab(path) -> CompactVocab | None:
+  """The compact vocabulary of an exported compact-vocabulary run (its compact_vocab.npy),
+  or None for a directory of the full Qwen2 vocabulary."""
+  table = Path(path) / COMPACT_VOCAB_FILE
+  return CompactVocab.load(table) if table.is_file() else None

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sophia_lambda_jax.data import get_tokenizer
+from sophia_lambda_jax.data import UNK_TEXT, get_tokenizer
 from sophia_lambda_jax.models import hf, qwen
 
 
@@ -30,8 +30,8 @@ class VocabTokenizer:
   """Text <-> the ids of a model's vocabulary: the Qwen2 ids, or a compact vocabulary's.
 
   With a compact vocabulary, text whose Qwen2 ids were dropped encodes to UNK and UNK
-  decodes to U+FFFD. Special-token text in `encode`'s input is plain text (as in the
-  training data; see `data.tokenizer`).
+  decodes to `data.UNK_TEXT` ("<|unk|>"). Special-token text in `encode`'s input is plain
+  text (as in the training data; see `data.tokenizer`).
   """
 
   def __init__(self, vocab_size: int, compact=None):
@@ -58,7 +58,7 @@ class VocabTokenizer:
     pieces, run = [], []
     for token in qwen_ids.tolist():
       if token < 0:
-        pieces += [self.qwen.decode(run), "\ufffd"]
+        pieces += [self.qwen.decode(run), UNK_TEXT]
         run = []
       else:
         run.append(token)
@@ -79,12 +79,17 @@ class Loaded(NamedTuple):
 
 
 def load_hf(path, compute_dtype: str | None = None) -> Loaded:
-  """The model of a HuggingFace Qwen2 directory (config.json + *.safetensors) with the Qwen2
-  tokenizer; `compute_dtype` "float32" (None: the default) or "bfloat16". A training run's
-  model is `sophia_lambda_jax.runs.load`."""
+  """The model of a HuggingFace Qwen2 directory (config.json + *.safetensors) with its
+  tokenizer: Qwen2's, or for the export of a compact-vocabulary run (`compact_vocab.npy`
+  beside the weights) that vocabulary's; `compute_dtype` "float32" (None: the default) or
+  "bfloat16". A training run's model is `sophia_lambda_jax.runs.load`."""
   overrides = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
   model = hf.from_hf(path, **overrides)
-  return Loaded(model, VocabTokenizer(model.config.vocab_size), None, None)
+  compact = hf.read_compact_vocab(path)
+  if compact is not None and compact.size != model.config.vocab_size:
+    raise ValueError(f"{path}: compact_vocab.npy holds {compact.size} ids, config.json's "
+                     f"vocab_size is {model.config.vocab_size}")
+  return Loaded(model, VocabTokenizer(model.config.vocab_size, compact), None, None)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -156,10 +156,12 @@ class ModelFunctions:
 
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
     self.init_from, self.overrides = config.init_from, overrides
+    self.init_compact_vocab = None
     if config.init_from:
       from sophia_lambda_jax.models import hf
 
       self.config = hf.config_from_hf(hf.read_config(config.init_from), **overrides)
+      self.init_compact_vocab = hf.read_compact_vocab(config.init_from)
     else:
       self.config = qwen.get_config(config.model, **overrides)
     if config.seq_len > self.config.max_seq_len:
@@ -379,19 +381,21 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
   model = ModelFunctions(config, mesh)
   data_dir = data_lib.resolve_data(config.data)
   data_vocab = int(data_lib.load_manifest(data_dir)["vocab_size"])
-  if config.init_from and model.config.vocab_size < data_vocab:
+  # The export of a compact-vocabulary run carries its id table: the data is read through it.
+  compact = model.init_compact_vocab
+  if config.init_from and compact is None and model.config.vocab_size < data_vocab:
     raise ValueError(
         f"--init-from {config.init_from} has vocab_size {model.config.vocab_size}, but "
         f"{data_dir} holds token ids of a {data_vocab}-token vocabulary; starting from a "
-        f"checkpoint needs its full vocabulary (no compact remapping of its rows)")
+        f"checkpoint needs its full vocabulary, or the compact_vocab.npy of an slj export")
   train_data = data_lib.TokenBatches(
       data_dir, "train", config.batch_size, config.seq_len, config.seed,
       vocab_size=model.config.vocab_size, process_index=process,
-      process_count=process_count)
+      process_count=process_count, compact_vocab=compact)
   val_data = data_lib.TokenBatches(
       data_dir, "val", config.micro_batch_size, config.seq_len, config.seed,
       vocab_size=model.config.vocab_size, process_index=process,
-      process_count=process_count)
+      process_count=process_count, compact_vocab=compact)
   fingerprint = train_data.fingerprint
   if resume.step is not None:
     _check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
@@ -508,7 +512,8 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
           f"params) | {config.optimizer} lr {program.peak_lr:.3g} | mesh "
           f"{mesh_lib.describe(run.mesh)} x {jax.process_count()} process(es) | "
           f"{config.batch_tokens:,} tokens/step | "
-          + (f"resumed at step {run.start_step}" if run.start_step else "from scratch"))
+          + (f"resumed at step {run.start_step}" if run.start_step else
+             f"from the weights of {config.init_from}" if config.init_from else "from scratch"))
       last_val = _step_loop(config, run, compiled_step, logger, stop)
     except KeyboardInterrupt as e:
       checkpointer.wait()  # the save in flight completes (or the watchdog abandons it)

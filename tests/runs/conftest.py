@@ -1,5 +1,6 @@
-"""Two tiny trained runs shared by the model tests: a compact vocabulary (qwen-tiny's 1024
-ids) and the full Qwen2 vocabulary (151,936 ids, untied head), both float32."""
+"""Tiny trained runs shared by the model tests: qwen-tiny's default compact vocabulary (1024
+ids), the full Qwen2 vocabulary (151,936 ids, untied head) and qwen-cpu's default compact
+vocabulary (8192 ids), all float32."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ def corpus(tmp_path_factory) -> Path:
                       num_workers=1, progress=False)
 
 
-def _train(out: Path, data_dir: Path, **model_overrides) -> Path:
+def _train(out: Path, data_dir: Path, model="qwen-tiny", steps=STEPS,
+           **model_overrides) -> Path:
   from sophia_lambda_jax import train
 
   train.run_training(train.TrainConfig(
-      model="qwen-tiny", model_overrides=model_overrides, optimizer="adamw",
-      learning_rate=1e-2, steps=STEPS, batch_size=4, seq_len=32, data=str(data_dir),
-      out=str(out), eval_every=STEPS, eval_batches=2, final_eval_batches=2, checkpoint_every=0,
-      compute_dtype="float32", tensorboard=False, mesh="data=1,fsdp=1"))
+      model=model, model_overrides=model_overrides, optimizer="adamw",
+      learning_rate=1e-2, steps=steps, batch_size=4, seq_len=32, data=str(data_dir),
+      out=str(out), eval_every=steps, eval_batches=2, checkpoint_every=0,
+      # The last evaluation reads 2 batches: `slj eval`'s default for this run.
+      final_eval_batches=2, compute_dtype="float32", tensorboard=False, mesh="data=1,fsdp=1"))
   return out
 
 
@@ -48,3 +51,9 @@ def compact_run(corpus, tmp_path_factory) -> Path:
 def full_run(corpus, tmp_path_factory) -> Path:
   return _train(tmp_path_factory.mktemp("runs") / "full", corpus, vocab_size=151936,
                 tie_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def cpu_run(corpus, tmp_path_factory) -> Path:
+  return _train(tmp_path_factory.mktemp("runs") / "qwen-cpu", corpus, model="qwen-cpu",
+                steps=2)

@@ -1,11 +1,13 @@
 """`slj train --init-from HF_DIR`: the run starts from a transformers-written Qwen2
-checkpoint (its step-0 loss is transformers' loss on the same batch), its checkpoints
-resume it (`test_train_resume` covers resuming itself); a checkpoint whose vocabulary the
-data does not fit is refused in one line."""
+checkpoint (its step-0 loss is transformers' loss on the same batch) or from the export of a
+compact-vocabulary run (the data read through its table), its checkpoints resume it
+(`test_train_resume` covers resuming itself); a checkpoint whose vocabulary the data does
+not fit is refused in one line."""
 
 import json
 
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -90,3 +92,35 @@ def test_init_from_refusals_are_one_line(token_data, tmp_path, capsys, case):
                    "--seq-len", "32", "--mesh", "data=1,fsdp=1"])
   err = capsys.readouterr().err.strip()
   assert code == 1 and len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_init_from_a_compact_export_reads_the_data_through_its_table(token_data, tmp_path,
+                                                                    capsys):
+  """The export of a compact-vocabulary run (weights at the compact size beside its
+  compact_vocab.npy) starts a run at that model's loss on the data read through the export's
+  table (not one ranked again from the new data), the new run keeps the table, and the
+  banner names the weights it started from."""
+  from flax import nnx
+
+  from sophia_lambda_jax.models import hf, qwen
+
+  counts = np.load(token_data / data.load_manifest(token_data)["counts"])
+  compact = data.CompactVocab.from_counts(np.roll(counts, 7), 1024)  # not this data's ranking
+  model = qwen.Qwen(qwen.get_config("qwen-tiny", compute_dtype="float32"), rngs=nnx.Rngs(5))
+  export = hf.to_hf(model, tmp_path / "export")
+  compact.save(export / data.COMPACT_VOCAB_FILE)
+  out = tmp_path / "run"
+  assert cli.main(["train", "--init-from", str(export), "--data", str(token_data), "--out",
+                   str(out), "--optimizer", "adamw", "--steps", "1", "--batch-size", str(BATCH),
+                   "--seq-len", str(SEQ), "--mesh", "data=1,fsdp=1", "--eval-every", "0",
+                   "--log-every", "1", "--compute-dtype", "float32", "--tensorboard",
+                   "false"]) == 0
+  printed = capsys.readouterr()
+  assert f"from the weights of {export}" in printed.out + printed.err
+  rows = data.TokenBatches(token_data, "train", BATCH, SEQ, seed=0, vocab_size=1024,
+                           compact_vocab=compact).batch(0)
+  logits = model(rows[:, :-1])
+  expected = float(optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean())
+  losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+  np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+  np.testing.assert_array_equal(runs.load(out).tokenizer.compact.inverse, compact.inverse)

@@ -153,7 +153,8 @@ def test_missing_arguments_and_bad_hessian_fn():
     ({"hessian_interval": 0}, "hessian_interval"),
     ({"min_interval": 5, "max_interval": 4}, "min_interval"),
     ({"min_interval": 0}, "min_interval"), ({"r_low": -1.0}, "r_low"),
-    ({"r_low": 0.5, "r_high": 0.1}, "r_low"), ({"block_size": jnp.asarray(8)}, "block_size"),
+    ({"r_low": 0.5, "r_high": 0.1}, "r_low"), ({"block_size": jnp.asarray(0)}, "block_size"),
+    ({"block_size": 2.5}, "block_size"),
 ])
 def test_invalid_arguments(kwargs, named):
   with pytest.raises(ValueError, match=named):
