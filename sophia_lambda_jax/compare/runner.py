@@ -413,7 +413,7 @@ def _compare(args, specs: list[RunSpec], root: Path, trainer: Trainer | None) ->
   print(f"[compare] protocol {args.protocol}: {len(specs)} runs into {root}"
         + (" (more as the results of these come in)" if adaptive else ""))
   if not args.no_compile_cache and trainer is None:
-    enable_compilation_cache(root / ".compile_cache")
+    enable_compilation_cache((root / ".compile_cache").absolute())
   outcome = _outcome(root)
   statuses: dict[str, str] = {}
   while True:
