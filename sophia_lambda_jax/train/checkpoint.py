@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from sophia_lambda_jax.train.config import RESUME_MUST_MATCH
+from sophia_lambda_jax.train.config import RESUME_MUST_MATCH, with_old_run_defaults
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 CHECKSUMS = "checksums.json"
@@ -201,7 +201,9 @@ def _legacy_param_keys(params: Any) -> list[str]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Human-readable list of trajectory-changing fields that differ between two configs."""
+  """Human-readable list of trajectory-changing fields that differ between two configs
+  (fields the checkpoint's lacks as `with_old_run_defaults`)."""
+  saved = with_old_run_defaults(saved)
   diffs = []
   for name in RESUME_MUST_MATCH:
     if saved.get(name) != current.get(name):
