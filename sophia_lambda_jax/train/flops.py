@@ -1,0 +1,165 @@
+"""Model FLOPs of a train step and its model FLOPs utilisation (MFU); docs/design.md section 7.1.
+
+Per token of a step's batch (L layers, T = seq_len, d_attn = num_heads * head_dim, A =
+grad_accum):
+
+    model      6 N + 12 L T d_attn                 forward 2 N + 4 L T d_attn, backward twice
+    GNB        4 (N - N_head) + 8 L T d_attn       one extra backward below the head (A = 1),
+               on a refresh step                   with A > 1: ((A-1) model + that) / A
+    Hutchinson 3 (6 N + 12 L T d_attn) / A         forward-over-reverse of the last
+               on a refresh step                   micro-batch's gradient: each product of
+                                                   the gradient becomes three
+
+N counts the weights that multiply each token: every block's projections and MLP, plus the
+LM head's hidden x vocab (the embedding is a lookup; biases and norms are elementwise and
+left out), so for a tied model N is the parameter count less biases and norms. Attention
+is counted over the whole T x T score matrix, as PaLM's MFU does (Chowdhery et al. 2022,
+appendix B), causal mask or not. The optimizer's own elementwise work (O(parameters) per
+step, not per token) and rematerialisation are not model FLOPs.
+
+MFU = model FLOPs of the step / step time / peak. Peaks: a table of NVIDIA GPUs' dense
+bfloat16 and TF32 (what XLA runs a float32 matmul as) FLOP/s per device; on CPU, the
+measured FLOP/s of a square matmul in the compute dtype, the reference of
+experiments/benchmarks/bench_train_step.py, timed once per process (about 0.3 s); other
+devices: no peak, and no MFU.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Dense (no sparsity) peak FLOP/s per device from NVIDIA's datasheets: (lowercase substring
+# of jax's device_kind, bfloat16, TF32). The first match wins: the PCIe and NVL variants
+# before the SXM part they share a name with.
+GPU_PEAK_FLOPS = (
+    ("h200 nvl", 835e12, 418e12),
+    ("h200", 989e12, 495e12),
+    ("h100 nvl", 835e12, 418e12),
+    ("h100 pcie", 756e12, 378e12),
+    ("h100", 989e12, 495e12),
+    ("a100", 312e12, 156e12),
+)
+
+
+def matmul_weights(model_config) -> int:
+  """N: the weights that multiply each token (blocks' projections and MLP, the LM head)."""
+  c = model_config
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size \
+      + 3 * c.hidden_size * c.intermediate_size
+  return c.num_layers * per_layer + c.hidden_size * c.vocab_size
+
+
+def _attention_flops(model_config, seq_len: int) -> int:
+  """Forward FLOPs per token of the scores and the weighted values: 4 L T d_attn."""
+  c = model_config
+  return 4 * c.num_layers * seq_len * c.num_heads * c.head_dim
+
+
+def model_flops_per_token(model_config, seq_len: int) -> int:
+  """Forward and backward: 6 N + 12 L T d_attn."""
+  return 6 * matmul_weights(model_config) + 3 * _attention_flops(model_config, seq_len)
+
+
+def estimate_flops_per_token(model_config, seq_len: int, estimator: str | None,
+                             grad_accum: int = 1) -> float:
+  """Extra FLOPs per token of a step's batch on a step that refreshes the curvature
+  estimate (see the module docstring); 0 for first-order optimizers."""
+  if estimator is None:
+    return 0.0
+  model = model_flops_per_token(model_config, seq_len)
+  if estimator == "hutchinson":
+    return 3 * model / grad_accum
+  if estimator == "gnb":
+    head = model_config.hidden_size * model_config.vocab_size
+    below_head = 4 * (matmul_weights(model_config) - head) \
+        + 2 * _attention_flops(model_config, seq_len)
+    return ((grad_accum - 1) * model + below_head) / grad_accum
+  raise ValueError(f"estimator must be None, 'gnb' or 'hutchinson', got {estimator!r}")
+
+
+_matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+
+
+def matmul_flops_per_s(dtype: str, n: int = 1024, repeats: int = 20) -> float:
+  """Best-of-`repeats` FLOP/s of a jitted (n, n) @ (n, n) matmul (2 n^3 FLOPs) in `dtype`,
+  after one untimed call."""
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
+  jax.block_until_ready(_matmul(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(_matmul(a, b))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+@functools.cache
+def _cpu_matmul_flops_per_s(dtype: str) -> float:
+  return matmul_flops_per_s(dtype, repeats=5)
+
+
+def device_peak_flops_per_s(device, compute_dtype: str) -> float | None:
+  """Dense peak of one GPU from `GPU_PEAK_FLOPS`, None when it is not in the table."""
+  kind = device.device_kind.lower()
+  for name, bfloat16, tf32 in GPU_PEAK_FLOPS:
+    if name in kind:
+      return bfloat16 if compute_dtype == "bfloat16" else tf32
+  return None
+
+
+def peak_flops_per_s(compute_dtype: str) -> float | None:
+  """Peak FLOP/s of all the run's devices: the GPUs' table entries summed; on CPU the
+  matmul reference of this process times the number of processes (the simulated devices
+  of one process share its cores); None when a device's peak is unknown."""
+  devices = jax.devices()
+  if all(d.platform == "cpu" for d in devices):
+    return _cpu_matmul_flops_per_s(compute_dtype) * jax.process_count()
+  peaks = [device_peak_flops_per_s(d, compute_dtype) if d.platform == "gpu" else None
+           for d in devices]
+  return None if None in peaks else float(sum(peaks))
+
+
+class StepFlops(NamedTuple):
+  """The FLOPs per token of a run's steps and the devices' peak (`step_flops`)."""
+  model_per_token: float
+  refresh_per_token: float  # extra on a step that refreshes the curvature estimate
+  peak_flops_per_s: float | None
+
+  def per_token(self, refreshed: bool) -> float:
+    return self.model_per_token + (self.refresh_per_token if refreshed else 0.0)
+
+  def mfu(self, tokens: int, seconds: float, refreshed: bool = False) -> float | None:
+    """Model FLOPs of a step of `tokens` tokens over `seconds`, as a fraction of the peak."""
+    if not self.peak_flops_per_s or seconds <= 0:
+      return None
+    return self.per_token(refreshed) * tokens / seconds / self.peak_flops_per_s
+
+  def summary(self, steady: list[dict[str, Any]]) -> dict[str, float | None]:
+    """`mfu`: the steps' model FLOPs over their time and the peak (the time-weighted mean
+    of the records' mfu); `flops_per_token`: their mean FLOPs per token, each refresh
+    counted on its step (the estimate's cost amortised over the refreshes made)."""
+    timed = [r for r in steady if r.get("mfu") is not None and r.get("step_time_s")]
+    seconds = sum(r["step_time_s"] for r in timed)
+    refreshed = sum(bool(r.get("refresh")) for r in steady)
+    per_token = self.model_per_token + (
+        self.refresh_per_token * refreshed / len(steady) if steady else 0.0)
+    return {"mfu": sum(r["mfu"] * r["step_time_s"] for r in timed) / seconds if seconds
+            else None,
+            "flops_per_token": per_token}
+
+
+def step_flops(config, model_config) -> StepFlops:
+  """The StepFlops of a `TrainConfig` training `model_config` on this process's devices."""
+  return StepFlops(
+      float(model_flops_per_token(model_config, config.seq_len)),
+      float(estimate_flops_per_token(model_config, config.seq_len,
+                                     config.resolved_hessian_estimator(), config.grad_accum)),
+      peak_flops_per_s(config.compute_dtype))
