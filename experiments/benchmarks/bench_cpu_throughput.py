@@ -102,8 +102,7 @@ def worker(name: str, steps: int) -> dict:
     times.append(time.perf_counter() - t0)
     losses.append(float(metrics["loss"]))
   step_s = float(np.median(times[WARMUP_STEPS:]))
-  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(model.abstract_params)))
-  flops_step = model_flops_per_step(model.config, BATCH, SEQ, params)
+  flops_step = model_flops_per_step(model.config, BATCH, SEQ)
   return {"variant": name, "step_s": step_s, "tokens_per_s": BATCH * SEQ / step_s,
           "achieved_flops_per_s": flops_step / step_s, "losses": losses,
           "devices": int(mesh.size), "dtype": str(np.dtype(model.config.dtype)),

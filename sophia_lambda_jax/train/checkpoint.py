@@ -430,6 +430,21 @@ def steps_on_disk(directory: Path) -> tuple[list[int], list[int]]:
   return sorted(complete), sorted(partial)
 
 
+def set_aside_partial(directory: Path) -> None:
+  """Rename each save in flight ("<step>.orbax-checkpoint-tmp*") to that name plus
+  "-abandoned" (still a partial save: the next run's manager removes it), so that orbax can no longer rename it into place: a process that abandons
+  its save then names, from `steps_on_disk`, the checkpoint the next run resumes from. A
+  save that completed first is left as it is."""
+  for path in Path(directory).iterdir() if Path(directory).is_dir() else ():
+    step, _, suffix = path.name.partition(".")
+    if step.isdigit() and suffix.startswith("orbax-checkpoint-tmp") and \
+        not suffix.endswith("-abandoned"):
+      try:
+        os.rename(path, path.with_name(f"{path.name}-abandoned"))
+      except OSError:  # renamed into place (or removed) meanwhile
+        pass
+
+
 def latest_step(directory: str | Path) -> int | None:
   """Newest complete checkpoint's step in `directory` (None when there is none)."""
   directory = Path(directory).absolute()

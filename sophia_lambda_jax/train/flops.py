@@ -17,8 +17,9 @@ is counted over the whole T x T score matrix, as PaLM's MFU does (Chowdhery et a
 appendix B), causal mask or not. The optimizer's own elementwise work (O(parameters) per
 step, not per token) and rematerialisation are not model FLOPs.
 
-MFU = model FLOPs of the step / step time / peak. Peaks: a table of NVIDIA GPUs' dense
-bfloat16 and TF32 (what XLA runs a float32 matmul as) FLOP/s per device; on CPU, the
+MFU = model FLOPs of the step / step time / peak. Peaks: a table of accelerators' dense
+bfloat16 FLOP/s per device (`BF16_PEAK_FLOPS`; float32 matmuls run as TF32 on NVIDIA GPUs,
+half of it, and as bfloat16 passes on TPUs, the same); on CPU, the
 measured FLOP/s of a square matmul in the compute dtype, the reference of
 experiments/benchmarks/bench_train_step.py, timed once per process (about 0.3 s); other
 devices: no peak, and no MFU.
@@ -33,16 +34,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Dense (no sparsity) peak FLOP/s per device from NVIDIA's datasheets: (lowercase substring
-# of jax's device_kind, bfloat16, TF32). The first match wins: the PCIe and NVL variants
-# before the SXM part they share a name with.
-GPU_PEAK_FLOPS = (
-    ("h200 nvl", 835e12, 418e12),
-    ("h200", 989e12, 495e12),
-    ("h100 nvl", 835e12, 418e12),
-    ("h100 pcie", 756e12, 378e12),
-    ("h100", 989e12, 495e12),
-    ("a100", 312e12, 156e12),
+# Dense (not sparse) bfloat16 matrix FLOP/s of one chip from the vendors' datasheets
+# (NVIDIA's tables print the sparse figure, twice these). The first pattern found in the
+# lowercased `device_kind` wins, so the more specific ones come first.
+BF16_PEAK_FLOPS = (
+    ("h200 nvl", 835e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12), ("tpu v5 lite", 197e12), ("tpu v5", 459e12), ("tpu v6 lite", 918e12),
 )
 
 
@@ -107,23 +106,25 @@ def _cpu_matmul_flops_per_s(dtype: str) -> float:
 
 
 def device_peak_flops_per_s(device, compute_dtype: str) -> float | None:
-  """Dense peak of one GPU from `GPU_PEAK_FLOPS`, None when it is not in the table."""
+  """Dense peak of one accelerator from `BF16_PEAK_FLOPS` in `compute_dtype` (float32: TF32
+  on a GPU, half the bfloat16 figure; bfloat16 passes on a TPU), None when it is not in the
+  table."""
   kind = device.device_kind.lower()
-  for name, bfloat16, tf32 in GPU_PEAK_FLOPS:
+  for name, bfloat16 in BF16_PEAK_FLOPS:
     if name in kind:
-      return bfloat16 if compute_dtype == "bfloat16" else tf32
+      return bfloat16 / 2 if compute_dtype == "float32" and device.platform == "gpu" \
+          else bfloat16
   return None
 
 
 def peak_flops_per_s(compute_dtype: str) -> float | None:
-  """Peak FLOP/s of all the run's devices: the GPUs' table entries summed; on CPU the
+  """Peak FLOP/s of all the run's devices: their table entries summed; on CPU the
   matmul reference of this process times the number of processes (the simulated devices
   of one process share its cores); None when a device's peak is unknown."""
   devices = jax.devices()
   if all(d.platform == "cpu" for d in devices):
     return _cpu_matmul_flops_per_s(compute_dtype) * jax.process_count()
-  peaks = [device_peak_flops_per_s(d, compute_dtype) if d.platform == "gpu" else None
-           for d in devices]
+  peaks = [device_peak_flops_per_s(d, compute_dtype) for d in devices]
   return None if None in peaks else float(sum(peaks))
 
 

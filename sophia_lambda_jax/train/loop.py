@@ -39,21 +39,15 @@ from jax.sharding import PartitionSpec as P
 
 from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
+from sophia_lambda_jax.train import flops
 from sophia_lambda_jax.train import mesh as mesh_lib
-from sophia_lambda_jax.train.checkpoint import Checkpointer, steps_on_disk
+from sophia_lambda_jax.train.checkpoint import Checkpointer, set_aside_partial, steps_on_disk
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import (UNCLIPPED_BAND, MetricsLogger, finite_or_none,
                                              in_unclipped_band, read_metrics,
                                              unclipped_fractions)
+from sophia_lambda_jax.train.schedule import learning_rate_schedule
 from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
-
-
-def learning_rate_schedule(config: TrainConfig, peak: float) -> optax.Schedule:
-  """Linear warmup 0 -> peak over warmup steps, then cosine to final_lr_fraction * peak."""
-  warmup = config.resolved_warmup_steps()
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(config.steps, warmup + 1), end_value=peak * config.final_lr_fraction)
 
 
 def build_optimizer(config: TrainConfig, schedule: optax.Schedule):
@@ -537,6 +531,8 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
 def _interrupted(directory: Path, signum: int, abandoned: bool = False) -> str:
   """The one line of an interrupted run: where the same command resumes (and, when the
   process is ending with a save in flight, which checkpoint it abandons)."""
+  if abandoned:  # the save in flight can no longer complete after this line is written
+    set_aside_partial(directory)
   complete, partial = steps_on_disk(directory)
   line = interrupts.interrupted_by(signum)
   if abandoned and partial:
@@ -599,6 +595,7 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
       total += float(_host(model.eval_loss(state.params, batch)))
     return total / n
 
+  step_flops = flops.step_flops(config, model.config)
   last_val: float | None = None
   batch = load_batch(run.start_step) if run.start_step < config.steps else None
   for step in range(run.start_step, config.steps):
@@ -612,8 +609,8 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
     dt = time.perf_counter() - t0
     done = step + 1
     _check_finite(metrics, done, checkpointer, logger)
-    logger.log_step(_step_record(config, metrics, done, dt,
-                                 warmup=step == run.start_step))
+    logger.log_step(_step_record(config, metrics, done, dt, warmup=step == run.start_step,
+                                 step_flops=step_flops))
     if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
       n = eval_batches(final=done == config.steps)
       last_val = evaluate(n)
@@ -646,13 +643,14 @@ def _check_finite(metrics: dict, done: int, checkpointer: Checkpointer, logger) 
 
 
 def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
-                 warmup: bool) -> dict[str, Any]:
+                 warmup: bool, step_flops: flops.StepFlops) -> dict[str, Any]:
   """The metrics.jsonl record of one step. `warmup` marks the first step a process runs
   (start-up and caches: left out of the summary's timings, for every segment of a resumed
   run)."""
   record = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "step_time_s": dt,
-            "tokens_per_s": config.batch_tokens / dt}
+            "tokens_per_s": config.batch_tokens / dt,
+            "mfu": step_flops.mfu(config.batch_tokens, dt, bool(metrics.get("refresh")))}
   if warmup:
     record["warmup"] = True
   if "hessian_interval" in metrics:
@@ -719,6 +717,8 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
                                  if "val_loss" in r), None),
       "mean_step_s": mean_step,
       "tokens_per_s": config.batch_tokens / mean_step if mean_step else None,
+      # mfu over the steady steps and their mean flops_per_token (docs/design.md section 7.1).
+      **flops.step_flops(config, model.config).summary(steady),
       "wall_s": time.perf_counter() - wall_start,
       "compile_s": compile_s,
       "peak_memory_bytes": (compiled_memory(compiled_step) or {}).get("total"),

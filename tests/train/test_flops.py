@@ -71,16 +71,17 @@ def test_mfu_arithmetic_and_summary():
   assert unknown.summary([{"step": 2, "mfu": None, "step_time_s": 1.0}])["mfu"] is None
 
 
-@pytest.mark.parametrize("kind, dtype, peak", [
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
-    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
-    ("NVIDIA H200", "bfloat16", 989e12),
-    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
-    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
-    ("Tesla T4", "bfloat16", None),
+@pytest.mark.parametrize("kind, platform, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "gpu", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "gpu", "bfloat16", 756e12),
+    ("NVIDIA H200", "gpu", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "gpu", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "gpu", "float32", 156e12),  # TF32
+    ("TPU v4", "tpu", "float32", 275e12),                  # bfloat16 passes
+    ("Tesla T4", "gpu", "bfloat16", None),
 ])
-def test_gpu_peak_table(kind, dtype, peak):
-  device = types.SimpleNamespace(device_kind=kind, platform="gpu")
+def test_peak_table(kind, platform, dtype, peak):
+  device = types.SimpleNamespace(device_kind=kind, platform=platform)
   assert flops.device_peak_flops_per_s(device, dtype) == peak
 
 
