@@ -252,6 +252,9 @@ def _attention(q, k, v, mask):
 
 
 _CAUSAL_QUERY_CHUNKS = 4
+# Query positions per piece of the backward pass (at least _CAUSAL_QUERY_CHUNKS pieces):
+# its temporaries are a piece's (keys x queries) products, two of them in float32.
+_BACKWARD_QUERIES = 128
 
 
 def _grouped(x, kv_heads: int):
@@ -269,46 +272,60 @@ def _ungrouped(x, seq: int):
   return x.reshape(batch, seq, -1, dim)
 
 
-def _chunk_mask(segment_ids, batch: int, start: int, end: int):
-  """(B, 1, 1, end - start, end) bool: query start + i may attend to key j."""
-  mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-  mask = jnp.broadcast_to(mask, (batch, end - start, end))
+def _chunk_mask(segment_ids, start: int, end: int):
+  """(B or 1, 1, 1, end - start, end) bool: query start + i may attend to key j."""
+  mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
   return mask[:, None, None]
 
 
-def _chunks(seq: int) -> list[tuple[int, int]]:
-  chunks = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1
-  size = seq // chunks
-  return [(i * size, (i + 1) * size) for i in range(chunks)]
+def _after(x, previous):
+  """x, made to depend on `previous`: XLA then computes the chunks one after the other.
+
+  Independent chunks run at once on XLA:CPU, each with its (queries x keys) temporaries,
+  and that backend drops optimization barriers; it does not fold 0 * y for floats, so
+  this data dependency holds (docs/decisions.md).
+  """
+  return x + (0.0 * previous.reshape(-1)[0]).astype(x.dtype)
+
+
+def _pieces(seq: int, count: int) -> list[tuple[int, int]]:
+  """[start, end) of `count` equal query pieces of a sequence (one piece if they do not
+  divide it)."""
+  count = count if seq % count == 0 else 1
+  size = seq // count
+  return [(i * size, (i + 1) * size) for i in range(count)]
 
 
 def _causal_forward(q, k, v, segment_ids):
-  """Output (B, S, H*D) and, per query chunk, its grouped output and logsumexp."""
+  """Output (B, S, H*D) and the logsumexp of every query's scores (B, S, H), float32."""
   batch, seq, heads, dim = q.shape
   kv_heads = k.shape[2]
   groups = heads // kv_heads
   kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
-  outs, saved = [], []
-  for start, end in _chunks(seq):
+  outs, lses = [], []
+  for start, end in _pieces(seq, _CAUSAL_QUERY_CHUNKS):
     qg = _grouped(q[:, start:end], kv_heads)
+    if outs:
+      qg = _after(qg, outs[-1])
     scores = jnp.einsum("bkqd,bktd->bkqt", qg, kg[:, :, :end],
                         preferred_element_type=jnp.float32)
     scores = scores.reshape(batch, kv_heads, groups, end - start, end) * (dim ** -0.5)
-    # A finite fill keeps rows well defined; every row has its own token unmasked anyway.
-    scores = jnp.where(_chunk_mask(segment_ids, batch, start, end), scores,
-                       jnp.finfo(jnp.float32).min)
+    # A finite floor keeps rows well defined (every row has its own token unmasked anyway),
+    # added rather than selected: XLA:CPU materialises a select's constant at full size.
+    floor = jnp.where(_chunk_mask(segment_ids, start, end), 0.0, jnp.finfo(jnp.float32).min)
+    scores = scores + floor
     top = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
     unnormalized = jnp.exp(scores - top)
     total = unnormalized.sum(-1, keepdims=True)
     probs = (unnormalized / total).astype(v.dtype).reshape(batch, kv_heads, -1, end)
     out = jnp.einsum("bkqt,bktd->bkqd", probs, vg[:, :, :end])
-    lse = (top + jnp.log(total)).reshape(batch, kv_heads, -1)
     outs.append(_ungrouped(out, end - start))
-    saved.append((out, lse))
-  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-  return out.reshape(batch, seq, heads * dim), saved
+    lse = (top + jnp.log(total))[..., 0]  # (B, K, G, S')
+    lses.append(lse.transpose(0, 3, 1, 2).reshape(batch, end - start, heads))
+  concat = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]  # noqa: E731
+  return concat(outs).reshape(batch, seq, heads * dim), concat(lses)
 
 
 @jax.custom_vjp
@@ -317,40 +334,49 @@ def _causal_attention(q, k, v, segment_ids):
 
 
 def _causal_attention_fwd(q, k, v, segment_ids):
-  out, saved = _causal_forward(q, k, v, segment_ids)
-  return out, (q, k, v, segment_ids, saved)
+  out, lse = _causal_forward(q, k, v, segment_ids)
+  return out, (q, k, v, segment_ids, out, lse)
 
 
 def _causal_attention_bwd(residuals, dout):
-  """FlashAttention's backward pass (Dao 2023, "FlashAttention-2", Algorithm 2) per query
-  chunk, from q, k, v, the chunk's output O and logsumexp: P = exp(S - lse),
-  dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d).
-  It forms S^T = K Q^T rather than the forward pass's Q K^T: XLA:CPU drops the barriers
-  that keep `jax.checkpoint`'s recomputation apart and merges identical expressions, which
-  would keep the forward's scores alive for the backward (docs/decisions.md)."""
-  q, k, v, segment_ids, saved = residuals
+  """FlashAttention's backward pass (Dao 2023, "FlashAttention-2", Algorithm 2) over query
+  pieces of at most `_BACKWARD_QUERIES` positions, from q, k, v, the output O and the
+  logsumexp: P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
+  dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d); each piece against the keys up to its end.
+
+  The recomputed S^T = K Q^T takes q through `_after(q, dO)`: XLA:CPU drops the barriers
+  that keep a recomputation apart, merges identical expressions and runs work as early as
+  its operands allow, so scores computed from q and k alone would be computed during the
+  forward pass and held (docs/decisions.md). Each piece also waits for the previous one.
+  """
+  q, k, v, segment_ids, out, lse = residuals
   batch, seq, heads, dim = q.shape
   kv_heads = k.shape[2]
   groups = heads // kv_heads
   scale = dim ** -0.5
   kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
   dout = dout.reshape(batch, seq, heads, dim)
+  out = out.reshape(batch, seq, heads, dim)
+  lse = lse.reshape(batch, seq, kv_heads, groups).transpose(0, 2, 3, 1)  # (B, K, G, S)
   dq, dk, dv = [], jnp.zeros(kg.shape, jnp.float32), jnp.zeros(vg.shape, jnp.float32)
-  for (start, end), (out, lse) in zip(_chunks(seq), saved):
+  for start, end in _pieces(seq, _CAUSAL_QUERY_CHUNKS):
     qg = _grouped(q[:, start:end], kv_heads)
     dog = _grouped(dout[:, start:end], kv_heads).astype(q.dtype)
+    if dq:
+      dog = _after(dog, dq[-1])
     k_end, v_end = kg[:, :, :end], vg[:, :, :end]
-    # S^T = K Q^T and dP^T = V dO^T in one batched product.
-    scores_t, dprobs_t = jnp.einsum(
-        "xbktd,xbkqd->xbktq", jnp.stack([k_end, v_end.astype(k.dtype)]),
-        jnp.stack([qg, dog]), preferred_element_type=jnp.float32)
-    mask_t = jnp.swapaxes(_chunk_mask(segment_ids, batch, start, end), -1, -2)
-    mask_t = jnp.broadcast_to(mask_t, (batch, 1, groups, end, end - start))
-    mask_t = mask_t.transpose(0, 1, 3, 2, 4).reshape(batch, 1, end, -1)
-    probs_t = jnp.exp(scores_t * scale - lse[:, :, None, :]) * mask_t
+    scores_t = jnp.einsum("bktd,bkqd->bktq", k_end, _after(qg, dog),
+                          preferred_element_type=jnp.float32)
+    dprobs_t = jnp.einsum("bktd,bkqd->bktq", v_end, dog, preferred_element_type=jnp.float32)
+    mask_t = jnp.swapaxes(_chunk_mask(segment_ids, start, end), -1, -2)
+    mask_t = jnp.broadcast_to(mask_t, mask_t.shape[:2] + (groups, end, end - start))
+    mask_t = mask_t.transpose(0, 1, 3, 2, 4).reshape(mask_t.shape[0], 1, end, -1)
+    lse_g = lse[..., start:end].reshape(batch, kv_heads, -1)
+    probs_t = jnp.exp(scores_t * scale - lse_g[:, :, None, :]) * mask_t
     dv = dv.at[:, :, :end].add(jnp.einsum("bktq,bkqd->bktd", probs_t.astype(v.dtype), dog,
                                           preferred_element_type=jnp.float32))
-    rowsum = jnp.sum(dog.astype(jnp.float32) * out.astype(jnp.float32), -1)
+    og = _grouped(out[:, start:end], kv_heads)
+    rowsum = jnp.sum(dog.astype(jnp.float32) * og.astype(jnp.float32), -1)
     # dS^T without the 1/sqrt(d), applied to the (much smaller) dQ and dK instead.
     dscores_t = (probs_t * (dprobs_t - rowsum[:, :, None, :])).astype(q.dtype)
     dq.append(_ungrouped(jnp.einsum("bktq,bktd->bkqd", dscores_t, k_end,
@@ -468,6 +494,31 @@ class Attention(nnx.Module):
     return self.o_proj(out), new_cache
 
 
+@jax.custom_vjp
+def _swiglu(gate, up):
+  """silu(gate) * up, whose backward pass keeps only gate and up."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  # Not _swiglu itself: forward-over-reverse (Sophia-H) differentiates this function.
+  return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(residuals, dout):
+  """d silu(g) / dg = s (1 + g (1 - s)), s = sigmoid(g), recomputed from g. Made to depend
+  on dout (`_after`): two backward passes (a GNB refresh) would otherwise share it, and
+  XLA:CPU then computes it once, early, and holds it for every layer."""
+  gate, up = residuals
+  gate = _after(gate, dout)
+  sig = jax.nn.sigmoid(gate)
+  dgate = dout * up * sig * (1 + gate * (1 - sig))
+  return dgate.astype(gate.dtype), (dout * gate * sig).astype(up.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -478,7 +529,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear(inner, hidden, False, config, rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nnx.Module):
