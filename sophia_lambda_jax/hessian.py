@@ -164,7 +164,7 @@ def gnb_head_cotangents(labels: jax.Array, y_hat: jax.Array, hidden: jax.Array,
     (dhidden_hat, dhead_hat) with the shapes and dtypes of (dhidden, dhead).
   """
   labels, y_hat = jnp.asarray(labels), jnp.asarray(y_hat)
-  width, vocab = head.shape
+  width = head.shape[0]
   if y_hat.shape != labels.shape:
     raise ValueError(f"y_hat must have the shape of labels {labels.shape}, got {y_hat.shape}")
   if hidden.shape != labels.shape + (width,) or dhidden.shape != hidden.shape:
@@ -180,11 +180,11 @@ def gnb_head_cotangents(labels: jax.Array, y_hat: jax.Array, hidden: jax.Array,
   column = lambda i: jnp.take(head, i, axis=1).astype(jnp.float32)  # noqa: E731  (d, N)
   dhidden_hat = (dhidden.astype(jnp.float32)
                  + ((column(y) - column(y_hat)).T / tokens).reshape(dhidden.shape))
-  # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t.
+  # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t: added
+  # into (a float32 copy of) dhead itself, not into a zero (V, d) buffer of its own.
   rows = jax.lax.stop_gradient(hidden).reshape(-1, width).astype(jnp.float32) / tokens
-  update = jax.ops.segment_sum(jnp.concatenate([rows, -rows]),
-                               jnp.concatenate([y, y_hat]), num_segments=vocab)  # (V, d)
-  dhead_hat = dhead.astype(jnp.float32) + update.T
+  dhead_hat = dhead.astype(jnp.float32).at[:, jnp.concatenate([y, y_hat])].add(
+      jnp.concatenate([rows, -rows]).T)
   return dhidden_hat.astype(dhidden.dtype), dhead_hat.astype(dhead.dtype)
 
 

@@ -86,16 +86,18 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
 
   def block(carry, block_in):
     m, s, z_label, y_hat = carry
-    w, start, block_key = block_in
+    w, start, bias, block_key = block_in
     z = jnp.dot(rows, w, preferred_element_type=jnp.float32)  # (N, width)
+    if bias is not None:  # floor at the zero-padded columns of the last block
+      z = z + bias
     columns = start + jnp.arange(width)
-    if count * width != vocab:  # zero-padded columns of the last block
-      z = jnp.where(columns < vocab, z, floor)
     m_new = jax.lax.stop_gradient(jnp.maximum(m, z.max(-1)))
     e = jnp.exp(z - m_new[:, None])
     mass = e.sum(-1)
     s_new = s * jnp.exp(m - m_new) + mass
-    z_label = z_label + jnp.where(columns == y[:, None], z, 0.0).sum(-1)
+    # A product with the label's indicator, not a select against a constant: XLA:CPU
+    # materialises such constants at full size outside the loop.
+    z_label = z_label + jnp.sum(z * (columns == y[:, None]), -1)
     if block_key is not None:
       u = jax.random.uniform(block_key, labels.shape, jnp.float32).reshape(tokens)
       mass, total = jax.lax.stop_gradient((mass, s_new))
@@ -107,16 +109,19 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
   carry = (jnp.full((tokens,), floor), zeros, zeros,
            None if key is None else jnp.zeros((tokens,), jnp.int32))
   if count == 1:
-    (m, s, z_label, y_hat), _ = block(carry, (head, 0, key))
+    (m, s, z_label, y_hat), _ = block(carry, (head, 0, None, key))
   else:
-    padded = jnp.pad(head, ((0, 0), (0, count * width - vocab)))
-    blocks = padded.reshape(d, count, width).transpose(1, 0, 2)
+    padding = count * width - vocab
+    blocks = jnp.pad(head, ((0, 0), (0, padding))).reshape(d, count, width).transpose(1, 0, 2)
+    bias = None
+    if padding:
+      bias = jnp.where(jnp.arange(count * width) < vocab, 0.0, floor).reshape(count, width)
     keys = None
     if key is not None:
       keys = jnp.concatenate([key[None], jax.vmap(lambda b: jax.random.fold_in(key, b))(
           jnp.arange(1, count))])
     (m, s, z_label, y_hat), _ = jax.lax.scan(
         jax.checkpoint(block, prevent_cse=False), carry,
-        (blocks, jnp.arange(count) * width, keys))
+        (blocks, jnp.arange(count) * width, bias, keys))
   loss = jnp.mean(m + jnp.log(s) - z_label)
   return loss, None if y_hat is None else y_hat.reshape(labels.shape)
