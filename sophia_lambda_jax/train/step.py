@@ -122,7 +122,9 @@ def _gradients_and_gnb(features_fn, grad_accum, refresh: bool, params, batch, ke
   if refresh:
     return gnb_estimate(features_fn, params, batch, key, grad_accum)
   loss, grads, _ = accumulate(features_fn, params, batch, grad_accum)
-  return loss, grads, jax.tree.map(jnp.zeros_like, params)
+  # Zeros made from the gradient: XLA then fills them at the end of the branch instead of
+  # holding a parameter-sized buffer through all of it.
+  return loss, grads, jax.tree.map(lambda g: 0.0 * g, grads)
 
 
 def _last_micro_batch(batch: jax.Array, grad_accum: int) -> jax.Array:
@@ -144,13 +146,19 @@ def loss_grads_and_hessian_fn(features_fn: FeaturesFn, estimator: str | None,
         lambda p: output_layer.cross_entropy(*features_fn(p, x), y)[0], key)
   # The estimate is formed in the step's own branch on the optimizer's refresh test, not
   # inside the optimizer's cond: as operands of that cond the backward's residuals slowed
-  # every step down (docs/decisions.md). Should the optimizer ever refresh when `due` is
-  # False, it gets a recomputed estimate, never the zeros.
+  # every step down (docs/decisions.md).
   due = transforms.hessian_refresh_due(state.opt_state)
   loss, grads, estimate = jax.lax.cond(
       due, functools.partial(_gradients_and_gnb, features_fn, grad_accum, True),
       functools.partial(_gradients_and_gnb, features_fn, grad_accum, False),
       params, batch, key)
+  is_ema = lambda x: isinstance(x, transforms.HessianEMAState)  # noqa: E731
+  if sum(map(is_ema, jax.tree.leaves(state.opt_state, is_leaf=is_ema))) == 1:
+    # `due` is the optimizer's own test on the state it updates: it refreshes exactly then.
+    return loss, grads, lambda _: estimate
+  # Another Hessian EMA may refresh when the first does not: it gets a recomputed estimate,
+  # never the zeros. (Compiled only here: the recomputation held about 0.8 GB beside the
+  # step's gradient at the paper's micro-batch, docs/decisions.md.)
 
   def recomputed(_):
     return gnb_estimate(features_fn, params, batch, key, grad_accum)[2]

@@ -40,9 +40,9 @@ def batches(grad_accum, n):
   return [jnp.asarray(rng.integers(0, VOCAB, size=shape), jnp.int32) for _ in range(n)]
 
 
-def run(grad_accum, steps=5):
-  tx = slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ * grad_accum,
-                  hessian_interval=2)
+def run(grad_accum, steps=5, tx=None):
+  tx = tx or slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ * grad_accum,
+                        hessian_interval=2)
   train_step = jax.jit(step_lib.make_train_step(features_fn, tx, estimator="gnb",
                                                 grad_accum=grad_accum))
   state, losses = init(tx), []
@@ -52,20 +52,50 @@ def run(grad_accum, steps=5):
   return state, losses
 
 
+def two_hessian_emas(grad_accum):
+  """Sophia refreshing every 3rd step behind a second Hessian EMA refreshing every 2nd:
+  the step's refresh test reads the first, so on steps 2 and 3 it guesses wrong."""
+  return optax.chain(transforms.hessian_ema(hessian_interval=2),
+                     slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ * grad_accum,
+                                hessian_interval=3))
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
-@pytest.mark.parametrize("guess", [True, False])
+@pytest.mark.parametrize("guess", [True, False, None])
 def test_a_wrong_refresh_guess_changes_nothing(monkeypatch, grad_accum, guess):
-  """Forcing the step's branch (always the one that forms the estimate, or always the one
-  that does not, so the optimizer's hessian_fn runs its own forward) gives the same run."""
-  want_state, want_losses = run(grad_accum)
-  monkeypatch.setattr(transforms, "hessian_refresh_due", lambda state: jnp.asarray(guess))
-  got_state, got_losses = run(grad_accum)
+  """With a Hessian EMA that the step's test does not read, a wrong guess (the step's own,
+  or one forced either way) still gives the optimizer the estimate it asks for: the run
+  equals the run of a step that knows (the guess always True computes every estimate)."""
+  monkeypatch.setattr(transforms, "hessian_refresh_due", lambda state: jnp.asarray(True))
+  want_state, want_losses = run(grad_accum, tx=two_hessian_emas(grad_accum))
+  monkeypatch.undo()
+  if guess is not None:
+    monkeypatch.setattr(transforms, "hessian_refresh_due", lambda state: jnp.asarray(guess))
+  got_state, got_losses = run(grad_accum, tx=two_hessian_emas(grad_accum))
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                got_state.params, want_state.params)
-  h = lambda s: transforms._find(s.opt_state, transforms.HessianEMAState)[0].h  # noqa: E731
+  hs = lambda s: [x.h for x in jax.tree.leaves(  # noqa: E731
+      s.opt_state, is_leaf=lambda x: isinstance(x, transforms.HessianEMAState))
+      if isinstance(x, transforms.HessianEMAState)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12),
-               h(got_state), h(want_state))
+               hs(got_state), hs(want_state))
+
+
+def test_one_hessian_ema_needs_no_recomputed_estimate(monkeypatch):
+  """The step's test is the optimizer's own for its only Hessian EMA: the estimate is
+  traced once (the refresh branch), not again as a fallback inside the optimizer."""
+  traced = []
+  estimate = step_lib.gnb_estimate
+  monkeypatch.setattr(step_lib, "gnb_estimate", lambda *a: traced.append(1) or estimate(*a))
+  tx = slj.sophia(learning_rate=0.05, batch_tokens=BATCH * SEQ, hessian_interval=2)
+  step = step_lib.make_train_step(features_fn, tx, estimator="gnb")
+  jax.eval_shape(step, init(tx), batches(1, 1)[0])
+  assert len(traced) == 1
+  tx = two_hessian_emas(1)
+  jax.eval_shape(step_lib.make_train_step(features_fn, tx, estimator="gnb"), init(tx),
+                 batches(1, 1)[0])
+  assert len(traced) == 3
 
 
 def test_refresh_step_estimate_is_gnb_of_the_step_batch():
