@@ -57,7 +57,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -144,6 +143,9 @@ def worker(name: str, steps: int, shape: dict | None = None,
 
 
 def _variant_env(name: str, root: Path = ROOT) -> dict:
+  # Imported here, not at the top: a worker runs this file on another commit's library.
+  from experiments.benchmarks import baseline_ref as baseline_ref_lib
+
   variant = VARIANTS[name]
   env = dict(os.environ)
   env.pop("GLIBC_TUNABLES", None)  # baseline is the process without it
@@ -155,8 +157,7 @@ def _variant_env(name: str, root: Path = ROOT) -> dict:
   else:
     env.pop("XLA_FLAGS", None)
   env.setdefault("JAX_PLATFORMS", "cpu")
-  env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return baseline_ref_lib.env_with_root(root, env)
 
 
 def run_variant(name: str, steps: int, shape: dict | None = None,
@@ -171,24 +172,6 @@ def run_variant(name: str, steps: int, shape: dict | None = None,
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"variant": name, "error": " | ".join(tail)}
   return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@contextlib.contextmanager
-def checkout(ref: str):
-  """A temporary git worktree of `ref` (detached), removed on exit."""
-  commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
-                          capture_output=True, text=True)
-  if commit.returncode != 0:
-    raise ValueError(f"--baseline-ref: {ref!r} is not a commit of {ROOT}")
-  with tempfile.TemporaryDirectory(prefix="slj-ref-") as parent:
-    path = Path(parent) / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path),
-                    commit.stdout.strip()], check=True, capture_output=True)
-    try:
-      yield path, commit.stdout.strip()
-    finally:
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
-                     capture_output=True)
 
 
 def _entry(results: list[dict], reference_losses) -> dict:
@@ -218,6 +201,8 @@ def _entry(results: list[dict], reference_losses) -> dict:
 def benchmark(rounds: int = 3, steps: int = 30, only: list[str] | None = None,
               baseline_ref: str | None = None, shape: dict | None = None,
               warmup_steps: int = WARMUP_STEPS) -> dict:
+  from experiments.benchmarks import baseline_ref as baseline_ref_lib
+
   names = ["baseline"] + [n for n in (only or VARIANTS) if n != "baseline"]
   unknown = sorted(set(names) - set(VARIANTS))
   if unknown:
@@ -226,7 +211,8 @@ def benchmark(rounds: int = 3, steps: int = 30, only: list[str] | None = None,
     roots = {"": ROOT}
     ref_commit = None
     if baseline_ref:
-      roots[REF_SUFFIX], ref_commit = stack.enter_context(checkout(baseline_ref))
+      roots[REF_SUFFIX], ref_commit = stack.enter_context(baseline_ref_lib.checkout(
+          baseline_ref))
     runs = {n + suffix: [] for n in names for suffix in roots}
     order_all = list(runs)
     for r in range(rounds):
