@@ -26,6 +26,8 @@ setting of the process that runs it:
   sophia_lambda      Sophia-Lambda instead of AdamW (refresh every 10th step): its refresh
                      and plain steps are timed apart, and their Hessian overhead, the mean
                      step over the plain one, is reported
+  remat-full         QwenConfig.remat "full" (each block recomputed in the backward pass)
+  remat-dots         QwenConfig.remat "dots" (the weight matmuls' outputs kept)
 
 Every variant runs in its own process (XLA_FLAGS and GLIBC_TUNABLES are read once per
 process). The variants take turns in `rounds` rounds, each round in a rotated order, so a
@@ -34,6 +36,11 @@ median over its rounds of the round's median step. Results are ratios to `baseli
 same run: tokens/s ratio, and the largest difference of all its steps' training losses from
 baseline's (the same batches and init: a setting that changes the trajectory beyond float
 tolerance is not a candidate default).
+
+--model-overrides JSON sets QwenConfig fields for every variant (e.g. '{"scan_layers": true}').
+Besides the wall-clock step time, each step's CPU time (all threads of the process) is
+recorded: on a machine shared with other work it is the steadier of the two (new / ref is
+reported for both).
 
 With --baseline-ref COMMIT every variant also runs on the library of COMMIT, checked out
 in a temporary git worktree (removed afterwards), taking its turns in the same rounds: the
@@ -76,6 +83,8 @@ VARIANTS: dict[str, dict] = {
     "data=2": {"xla_flags": [f"{_DEVICE_COUNT}=2"], "mesh": "data=2,fsdp=1"},
     "bfloat16": {"compute_dtype": "bfloat16"},
     "sophia_lambda": {"optimizer": "sophia_lambda"},
+    "remat-full": {"model_overrides": {"remat": "full"}},
+    "remat-dots": {"model_overrides": {"remat": "dots"}},
 }
 ROOT = Path(__file__).resolve().parents[2]
 REF_SUFFIX = "@ref"
@@ -85,8 +94,8 @@ def worker(name: str, steps: int, shape: dict | None = None,
            warmup_steps: int = WARMUP_STEPS) -> dict:
   """Run one variant in this process (its environment already set) and return its figures.
 
-  shape: TrainConfig fields that change the step (model, batch_size, seq_len); default the
-  cpu protocol's."""
+  shape: TrainConfig fields that change the step (model, batch_size, seq_len,
+  model_overrides); default the cpu protocol's."""
   import jax
   import numpy as np
 
@@ -99,9 +108,12 @@ def worker(name: str, steps: int, shape: dict | None = None,
   from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram
 
   variant = VARIANTS[name]
+  shape = dict(shape or {})
+  overrides = {**shape.pop("model_overrides", {}), **variant.get("model_overrides", {})}
   fields = cpu_fields(steps=1000, eval_every=0, optimizer=variant.get("optimizer", "adamw"),
                       compute_dtype=variant.get("compute_dtype", "float32"),
-                      mesh=variant.get("mesh", "data=1,fsdp=1"), **(shape or {}))
+                      mesh=variant.get("mesh", "data=1,fsdp=1"), model_overrides=overrides,
+                      **shape)
   batch, seq = fields["batch_size"], fields["seq_len"]
   config = TrainConfig(**fields)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -114,12 +126,13 @@ def worker(name: str, steps: int, shape: dict | None = None,
   batches = [mesh_lib.global_batch(loader.batch(i), program.batch_sharding,
                                    program.batch_shape) for i in range(total)]
   state = program.fresh_state()
-  times, losses, refreshes = [], [], []
+  times, cpu_times, losses, refreshes = [], [], [], []
   for i in range(total):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = step_fn(state, batches[i])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
     losses.append(float(metrics["loss"]))
     refreshes.append(bool(metrics.get("refresh", False)))
   timed, flags = times[warmup_steps:], refreshes[warmup_steps:]
@@ -127,6 +140,7 @@ def worker(name: str, steps: int, shape: dict | None = None,
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(model.abstract_params)))
   flops_step = model_flops_per_step(model.config, batch, seq, params)
   result = {"variant": name, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
+            "cpu_step_s": float(np.median(cpu_times[warmup_steps:])),
             "achieved_flops_per_s": flops_step / step_s, "losses": losses,
             "devices": int(mesh.size), "dtype": str(np.dtype(model.config.dtype)),
             "model": config.model, "batch_size": batch, "seq_len": seq,
@@ -166,7 +180,8 @@ def run_variant(name: str, steps: int, shape: dict | None = None,
   argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--steps",
           str(steps), "--warmup-steps", str(warmup_steps)]
   for flag, value in (shape or {}).items():
-    argv += [f"--{flag.replace('_', '-')}", str(value)]
+    argv += [f"--{flag.replace('_', '-')}",
+             json.dumps(value) if isinstance(value, dict) else str(value)]
   proc = subprocess.run(argv, env=_variant_env(name, root), capture_output=True, text=True)
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -181,7 +196,7 @@ def _entry(results: list[dict], reference_losses) -> dict:
   if not ok:
     return {"error": results[0]["error"]}
   entry = {k: float(np.median([r[k] for r in ok]))
-           for k in ("step_s", "achieved_flops_per_s", "matmul_flops_per_s",
+           for k in ("step_s", "cpu_step_s", "achieved_flops_per_s", "matmul_flops_per_s",
                      "shape_ceiling_flops_per_s")}
   entry["tokens_per_s"] = ok[0]["batch_size"] * ok[0]["seq_len"] / entry["step_s"]
   entry["fraction_of_matmul"] = entry["achieved_flops_per_s"] / entry["matmul_flops_per_s"]
@@ -235,7 +250,9 @@ def benchmark(rounds: int = 3, steps: int = 30, only: list[str] | None = None,
       entry["speedup"] = base["step_s"] / entry["step_s"]
       entry["fraction_of_baseline_shape_ceiling"] = (entry["achieved_flops_per_s"]
                                                      / base["shape_ceiling_flops_per_s"])
+  overrides = (shape or {}).get("model_overrides")
   result = {"step": f"{first['model']} {first['batch_size']}x{first['seq_len']}"
+                    + (f", model overrides {json.dumps(overrides)}" if overrides else "")
                     + (" (cpu protocol)" if not shape else ""),
             "rounds": rounds, "timed_steps": steps, "warmup_steps": warmup_steps,
             "cpu_count": os.cpu_count(), "variants": table}
@@ -246,6 +263,7 @@ def benchmark(rounds: int = 3, steps: int = 30, only: list[str] | None = None,
       ref = _entry(ref_runs, own[0]["losses"] if own else ref_runs[0].get("losses", []))
       if "error" not in ref and "error" not in table[n]:
         ref["new_over_ref"] = table[n]["tokens_per_s"] / ref["tokens_per_s"]
+        ref["new_over_ref_cpu_time"] = ref["cpu_step_s"] / table[n]["cpu_step_s"]
       reference[n] = ref
     result.update(baseline_ref=baseline_ref, baseline_commit=ref_commit, reference=reference)
   return result
@@ -283,19 +301,20 @@ def markdown(result: dict) -> str:
     lines += ["", f"## Against {result['baseline_ref']} ({result['baseline_commit'][:12]})", "",
               "The same variants on the library of that commit (temporary git worktree), "
               "interleaved with the working tree's in the same rounds.", "",
-              "| variant | tokens/s | ref tokens/s | new / ref | max train-loss diff | "
-              "Hessian overhead new / ref |", "|---|---|---|---|---|---|"]
+              "| variant | tokens/s | ref tokens/s | new / ref | new / ref by CPU time | "
+              "max train-loss diff | Hessian overhead new / ref |",
+              "|---|---|---|---|---|---|---|"]
     for name, ref in result["reference"].items():
       new = result["variants"][name]
       if "error" in ref or "error" in new:
         why = ref.get("error") or new.get("error")
-        lines.append(f"| {name} | error: {why[:80]} | | | | |")
+        lines.append(f"| {name} | error: {why[:80]} | | | | | |")
         continue
       overhead = (f"{new['hessian_overhead']:.3f} / {ref['hessian_overhead']:.3f}"
                   if "hessian_overhead" in new and "hessian_overhead" in ref else "")
       lines.append(f"| {name} | {new['tokens_per_s']:.0f} | {ref['tokens_per_s']:.0f} | "
-                   f"{ref['new_over_ref']:.3f}x | {_diff(ref['max_loss_diff'])} | "
-                   f"{overhead} |")
+                   f"{ref['new_over_ref']:.3f}x | {ref['new_over_ref_cpu_time']:.3f}x | "
+                   f"{_diff(ref['max_loss_diff'])} | {overhead} |")
   if overheads:
     lines += ["", "Hessian overhead: the mean step over the plain (no refresh) step, from the "
               "median refresh and plain steps: " + "; ".join(
@@ -326,6 +345,8 @@ def main(argv=None) -> int:
   parser.add_argument("--model", help="model preset (default the cpu protocol's, qwen-cpu)")
   parser.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
   parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+  parser.add_argument("--model-overrides", help="JSON object of QwenConfig fields for every "
+                      "variant")
   parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS,
                       help="untimed steps per process before the timed ones")
   parser.add_argument("--json", help="write the result here")
@@ -335,6 +356,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   shape = {k: v for k, v in (("model", args.model), ("batch_size", args.batch_size),
                              ("seq_len", args.seq_len)) if v is not None}
+  if args.model_overrides:
+    try:
+      shape["model_overrides"] = json.loads(args.model_overrides)
+    except ValueError:
+      shape["model_overrides"] = None
+    if not isinstance(shape["model_overrides"], dict):
+      parser.error(f"--model-overrides must be a JSON object of QwenConfig fields, got "
+                   f"{args.model_overrides!r}")
   if args.worker:
     print(json.dumps(worker(args.worker, args.steps, shape, args.warmup_steps)))
     return 0
