@@ -17,9 +17,9 @@ m enters the carry without a derivative (lse(z) = m + log sum exp(z - m) for any
 so every order of derivative is exact: the Hessian-vector products of Hutchinson's estimator
 go through the same function.
 
-A vocabulary whose float32 logits take at most `BLOCK_BYTES` is one block, computed once
-and kept for the backward pass, as a plain softmax cross-entropy would: faster at small
-sizes (docs/decisions.md).
+Blocks are at most `MAX_COLUMNS` wide, also when the whole vocabulary's logits would fit:
+on XLA:CPU the cpu protocol's step ran faster with its 8,192 columns in blocks of 1,024
+(recomputed) than as one block kept for the backward pass (docs/decisions.md).
 
 With a key, the same pass also draws the Gauss-Newton-Bartlett labels y_hat_t ~ softmax(z_t)
 (`hessian` module docstring) by weighted reservoir sampling over the blocks: block b's draw,
@@ -42,17 +42,19 @@ from sophia_lambda_jax import hessian
 # Width of the blocks `hessian.inverse_cdf` searches first, and what a vocabulary block's
 # width is a multiple of.
 _COLUMNS = 128
-# The float32 logits of one vocabulary block take at most this many bytes.
+# Columns per vocabulary block at most (module docstring), and the bytes of one block's
+# float32 logits at most.
+MAX_COLUMNS = 1024
 BLOCK_BYTES = 2**28
 
 
 def block_width(tokens: int, vocab: int) -> int:
-  """Columns per vocabulary block for `tokens` rows: the whole vocabulary when its float32
-  logits fit in `BLOCK_BYTES`, else the narrowest multiple of 128 that covers it in as few
-  blocks of at most `BLOCK_BYTES` as possible."""
-  if tokens * vocab * 4 <= BLOCK_BYTES:
+  """Columns per vocabulary block for `tokens` rows: the whole vocabulary if it is at most
+  `MAX_COLUMNS` wide and its float32 logits fit in `BLOCK_BYTES`; else the narrowest
+  multiple of 128 that covers it in as few blocks within both limits as possible."""
+  widest = max(_COLUMNS, min(MAX_COLUMNS, BLOCK_BYTES // (4 * tokens)) // _COLUMNS * _COLUMNS)
+  if vocab <= widest:
     return vocab
-  widest = max(_COLUMNS, BLOCK_BYTES // (4 * tokens) // _COLUMNS * _COLUMNS)
   count = -(-vocab // widest)
   return -(-vocab // (count * _COLUMNS)) * _COLUMNS
 
@@ -108,20 +110,17 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
   zeros = jnp.zeros((tokens,), jnp.float32)
   carry = (jnp.full((tokens,), floor), zeros, zeros,
            None if key is None else jnp.zeros((tokens,), jnp.int32))
-  if count == 1:
-    (m, s, z_label, y_hat), _ = block(carry, (head, 0, None, key))
-  else:
-    padding = count * width - vocab
-    blocks = jnp.pad(head, ((0, 0), (0, padding))).reshape(d, count, width).transpose(1, 0, 2)
-    bias = None
-    if padding:
-      bias = jnp.where(jnp.arange(count * width) < vocab, 0.0, floor).reshape(count, width)
-    keys = None
-    if key is not None:
-      keys = jnp.concatenate([key[None], jax.vmap(lambda b: jax.random.fold_in(key, b))(
-          jnp.arange(1, count))])
-    (m, s, z_label, y_hat), _ = jax.lax.scan(
-        jax.checkpoint(block, prevent_cse=False), carry,
-        (blocks, jnp.arange(count) * width, bias, keys))
+  padding = count * width - vocab
+  blocks = jnp.pad(head, ((0, 0), (0, padding))).reshape(d, count, width).transpose(1, 0, 2)
+  bias = None
+  if padding:
+    bias = jnp.where(jnp.arange(count * width) < vocab, 0.0, floor).reshape(count, width)
+  keys = None
+  if key is not None:
+    keys = jnp.concatenate([key[None], jax.vmap(lambda b: jax.random.fold_in(key, b))(
+        jnp.arange(1, count))])
+  (m, s, z_label, y_hat), _ = jax.lax.scan(
+      jax.checkpoint(block, prevent_cse=False), carry,
+      (blocks, jnp.arange(count) * width, bias, keys))
   loss = jnp.mean(m + jnp.log(s) - z_label)
   return loss, None if y_hat is None else y_hat.reshape(labels.shape)

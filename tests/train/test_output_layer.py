@@ -38,8 +38,7 @@ def assert_close(got, want, rel=1e-5):
   assert np.max(np.abs(got - want)) <= rel * np.max(np.abs(want)), np.max(np.abs(got - want))
 
 
-# One block (kept for the backward pass), blocks that divide the vocabulary, and blocks
-# whose last one is zero-padded.
+# One block, blocks that divide the vocabulary, and blocks whose last one is zero-padded.
 @pytest.mark.parametrize("width", [VOCAB, 100, 128])
 def test_loss_and_gradients_equal_the_full_logits(width):
   hidden, head, labels = problem()
@@ -109,18 +108,18 @@ def test_drawn_labels_follow_softmax(width):
 
 
 def test_block_width_rule():
-  budget = output_layer.BLOCK_BYTES
-  # Logits that fit: one block, the whole vocabulary.
-  assert output_layer.block_width(1024, 8192) == 8192
-  assert output_layer.block_width(budget // (4 * 151936), 151936) == 151936
-  # Otherwise as few blocks as fit the budget, each a multiple of 128 columns.
-  for tokens, vocab in ((16384, 151936), (2048, 151936), (4096, 50000)):
+  columns, budget = output_layer.MAX_COLUMNS, output_layer.BLOCK_BYTES
+  # A vocabulary within both limits is one block.
+  assert output_layer.block_width(4096, 1000) == 1000
+  # Otherwise as few blocks as the limits allow, each a multiple of 128 columns.
+  for tokens, vocab in ((1024, 8192), (16384, 151936), (2048, 151936), (2**17, 50000)):
     width = output_layer.block_width(tokens, vocab)
     count = -(-vocab // width)
-    assert width % 128 == 0 and tokens * width * 4 <= budget
-    assert count == -(-vocab // (budget // (4 * tokens) // 128 * 128))
+    assert width % 128 == 0 and width <= columns and tokens * width * 4 <= budget
+    assert count == -(-vocab // min(columns, budget // (4 * tokens) // 128 * 128))
     assert (count - 1) * width < vocab
-  assert output_layer.block_width(16384, 151936) == 4096
+  assert output_layer.block_width(1024, 8192) == 1024   # the cpu protocol's: 8 blocks
+  assert output_layer.block_width(2**17, 50000) == 512   # 128 Ki rows: 256 MB blocks
 
 
 def test_rejects_mismatched_shapes():
