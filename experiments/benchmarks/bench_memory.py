@@ -263,7 +263,8 @@ def _at_ref(argv: list[str], ref: str) -> dict:
        tempfile.TemporaryDirectory() as scratch:
     out = Path(scratch) / "result.json"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--json",
-                           str(out)], env=baseline_ref.env_with_root(root))
+                           str(out)], env=baseline_ref.env_with_root(root),
+                          stdout=subprocess.DEVNULL)  # the table is printed here, once
     if proc.returncode != 0:
       raise RuntimeError(f"bench_memory on {ref} failed (exit {proc.returncode})")
     result = json.loads(out.read_text())
