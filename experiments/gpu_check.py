@@ -16,8 +16,8 @@ as it ends (a run cut off keeps what it measured); DIR/report.md at the end:
    bf16 peak, looked up from `jax.devices()[0].device_kind` in BF16_PEAK_FLOPS; an unknown
    device gets MFU null and the reason. A measured large bf16 matmul is reported beside it.
    Goals: MFU >= 0.45 for AdamW, ratio <= 1.07.
-2. memory: each optimizer's step memory (AdamW, Sophia, LAMVS, Sophia-Lambda) at the paper
-   protocol's micro-batch of 8 x 2048 (the papers give no micro-batch), from the compiled
+2. memory: each optimizer's step memory (AdamW, Sophia, LAMVS, Sophia-Lambda) at 8 x 2048,
+   the reference batch of docs/memory.md (the papers give no micro-batch), from the compiled
    step's memory analysis (`bench_memory`), in GB and x AdamW, beside the paper's column.
    AdamW's and Sophia-Lambda's come from section 1's compiled steps (same shapes), the other
    two are compiled here. Also the attention the model picks on this device
@@ -298,13 +298,18 @@ def memory(ctx: Context) -> dict:
                        "source": "section 1's compiled step"}
   table = bench_memory.memory_table(plan.model, plan.batch_size, plan.seq_len,
                                     known=known, deadline=ctx.deadline)
-  paper_batch = (bench_memory.PAPER_MICRO_BATCH, bench_memory.PAPER_SEQ_LEN)
+  from sophia_lambda_jax.compare import protocols
+
+  reference = (bench_memory.MICRO_BATCH, bench_memory.PAPER_SEQ_LEN)
+  paper = protocols.paper_fields()
+  protocol = (f"the paper protocol takes micro-batches of "
+              f"{paper['batch_size'] // paper['grad_accum']} x {paper['seq_len']} "
+              f"(grad_accum {paper['grad_accum']} for the papers' {paper['batch_size']} x "
+              f"{paper['seq_len']}; the papers give no micro-batch)")
   note = (f"{plan.batch_size} x {plan.seq_len} tokens, "
-          + ("the paper protocol's per-device micro-batch (grad_accum 64 for the papers' "
-             "512 x 2048); the papers give no micro-batch"
-             if (plan.batch_size, plan.seq_len) == paper_batch else
-             "a toy batch, not the paper protocol's micro-batch of "
-             f"{paper_batch[0]} x {paper_batch[1]}"))
+          + ("the reference batch of docs/memory.md; " + protocol
+             if (plan.batch_size, plan.seq_len) == reference else
+             f"a toy batch, not the reference {reference[0]} x {reference[1]}; " + protocol))
   try:
     attention = attention_check(plan)
   except Exception as e:  # report it; the table above still stands

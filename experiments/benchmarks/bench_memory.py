@@ -40,8 +40,9 @@ worktree, `baseline_ref`), with this file's options: the "before" of a change.
 
 Defaults: `qwen-134m`, bfloat16 compute with float32 master weights, 8 sequences of 2048
 tokens. The papers give only the global batch (512 x 2048, "on an NVIDIA A100 GPU") and no
-micro-batch; 8 x 2048 is the per-device micro-batch of the paper protocol
-(`slj compare --protocol paper`, grad_accum 64), the most an 80 GB GPU holds. The table
+micro-batch; 8 x 2048 was the paper protocol's micro-batch while the step held the logits
+and the attention scores (the most an 80 GB GPU held then), and is kept as the reference
+batch of docs/memory.md; the protocol now takes 32 x 2048 (`compare.protocols`). The table
 sets each optimizer beside the memory column of the Sophia-Lambda paper's Table 1.
 """
 
@@ -67,7 +68,7 @@ from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_
 # The Sophia-Lambda paper's Table 1, "Memory (GB)" (134M Qwen, batch 512 x 2048, A100).
 PAPER_MEMORY_GB = {"adamw": 31.5, "sophia": 39.7, "lamvs": 37.2, "sophia_lambda": 36.8}
 OPTIMIZERS = tuple(PAPER_MEMORY_GB)
-PAPER_MICRO_BATCH = 8
+MICRO_BATCH = 8
 PAPER_SEQ_LEN = 2048
 FORMULA = "argument + output - alias + temp"
 GB = 1e9
@@ -77,7 +78,7 @@ SPLIT_VOCAB = 8192
 SPLIT_PARTS = ("weights and state", "Sophia refresh", "head and loss", "attention", "rest")
 
 
-def step_config(optimizer: str, model: str = "qwen-134m", batch_size: int = PAPER_MICRO_BATCH,
+def step_config(optimizer: str, model: str = "qwen-134m", batch_size: int = MICRO_BATCH,
                 seq_len: int = PAPER_SEQ_LEN, grad_accum: int = 1,
                 compute_dtype: str = "bfloat16", mesh: str = "data=1,fsdp=1",
                 model_overrides: dict | None = None) -> TrainConfig:
@@ -113,7 +114,7 @@ def measurement_label(backend: str) -> str:
   return f"XLA buffer assignment of the step compiled for the {backend} device"
 
 
-def memory_table(model: str = "qwen-134m", batch_size: int = PAPER_MICRO_BATCH,
+def memory_table(model: str = "qwen-134m", batch_size: int = MICRO_BATCH,
                  seq_len: int = PAPER_SEQ_LEN, grad_accum: int = 1,
                  compute_dtype: str = "bfloat16", optimizers: Sequence[str] = OPTIMIZERS,
                  known: dict[str, dict] | None = None,
@@ -248,7 +249,7 @@ def format_table(result: dict) -> str:
 def ratios() -> dict:
   """For experiments.benchmarks.run_all: each optimizer's step memory / AdamW's (qwen-134m,
   8 x 2048, the default table)."""
-  result = memory_table("qwen-134m", PAPER_MICRO_BATCH, PAPER_SEQ_LEN, 1, "bfloat16",
+  result = memory_table("qwen-134m", MICRO_BATCH, PAPER_SEQ_LEN, 1, "bfloat16",
                         list(OPTIMIZERS))
   return {f"{name} / adamw step memory": row["ratio_to_adamw"]
           for name, row in result["optimizers"].items()
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.bench_memory",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="qwen-134m")
-  parser.add_argument("--batch-size", type=int, default=PAPER_MICRO_BATCH)
+  parser.add_argument("--batch-size", type=int, default=MICRO_BATCH)
   parser.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN)
   parser.add_argument("--grad-accum", type=int, default=1)
   parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
