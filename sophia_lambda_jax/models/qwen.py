@@ -252,9 +252,6 @@ def _attention(q, k, v, mask):
 
 
 _CAUSAL_QUERY_CHUNKS = 4
-# Query positions per piece of the backward pass (at least _CAUSAL_QUERY_CHUNKS pieces):
-# its temporaries are a piece's (keys x queries) products, two of them in float32.
-_BACKWARD_QUERIES = 128
 
 
 def _grouped(x, kv_heads: int):
@@ -281,19 +278,20 @@ def _chunk_mask(segment_ids, start: int, end: int):
 
 
 def _after(x, previous):
-  """x, made to depend on `previous`: XLA then computes the chunks one after the other.
+  """x, made to depend on `previous`, so that XLA computes it only once `previous` exists.
 
-  Independent chunks run at once on XLA:CPU, each with its (queries x keys) temporaries,
-  and that backend drops optimization barriers; it does not fold 0 * y for floats, so
+  XLA:CPU runs work as early as its operands allow (independent attention chunks at once,
+  each with its (queries x keys) temporaries; a backward pass's recomputation during the
+  forward pass) and drops optimization barriers; it does not fold 0 * y for floats, so
   this data dependency holds (docs/decisions.md).
   """
   return x + (0.0 * previous.reshape(-1)[0]).astype(x.dtype)
 
 
-def _pieces(seq: int, count: int) -> list[tuple[int, int]]:
-  """[start, end) of `count` equal query pieces of a sequence (one piece if they do not
-  divide it)."""
-  count = count if seq % count == 0 else 1
+def _chunks(seq: int) -> list[tuple[int, int]]:
+  """[start, end) of the `_CAUSAL_QUERY_CHUNKS` equal query chunks of a sequence (one chunk
+  if they do not divide it)."""
+  count = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1
   size = seq // count
   return [(i * size, (i + 1) * size) for i in range(count)]
 
@@ -305,7 +303,7 @@ def _causal_forward(q, k, v, segment_ids):
   groups = heads // kv_heads
   kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
   outs, lses = [], []
-  for start, end in _pieces(seq, _CAUSAL_QUERY_CHUNKS):
+  for start, end in _chunks(seq):
     qg = _grouped(q[:, start:end], kv_heads)
     if outs:
       qg = _after(qg, outs[-1])
@@ -339,15 +337,15 @@ def _causal_attention_fwd(q, k, v, segment_ids):
 
 
 def _causal_attention_bwd(residuals, dout):
-  """FlashAttention's backward pass (Dao 2023, "FlashAttention-2", Algorithm 2) over query
-  pieces of at most `_BACKWARD_QUERIES` positions, from q, k, v, the output O and the
-  logsumexp: P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)),
-  dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d); each piece against the keys up to its end.
+  """FlashAttention's backward pass (Dao 2023, "FlashAttention-2", Algorithm 2) per query
+  chunk, from q, k, v, the output O and the logsumexp: P = exp(S - lse), dV = P^T dO,
+  dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d); each
+  chunk against the keys up to its end, in the transposed layout (keys x queries).
 
   The recomputed S^T = K Q^T takes q through `_after(q, dO)`: XLA:CPU drops the barriers
   that keep a recomputation apart, merges identical expressions and runs work as early as
   its operands allow, so scores computed from q and k alone would be computed during the
-  forward pass and held (docs/decisions.md). Each piece also waits for the previous one.
+  forward pass and held (docs/decisions.md). Each chunk also waits for the previous one.
   """
   q, k, v, segment_ids, out, lse = residuals
   batch, seq, heads, dim = q.shape
@@ -359,7 +357,7 @@ def _causal_attention_bwd(residuals, dout):
   out = out.reshape(batch, seq, heads, dim)
   lse = lse.reshape(batch, seq, kv_heads, groups).transpose(0, 2, 3, 1)  # (B, K, G, S)
   dq, dk, dv = [], jnp.zeros(kg.shape, jnp.float32), jnp.zeros(vg.shape, jnp.float32)
-  for start, end in _pieces(seq, _CAUSAL_QUERY_CHUNKS):
+  for start, end in _chunks(seq):
     qg = _grouped(q[:, start:end], kv_heads)
     dog = _grouped(dout[:, start:end], kv_heads).astype(q.dtype)
     if dq:
