@@ -149,6 +149,10 @@ class ModelFunctions:
     from sophia_lambda_jax.models import qwen
 
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
+    if config.resolved_hessian_estimator() == "hutchinson":
+      # Its Hessian-vector products differentiate the attention twice; cuDNN's kernel
+      # has no forward-mode derivative.
+      overrides["attention"] = "xla"
     self.init_from, self.overrides = config.init_from, overrides
     self.init_compact_vocab = None
     if config.init_from:
