@@ -4,8 +4,8 @@ Per token of a step's batch (L layers, T = seq_len, d_attn = num_heads * head_di
 grad_accum):
 
     model      6 N + 12 L T d_attn                 forward 2 N + 4 L T d_attn, backward twice
-    GNB        4 (N - N_head) + 8 L T d_attn       one extra backward below the head (A = 1),
-               on a refresh step                   with A > 1: ((A-1) model + that) / A
+    GNB        4 (N - N_head) + 8 L T d_attn       one extra backward below the head per
+               on a refresh step                   micro-batch, from the step's own forward
     Hutchinson 3 (6 N + 12 L T d_attn) / A         forward-over-reverse of the last
                on a refresh step                   micro-batch's gradient: each product of
                                                    the gradient becomes three
@@ -76,9 +76,8 @@ def estimate_flops_per_token(model_config, seq_len: int, estimator: str | None,
     return 3 * model / grad_accum
   if estimator == "gnb":
     head = model_config.hidden_size * model_config.vocab_size
-    below_head = 4 * (matmul_weights(model_config) - head) \
-        + 2 * _attention_flops(model_config, seq_len)
-    return ((grad_accum - 1) * model + below_head) / grad_accum
+    return 4 * (matmul_weights(model_config) - head) + 2 * _attention_flops(model_config,
+                                                                            seq_len)
   raise ValueError(f"estimator must be None, 'gnb' or 'hutchinson', got {estimator!r}")
 
 
