@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 
 def truncate_metrics(path: Path, last_step: int) -> None:
   """Drop records after `last_step` (and a torn last line from a killed process)."""
@@ -177,6 +179,12 @@ def in_unclipped_band(fraction: float | None) -> bool | None:
   if fraction is None:
     return None
   return UNCLIPPED_BAND[0] <= fraction <= UNCLIPPED_BAND[1]
+
+
+def say(message: str) -> None:
+  """One line on stderr from process 0 (warnings and refusals the user must see)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def finite_or_none(value: float) -> float | None:
