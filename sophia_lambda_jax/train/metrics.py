@@ -17,6 +17,7 @@ ETA; otherwise one plain line is printed every log_every steps.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -55,8 +57,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _tensorboard_writer(directory: Path):
   """A SummaryWriter from tensorboardX or torch when either is installed, else None."""
-  import importlib.util
-
   for module, needs in (("tensorboardX", "tensorboardX"),
                         ("torch.utils.tensorboard", "tensorboard")):
     if importlib.util.find_spec(needs) is None:  # skip importing torch for nothing
@@ -96,7 +96,6 @@ class MetricsLogger:
     if tensorboard:
       self._tb = _tensorboard_writer(out_dir / "tensorboard")
     if getattr(self.stream, "isatty", lambda: False)():
-      from tqdm import tqdm
       # shutil falls back to 80x24 where a terminal reports a size of 0 (tqdm would then
       # draw nothing).
       size = shutil.get_terminal_size()
