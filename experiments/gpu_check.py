@@ -16,11 +16,14 @@ as it ends (a run cut off keeps what it measured); DIR/report.md at the end:
    bf16 peak, looked up from `jax.devices()[0].device_kind` in BF16_PEAK_FLOPS; an unknown
    device gets MFU null and the reason. A measured large bf16 matmul is reported beside it.
    Goals: MFU >= 0.45 for AdamW, ratio <= 1.07.
-2. memory: each optimizer's step memory (AdamW, Sophia, LAMVS, Sophia-Lambda) at the paper
-   protocol's micro-batch of 8 x 2048 (the papers give no micro-batch), from the compiled
+2. memory: each optimizer's step memory (AdamW, Sophia, LAMVS, Sophia-Lambda) at 8 x 2048,
+   the reference batch of docs/memory.md (the papers give no micro-batch), from the compiled
    step's memory analysis (`bench_memory`), in GB and x AdamW, beside the paper's column.
    AdamW's and Sophia-Lambda's come from section 1's compiled steps (same shapes), the other
-   two are compiled here.
+   two are compiled here. Also the attention the model picks on this device
+   (`qwen.attention_kernel`: cuDNN's fused kernel on GPUs) and, where that is cuDNN's, its
+   output and gradients against the XLA query-chunk attention on one layer's shapes in
+   bfloat16, with each one's compiled gradient memory.
 3. comparison: AdamW, Sophia-G and Sophia-Lambda trained by `train.run_training` on
    `qwen-134m`, 8 x 2048 tokens per step, on the built-in corpus (whose content depends on
    the Python version, reported), each optimizer at its default learning rate, the same
@@ -228,6 +231,59 @@ def throughput(ctx: Context) -> dict:
   }
 
 
+def attention_check(plan: Plan) -> dict:
+  """The causal attention the model picks here and, for cuDNN's, how it compares with the
+  XLA one (`qwen.causal_attention`) on one layer of `plan.model` in bfloat16: the largest
+  differences of the output and of the gradients (relative to the XLA gradients' largest
+  entry) and the compiled gradients' memory."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from sophia_lambda_jax.models import qwen
+  from sophia_lambda_jax.train.program import compiled_memory
+
+  config = qwen.get_config(plan.model, compute_dtype="bfloat16")
+  backend = jax.default_backend()
+  kernel = qwen.attention_kernel(config.attention, backend, jnp.bfloat16, config.head_dim,
+                                 False)
+  batch = min(plan.batch_size, 2)
+  shape_q = (batch, plan.seq_len, config.num_heads, config.head_dim)
+  shape_kv = (batch, plan.seq_len, config.num_kv_heads, config.head_dim)
+  result = {"backend": backend, "kernel": kernel, "shape_q": list(shape_q),
+            "shape_kv": list(shape_kv)}
+  if kernel != "cudnn":
+    result["note"] = ("cuDNN's kernel applies on GPUs only (bfloat16 or float16, heads of "
+                      f"at most 128, no packed documents); on {backend} the model uses the "
+                      "XLA query-chunk attention")
+    return result
+  result["cudnn_compiles"] = qwen._cudnn_compiles(shape_q, shape_kv, "bfloat16")
+  if not result["cudnn_compiles"]:
+    result["note"] = "cuDNN's kernel did not compile here: the model uses the XLA attention"
+    return result
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q = jax.random.normal(keys[0], shape_q, jnp.bfloat16)
+  k = jax.random.normal(keys[1], shape_kv, jnp.bfloat16)
+  v = jax.random.normal(keys[2], shape_kv, jnp.bfloat16)
+  weights = jax.random.normal(keys[3], shape_q[:2] + (shape_q[2] * shape_q[3],), jnp.float32)
+  def run(attend):
+    def loss(q, k, v):
+      return jnp.sum(weights * attend(q, k, v).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    out = np.asarray(jax.jit(attend)(q, k, v), np.float32)
+    grads = [np.asarray(g, np.float32) for g in grad(q, k, v)]
+    return out, grads, compiled_memory(grad.lower(q, k, v).compile())
+
+  runs = {"cudnn": run(qwen.cudnn_attention), "xla": run(qwen.causal_attention)}
+  (out_c, grads_c, mem_c), (out_x, grads_x, mem_x) = runs["cudnn"], runs["xla"]
+  result.update(
+      output_max_abs_diff=float(np.max(np.abs(out_c - out_x))),
+      grads_max_rel_diff=[float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+                          for a, b in zip(grads_c, grads_x)],
+      gradient_memory_gb={"cudnn": mem_c and mem_c["total"] / 1e9,
+                          "xla": mem_x and mem_x["total"] / 1e9})
+  return result
+
+
 def memory(ctx: Context) -> dict:
   from experiments.benchmarks import bench_memory
 
@@ -242,14 +298,25 @@ def memory(ctx: Context) -> dict:
                        "source": "section 1's compiled step"}
   table = bench_memory.memory_table(plan.model, plan.batch_size, plan.seq_len,
                                     known=known, deadline=ctx.deadline)
-  paper_batch = (bench_memory.PAPER_MICRO_BATCH, bench_memory.PAPER_SEQ_LEN)
+  from sophia_lambda_jax.compare import protocols
+
+  reference = (bench_memory.MICRO_BATCH, bench_memory.PAPER_SEQ_LEN)
+  paper = protocols.paper_fields()
+  protocol = (f"the paper protocol takes micro-batches of "
+              f"{paper['batch_size'] // paper['grad_accum']} x {paper['seq_len']} "
+              f"(grad_accum {paper['grad_accum']} for the papers' {paper['batch_size']} x "
+              f"{paper['seq_len']}; the papers give no micro-batch)")
   note = (f"{plan.batch_size} x {plan.seq_len} tokens, "
-          + ("the paper protocol's per-device micro-batch (grad_accum 64 for the papers' "
-             "512 x 2048); the papers give no micro-batch"
-             if (plan.batch_size, plan.seq_len) == paper_batch else
-             "a toy batch, not the paper protocol's micro-batch of "
-             f"{paper_batch[0]} x {paper_batch[1]}"))
-  return {"table": table, "batch_note": note, "skipped": table["skipped"]}
+          + ("the reference batch of docs/memory.md; " + protocol
+             if (plan.batch_size, plan.seq_len) == reference else
+             f"a toy batch, not the reference {reference[0]} x {reference[1]}; " + protocol))
+  try:
+    attention = attention_check(plan)
+  except Exception as e:  # report it; the table above still stands
+    traceback.print_exc()
+    attention = {"error": f"{type(e).__name__}: {e}"}
+  return {"table": table, "batch_note": note, "skipped": table["skipped"],
+          "attention": attention}
 
 
 def _compare_steps(ctx: Context, runs: int) -> tuple[int, str]:
@@ -398,6 +465,20 @@ def render_markdown(report: dict) -> str:
   s = header("2. Step memory by optimizer", "memory")
   if s:
     lines += [bench_memory.format_table(s["table"]), "", f"Batch: {s['batch_note']}.", ""]
+    a = s.get("attention", {})
+    if "error" in a:
+      lines += [f"Attention check: error: {a['error']}", ""]
+    elif a:
+      line = f"Attention: the model uses `{a['kernel']}` here ({a['backend']})"
+      if "output_max_abs_diff" in a:
+        mem = a["gradient_memory_gb"]
+        line += (f"; cuDNN against the XLA attention on q {tuple(a['shape_q'])} bfloat16: "
+                 f"output max |diff| {a['output_max_abs_diff']:.3g}, gradients (q, k, v) "
+                 "max |diff| / max |XLA| "
+                 + ", ".join(f"{d:.3g}" for d in a["grads_max_rel_diff"])
+                 + f"; gradient step memory {_fmt(mem['cudnn'], '.3g')} GB (cuDNN) and "
+                 f"{_fmt(mem['xla'], '.3g')} GB (XLA)")
+      lines += [line + (f". {a['note']}" if "note" in a else "") + ".", ""]
 
   s = header("3. Short comparison", "comparison")
   if s:

@@ -51,34 +51,41 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(x.shape[:-1] + (padded // block, block))
 
 
-def _inverse_cdf_draw(key: jax.Array, block_mass: jax.Array, block_of: Callable,
-                      vocab: int, block: int) -> jax.Array:
-  """The two-level inverse-CDF draw of `sample_categorical`.
+def inverse_cdf(u: jax.Array, weights: jax.Array) -> jax.Array:
+  """The class at fraction u of each row's cumulative weight: a draw from Categorical(weights)
+  for u ~ U(0, 1).
 
-  block_mass: (..., n_blocks) mass of each block of `block` classes; block_of(chosen) the
-  (..., block) masses inside block `chosen` (int (...)). Returns int32 (...) classes.
+  A two-level search: u times the row's total picks the block of ``_SAMPLER_BLOCK`` classes
+  whose cumulative weight first exceeds it, then the class inside that block.
+
+  Args:
+    u: (...) numbers in [0, 1).
+    weights: (..., vocab) non-negative float32 weights (normalised or not).
+
+  Returns:
+    int32 array of shape ``u.shape``, in [0, vocab).
   """
+  vocab = weights.shape[-1]
+  block = min(_SAMPLER_BLOCK, vocab)
+  blocks = _blocks(weights, block)
+  block_mass = blocks.sum(-1)
   block_cdf = jnp.cumsum(block_mass, -1)
-  u = jax.random.uniform(key, block_mass.shape[:-1], jnp.float32) * block_cdf[..., -1]
+  u = u * block_cdf[..., -1]
   n_blocks = block_mass.shape[-1]
   chosen = jnp.minimum(jnp.sum(block_cdf <= u[..., None], -1), n_blocks - 1)
   below = jnp.take_along_axis(block_cdf - block_mass, chosen[..., None], -1)[..., 0]
-  inner_cdf = below[..., None] + jnp.cumsum(block_of(chosen), -1)
+  inside = jnp.take_along_axis(blocks, chosen[..., None, None], -2)[..., 0, :]
+  inner_cdf = below[..., None] + jnp.cumsum(inside, -1)
   within = jnp.minimum(jnp.sum(inner_cdf <= u[..., None], -1), block - 1)
   return jnp.minimum(chosen * block + within, vocab - 1).astype(jnp.int32)
-
-
-def _take_block(blocks: jax.Array, chosen: jax.Array) -> jax.Array:
-  return jnp.take_along_axis(blocks, chosen[..., None, None], -2)[..., 0, :]
 
 
 def sample_categorical(key: jax.Array, probs: jax.Array) -> jax.Array:
   """One draw per row from Categorical(probs) over the last axis, by inverse CDF.
 
-  A two-level search: u ~ U(0, total) picks the block of ``_SAMPLER_BLOCK`` classes whose
-  cumulative mass first exceeds u, then the class inside it. It needs one uniform number
-  per row, where ``jax.random.categorical`` (Gumbel-max) draws one per class; GNB samples a
-  label for every token on each refresh step (timings: docs/decisions.md).
+  ``inverse_cdf`` at one uniform number per row, where ``jax.random.categorical``
+  (Gumbel-max) draws one per class; GNB samples a label for every token on each refresh
+  step (timings: docs/decisions.md).
 
   Args:
     key: PRNG key.
@@ -87,52 +94,7 @@ def sample_categorical(key: jax.Array, probs: jax.Array) -> jax.Array:
   Returns:
     int32 array of shape ``probs.shape[:-1]``.
   """
-  vocab = probs.shape[-1]
-  block = min(_SAMPLER_BLOCK, vocab)
-  blocks = _blocks(probs, block)
-  return _inverse_cdf_draw(key, blocks.sum(-1), lambda c: _take_block(blocks, c), vocab,
-                           block)
-
-
-def sample_from_ce_cotangent(dlogits: jax.Array, labels: jax.Array,
-                             key: jax.Array) -> jax.Array:
-  """y_hat ~ Categorical(softmax(z)) per token, from the cross-entropy's cotangent.
-
-  A step that differentiates the token-mean cross-entropy over N tokens holds
-  dlogits = (softmax(z) - onehot(y)) / N, so softmax(z) = N * dlogits + onehot(y). The draw
-  is `sample_categorical`'s on those probabilities (the same labels for the same key, up
-  to float rounding), but it never builds them: the block masses are N times the block sums
-  of dlogits plus 1 in the label's block, and only the chosen block's row is rebuilt
-  (timings: docs/decisions.md).
-
-  Args:
-    dlogits: (..., vocab) gradient of the token-mean cross-entropy w.r.t. the logits.
-    labels: (...) int labels y of that loss.
-    key: PRNG key.
-
-  Returns:
-    int32 array of shape ``labels.shape``.
-  """
-  dlogits = jnp.asarray(dlogits)
-  labels = jnp.asarray(labels)
-  if dlogits.ndim < 1 or dlogits.shape[:-1] != labels.shape:
-    raise ValueError(
-        f"dlogits must have shape labels.shape + (vocab,), got dlogits {dlogits.shape} and "
-        f"labels {labels.shape}")
-  vocab, tokens = dlogits.shape[-1], max(1, labels.size)
-  block = min(_SAMPLER_BLOCK, vocab)
-  blocks = _blocks(jax.lax.stop_gradient(dlogits).astype(jnp.float32), block)
-  label_block, label_pos = labels // block, labels % block
-  n_blocks = blocks.shape[-2]
-  block_mass = (tokens * blocks.sum(-1)
-                + (jnp.arange(n_blocks) == label_block[..., None]).astype(jnp.float32))
-
-  def block_of(chosen):
-    at_label = (jnp.arange(block) == label_pos[..., None]) & (chosen == label_block)[..., None]
-    # Rounding can leave the recovered probability of the label at -1e-8.
-    return jnp.maximum(tokens * _take_block(blocks, chosen) + at_label, 0.0)
-
-  return _inverse_cdf_draw(key, jnp.maximum(block_mass, 0.0), block_of, vocab, block)
+  return inverse_cdf(jax.random.uniform(key, probs.shape[:-1], jnp.float32), probs)
 
 
 def gnb_logits_cotangent(logits: jax.Array, key: jax.Array, mask=None) -> jax.Array:
@@ -173,9 +135,9 @@ def gnb_logits_cotangent(logits: jax.Array, key: jax.Array, mask=None) -> jax.Ar
   return (residual * weights[..., None]).astype(logits.dtype)
 
 
-def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array,
-                        head: jax.Array, dhidden: jax.Array, dhead: jax.Array,
-                        key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gnb_head_cotangents(labels: jax.Array, y_hat: jax.Array, hidden: jax.Array,
+                        head: jax.Array, dhidden: jax.Array,
+                        dhead: jax.Array) -> tuple[jax.Array, jax.Array]:
   """GNB cotangents at the inputs of the output layer, without a second pass through it.
 
   For logits z = hidden @ head (hidden (N, d), head (d, V)) and the token-mean
@@ -189,39 +151,40 @@ def gnb_head_cotangents(dlogits: jax.Array, labels: jax.Array, hidden: jax.Array
 
   and pulling (dhidden_hat, dhead_hat) back through the rest of the model gives g_hat.
   The two (N, V) x d products of a second backward through the head become O(N d) work.
-  y_hat is ``sample_from_ce_cotangent(dlogits, labels, key)``.
+  y_hat ~ Categorical(softmax(z)) comes from the loss's own pass over the logits
+  (``train.output_layer.cross_entropy`` with a key).
 
   Args:
-    dlogits: (..., V) gradient of the token-mean cross-entropy w.r.t. the logits.
-    labels: (...) int labels y of that loss.
+    labels: (...) int labels y of the loss.
+    y_hat: (...) int labels drawn from the model's distribution.
     hidden: (..., d) the head's input; head: (d, V) its matrix.
-    dhidden, dhead: the cotangents of hidden and head from pulling back dlogits.
-    key: PRNG key for the label draw.
+    dhidden, dhead: the cotangents of hidden and head from the loss.
 
   Returns:
     (dhidden_hat, dhead_hat) with the shapes and dtypes of (dhidden, dhead).
   """
-  y_hat = sample_from_ce_cotangent(dlogits, labels, key)  # validates dlogits / labels
-  labels = jnp.asarray(labels)
-  width, vocab = head.shape
+  labels, y_hat = jnp.asarray(labels), jnp.asarray(y_hat)
+  width = head.shape[0]
+  if y_hat.shape != labels.shape:
+    raise ValueError(f"y_hat must have the shape of labels {labels.shape}, got {y_hat.shape}")
   if hidden.shape != labels.shape + (width,) or dhidden.shape != hidden.shape:
     raise ValueError(
         f"hidden and dhidden must have shape labels.shape + (d,) = {labels.shape + (width,)}"
         f", got {hidden.shape} and {dhidden.shape}")
-  if dhead.shape != head.shape or dlogits.shape[-1] != vocab:
-    raise ValueError(f"head and dhead must have shape (d, vocab) = (d, {dlogits.shape[-1]}),"
-                     f" got {head.shape} and {dhead.shape}")
+  if dhead.shape != head.shape:
+    raise ValueError(f"head and dhead must have the same shape (d, vocab), got {head.shape} "
+                     f"and {dhead.shape}")
   tokens = max(1, labels.size)
   y, y_hat = labels.reshape(-1), y_hat.reshape(-1)
   head = jax.lax.stop_gradient(head)
   column = lambda i: jnp.take(head, i, axis=1).astype(jnp.float32)  # (d, N)
   dhidden_hat = (dhidden.astype(jnp.float32)
                  + ((column(y) - column(y_hat)).T / tokens).reshape(dhidden.shape))
-  # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t.
+  # Row t of hidden / N goes to dhead's column y_t and, negated, to column y_hat_t: added
+  # into (a float32 copy of) dhead itself, not into a zero (V, d) buffer of its own.
   rows = jax.lax.stop_gradient(hidden).reshape(-1, width).astype(jnp.float32) / tokens
-  update = jax.ops.segment_sum(jnp.concatenate([rows, -rows]),
-                               jnp.concatenate([y, y_hat]), num_segments=vocab)  # (V, d)
-  dhead_hat = dhead.astype(jnp.float32) + update.T
+  dhead_hat = dhead.astype(jnp.float32).at[:, jnp.concatenate([y, y_hat])].add(
+      jnp.concatenate([rows, -rows]).T)
   return dhidden_hat.astype(dhidden.dtype), dhead_hat.astype(dhead.dtype)
 
 

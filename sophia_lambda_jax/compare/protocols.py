@@ -222,16 +222,16 @@ def cpu_long_fields(**overrides) -> dict:
 def paper_fields(**overrides) -> dict:
   """TrainConfig fields of the papers' setting (LAVSM paper section 4).
 
-  mesh "auto" shards params and optimizer state over every visible device (fsdp). Memory
-  is dominated by the float32 logits of the 151,936-token vocabulary: 8 sequences x 2048
-  tokens x 151,936 x 4 bytes = 10 GB, about as much again for their gradient, so one
-  80 GB GPU takes micro-batches of 8 sequences: grad_accum 64 for 512 sequences per step.
-  With G devices use grad_accum 64 / G (batch_size / grad_accum must divide by the device
-  count): `--set grad_accum=8` on 8 GPUs.
+  mesh "auto" shards params and optimizer state over every visible device (fsdp). The step
+  holds neither the logits nor the attention scores (docs/memory.md): XLA plans about
+  45 GB for a micro-batch of 32 sequences without remat (every optimizer, on the CPU;
+  64 would need about 87), so one 80 GB GPU takes micro-batches of 32: grad_accum 16 for
+  512 sequences per step. With G devices use grad_accum 16 / G (batch_size / grad_accum
+  must divide by the device count): `--set grad_accum=2` on 8 GPUs.
   """
   fields = dict(
       model="qwen-134m", data=PAPER_DATA, steps=50_000, batch_size=512, seq_len=2048,
-      grad_accum=64, warmup_steps=2_000, eval_every=1_000, eval_batches=50,
+      grad_accum=16, warmup_steps=2_000, eval_every=1_000, eval_batches=50,
       final_eval_batches=50,
       checkpoint_every=1_000, keep_checkpoints=2, log_every=10, mesh="auto",
       compute_dtype="bfloat16", learning_rate=PAPER_LR,
@@ -245,7 +245,7 @@ def paper_short_fields(**overrides) -> dict:
   model FLOPs (see docs/decisions.md, 2026-11-23: the paper-short protocol's size, an
   estimate).
   """
-  fields = paper_fields(steps=1_000, batch_size=64, grad_accum=8, warmup_steps=100,
+  fields = paper_fields(steps=1_000, batch_size=64, grad_accum=2, warmup_steps=100,
                         eval_every=100, eval_batches=20, final_eval_batches=20,
                         checkpoint_every=250)
   fields.update(overrides)

@@ -31,6 +31,9 @@ L); the integer disappears from the path ("layers/attn/q_proj/kernel", shape
 leaves along a new axis 0 gives the scanned ones. Kernels are stored (in, out), i.e.
 transposed with respect to PyTorch's `nn.Linear.weight`.
 
+Attention runs as cuDNN's fused kernel on GPUs (bfloat16, no packed documents) and
+otherwise as query chunks under `jax.checkpoint`: either way its backward pass keeps q, k, v
+and the output, never the (queries x keys) scores (`attention_kernel`, `causal_attention`).
 `remat` wraps each block in `jax.checkpoint` ("full": keep only the block inputs;
 "dots": also keep the weight-matmul outputs), trading recomputation for activation memory.
 
@@ -42,6 +45,8 @@ float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 from typing import NamedTuple
 
 import jax
@@ -51,6 +56,7 @@ from flax import nnx
 
 _COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _REMAT_POLICIES = ("none", "full", "dots")
+_ATTENTION = ("auto", "xla")
 _INIT_STD = 0.02  # HuggingFace Qwen2 `initializer_range`.
 
 
@@ -79,6 +85,11 @@ class QwenConfig:
     remat: activation checkpointing of each block: "none"; "full" (recompute the whole
       block in the backward pass); "dots" (save the outputs of the weight matmuls, i.e.
       `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`, recompute the rest).
+      Attention and the output layer recompute their scores and logits whatever it says.
+    attention: the causal attention of training and evaluation: "auto" (cuDNN's fused
+      kernel where it applies, `attention_kernel`; else "xla") or "xla" (query chunks on
+      XLA ops, `causal_attention`: any backend, differentiable to any order, as Sophia-H's
+      forward-over-reverse Hessian-vector products need).
   """
 
   vocab_size: int
@@ -95,6 +106,7 @@ class QwenConfig:
   compute_dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"
+  attention: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -121,6 +133,9 @@ class QwenConfig:
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(f"QwenConfig.remat must be one of {_REMAT_POLICIES}, got "
                        f"{self.remat!r}")
+    if self.attention not in _ATTENTION:
+      raise ValueError(f"QwenConfig.attention must be one of {_ATTENTION}, got "
+                       f"{self.attention!r}")
 
   @property
   def dtype(self):
@@ -239,20 +254,196 @@ def _attention(q, k, v, mask):
 _CAUSAL_QUERY_CHUNKS = 4
 
 
-def _causal_attention(q, k, v, mask):
-  """`_attention` of a sequence with itself (S = T) under a mask inside the causal one.
+def _grouped(x, kv_heads: int):
+  """(B, S, H, D) -> (B, K, G*S, D): the G = H/K query heads of each KV head as one matrix."""
+  batch, seq, heads, dim = x.shape
+  groups = heads // kv_heads
+  x = x.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+  return x.reshape(batch, kv_heads, groups * seq, dim)
+
+
+def _ungrouped(x, seq: int):
+  """(B, K, G*S, D) -> (B, S, K*G, D), the inverse of `_grouped`."""
+  batch, kv_heads, rows, dim = x.shape
+  x = x.reshape(batch, kv_heads, rows // seq, seq, dim).transpose(0, 3, 1, 2, 4)
+  return x.reshape(batch, seq, -1, dim)
+
+
+def _chunk_mask(segment_ids, start: int, end: int):
+  """(B or 1, 1, 1, end - start, end) bool: query start + i may attend to key j."""
+  mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
+  return mask[:, None, None]
+
+
+def _after(x, previous):
+  """x, made to depend on `previous`, so that XLA computes it only once `previous` exists.
+
+  XLA:CPU runs work as early as its operands allow (independent attention chunks at once,
+  each with its (queries x keys) temporaries; a backward pass's recomputation during the
+  forward pass) and drops optimization barriers; it does not fold 0 * y for floats, so
+  this data dependency holds (docs/decisions.md).
+  """
+  return x + (0.0 * previous.reshape(-1)[0]).astype(x.dtype)
+
+
+def _chunks(seq: int) -> list[tuple[int, int]]:
+  """[start, end) of the `_CAUSAL_QUERY_CHUNKS` equal query chunks of a sequence (one chunk
+  if they do not divide it)."""
+  count = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1
+  size = seq // count
+  return [(i * size, (i + 1) * size) for i in range(count)]
+
+
+def _causal_forward(q, k, v, segment_ids):
+  """Output (B, S, H*D) and the logsumexp of every query's scores (B, S, H), float32."""
+  batch, seq, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
+  outs, lses = [], []
+  for start, end in _chunks(seq):
+    qg = _grouped(q[:, start:end], kv_heads)
+    if outs:
+      qg = _after(qg, outs[-1])
+    scores = jnp.einsum("bkqd,bktd->bkqt", qg, kg[:, :, :end],
+                        preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, groups, end - start, end) * (dim ** -0.5)
+    # A finite floor keeps rows well defined (every row has its own token unmasked anyway),
+    # added rather than selected: XLA:CPU materialises a select's constant at full size.
+    floor = jnp.where(_chunk_mask(segment_ids, start, end), 0.0, jnp.finfo(jnp.float32).min)
+    scores = scores + floor
+    top = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
+    unnormalized = jnp.exp(scores - top)
+    total = unnormalized.sum(-1, keepdims=True)
+    probs = (unnormalized / total).astype(v.dtype).reshape(batch, kv_heads, -1, end)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, vg[:, :, :end])
+    outs.append(_ungrouped(out, end - start))
+    lse = (top + jnp.log(total))[..., 0]  # (B, K, G, S')
+    lses.append(lse.transpose(0, 3, 1, 2).reshape(batch, end - start, heads))
+  concat = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]  # noqa: E731
+  return concat(outs).reshape(batch, seq, heads * dim), concat(lses)
+
+
+@jax.custom_vjp
+def _causal_attention(q, k, v, segment_ids):
+  return _causal_forward(q, k, v, segment_ids)[0]
+
+
+def _causal_attention_fwd(q, k, v, segment_ids):
+  out, lse = _causal_forward(q, k, v, segment_ids)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _causal_attention_bwd(residuals, dout):
+  """FlashAttention's backward pass (Dao 2023, "FlashAttention-2", Algorithm 2) per query
+  chunk, from q, k, v, the output O and the logsumexp: P = exp(S - lse), dV = P^T dO,
+  dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(d), dK = dS^T Q / sqrt(d); each
+  chunk against the keys up to its end, in the transposed layout (keys x queries).
+
+  The recomputed S^T = K Q^T takes q through `_after(q, dO)`: XLA:CPU drops the barriers
+  that keep a recomputation apart, merges identical expressions and runs work as early as
+  its operands allow, so scores computed from q and k alone would be computed during the
+  forward pass and held (docs/decisions.md). Each chunk also waits for the previous one.
+  """
+  q, k, v, segment_ids, out, lse = residuals
+  batch, seq, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  scale = dim ** -0.5
+  kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
+  dout = dout.reshape(batch, seq, heads, dim)
+  out = out.reshape(batch, seq, heads, dim)
+  lse = lse.reshape(batch, seq, kv_heads, groups).transpose(0, 2, 3, 1)  # (B, K, G, S)
+  dq, dk, dv = [], jnp.zeros(kg.shape, jnp.float32), jnp.zeros(vg.shape, jnp.float32)
+  for start, end in _chunks(seq):
+    qg = _grouped(q[:, start:end], kv_heads)
+    dog = _grouped(dout[:, start:end], kv_heads).astype(q.dtype)
+    if dq:
+      dog = _after(dog, dq[-1])
+    k_end, v_end = kg[:, :, :end], vg[:, :, :end]
+    scores_t = jnp.einsum("bktd,bkqd->bktq", k_end, _after(qg, dog),
+                          preferred_element_type=jnp.float32)
+    dprobs_t = jnp.einsum("bktd,bkqd->bktq", v_end, dog, preferred_element_type=jnp.float32)
+    mask_t = jnp.swapaxes(_chunk_mask(segment_ids, start, end), -1, -2)
+    mask_t = jnp.broadcast_to(mask_t, mask_t.shape[:2] + (groups, end, end - start))
+    mask_t = mask_t.transpose(0, 1, 3, 2, 4).reshape(mask_t.shape[0], 1, end, -1)
+    lse_g = lse[..., start:end].reshape(batch, kv_heads, -1)
+    probs_t = jnp.exp(scores_t * scale - lse_g[:, :, None, :]) * mask_t
+    dv = dv.at[:, :, :end].add(jnp.einsum("bktq,bkqd->bktd", probs_t.astype(v.dtype), dog,
+                                          preferred_element_type=jnp.float32))
+    og = _grouped(out[:, start:end], kv_heads)
+    rowsum = jnp.sum(dog.astype(jnp.float32) * og.astype(jnp.float32), -1)
+    # dS^T without the 1/sqrt(d), applied to the (much smaller) dQ and dK instead.
+    dscores_t = (probs_t * (dprobs_t - rowsum[:, :, None, :])).astype(q.dtype)
+    dq.append(_ungrouped(jnp.einsum("bktq,bktd->bkqd", dscores_t, k_end,
+                                    preferred_element_type=jnp.float32) * scale, end - start))
+    dk = dk.at[:, :, :end].add(jnp.einsum("bktq,bkqd->bktd", dscores_t, qg,
+                                          preferred_element_type=jnp.float32) * scale)
+  dq = jnp.concatenate(dq, axis=1) if len(dq) > 1 else dq[0]
+  return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
+          dv.transpose(0, 2, 1, 3).astype(v.dtype), None)
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
+def causal_attention(q, k, v, segment_ids=None):
+  """Causal self-attention (S = T) on XLA ops, whose backward pass keeps only q, k, v, the
+  output and the logsumexp.
 
   Query chunk i of `_CAUSAL_QUERY_CHUNKS` only scores the keys up to its own end, the rest
   being masked anyway: 3/8 of the score matrix and its softmax are never computed
-  (timings: docs/decisions.md).
+  (timings: docs/decisions.md). The backward pass (`_causal_attention_bwd`) recomputes
+  each chunk's probabilities from its logsumexp, so no chunk's (queries x keys) scores
+  outlive its own forward or backward computation. Its derivative is itself made of
+  differentiable operations: forward-over-reverse (Hessian-vector products) goes through
+  it. q: (B, S, H, D); k, v: (B, S, K, D); segment_ids: None or int (B, S) document ids.
+  Returns (B, S, H*D).
   """
-  seq = q.shape[1]
-  chunks = _CAUSAL_QUERY_CHUNKS if seq % _CAUSAL_QUERY_CHUNKS == 0 else 1
-  size = seq // chunks
-  outs = [_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
-                     v[:, :(i + 1) * size], mask[:, i * size:(i + 1) * size, :(i + 1) * size])
-          for i in range(chunks)]
-  return jnp.concatenate(outs, axis=1) if chunks > 1 else outs[0]
+  return _causal_attention(q, k, v, segment_ids)
+
+
+def cudnn_attention(q, k, v):
+  """Causal self-attention by cuDNN's fused kernel (flash attention: its backward pass keeps
+  q, k, v, the output and the softmax statistics). q: (B, S, H, D); k, v: (B, S, K, D) in
+  bfloat16 or float16. Returns (B, S, H*D)."""
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  return out.reshape(q.shape[0], q.shape[1], -1)
+
+
+def attention_kernel(attention: str, backend: str, dtype, head_dim: int,
+                     segments: bool) -> str:
+  """"cudnn" or "xla": the causal attention `QwenConfig.attention` picks for a backend, the
+  compute dtype, the head width and whether rows hold packed documents (segment ids).
+
+  cuDNN's kernel takes a GPU, bfloat16 or float16 operands, heads of at most 128 in
+  multiples of 8, and no mask array: packed documents need one, so they use "xla". "auto"
+  also requires the kernel to compile for the shapes at hand (`_cudnn_compiles`).
+  """
+  if (attention == "xla" or backend != "gpu" or segments
+      or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      or head_dim % 8 or head_dim > 128):
+    return "xla"
+  return "cudnn"
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(shape_q: tuple, shape_kv: tuple, dtype_name: str) -> bool:
+  """Whether cuDNN's attention and its gradient compile for these shapes on this device;
+  says why not on stderr, once per shape."""
+  q = jax.ShapeDtypeStruct(shape_q, jnp.dtype(dtype_name))
+  kv = jax.ShapeDtypeStruct(shape_kv, jnp.dtype(dtype_name))
+  loss = lambda *a: cudnn_attention(*a).astype(jnp.float32).sum()  # noqa: E731
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+  except Exception as e:  # any failure of the kernel's lowering or compile
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"warning: cuDNN attention does not compile for q {shape_q} {dtype_name} "
+          f"({message}); using the XLA attention", file=sys.stderr)
+    return False
+  return True
 
 
 class Attention(nnx.Module):
@@ -262,33 +453,68 @@ class Attention(nnx.Module):
     hidden, dim = config.hidden_size, config.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = (
         config.num_heads, config.num_kv_heads, dim)
+    self.attention = config.attention
     self.q_proj = _linear(hidden, config.num_heads * dim, True, config, rngs)
     self.k_proj = _linear(hidden, config.num_kv_heads * dim, True, config, rngs)
     self.v_proj = _linear(hidden, config.num_kv_heads * dim, True, config, rngs)
     self.o_proj = _linear(config.num_heads * dim, hidden, False, config, rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None):
+  def __call__(self, x, cos, sin, segment_ids, cache=None):
     """x (B*S, hidden) -> (B*S, hidden); with `cache` = (k, v, index) also the new (k, v).
 
     Batch and sequence sizes come from the rotary angles cos, sin (B, S, head_dim/2).
-    With a cache, the new keys/values are written at slots [index, index + S) of the
-    (B, T, K, D) buffers and the queries attend over all T slots (mask decides which).
+    Without a cache the S tokens attend causally among themselves (within their documents
+    when segment_ids (B, S) is given). With a cache, the new keys/values are written at
+    slots [index, index + S) of the (B, T, K, D) buffers and query i attends to the slots
+    up to index + i.
     """
     batch, seq, _ = cos.shape
     q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache, attend = None, _causal_attention
+    new_cache = None
     if cache is not None:
-      attend = _attention
       k_cache, v_cache, index = cache
       start = (0, index, 0, 0)
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       new_cache = (k, v)
-    out = attend(q, k, v, mask).reshape(batch * seq, self.num_heads * self.head_dim)
+      mask = jnp.arange(k.shape[1])[None, :] <= index + jnp.arange(seq)[:, None]
+      out = _attention(q, k, v, jnp.broadcast_to(mask, (batch, seq, k.shape[1])))
+    elif (attention_kernel(self.attention, jax.default_backend(), q.dtype, self.head_dim,
+                           segment_ids is not None) == "cudnn"
+          and _cudnn_compiles(q.shape, k.shape, jnp.dtype(q.dtype).name)):
+      out = cudnn_attention(q, k, v)
+    else:
+      out = causal_attention(q, k, v, segment_ids)
+    out = out.reshape(batch * seq, self.num_heads * self.head_dim)
     return self.o_proj(out), new_cache
+
+
+@jax.custom_vjp
+def _swiglu(gate, up):
+  """silu(gate) * up, whose backward pass keeps only gate and up."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  # Not _swiglu itself: forward-over-reverse (Sophia-H) differentiates this function.
+  return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(residuals, dout):
+  """d silu(g) / dg = s (1 + g (1 - s)), s = sigmoid(g), recomputed from g. Made to depend
+  on dout (`_after`): two backward passes (a GNB refresh) would otherwise share it, and
+  XLA:CPU then computes it once, early, and holds it for every layer."""
+  gate, up = residuals
+  gate = _after(gate, dout)
+  sig = jax.nn.sigmoid(gate)
+  dgate = dout * up * sig * (1 + gate * (1 - sig))
+  return dgate.astype(gate.dtype), (dout * gate * sig).astype(up.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -301,7 +527,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear(inner, hidden, False, config, rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nnx.Module):
@@ -313,8 +539,8 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None):
-    h, new_cache = self.attn(self.input_norm(x), cos, sin, mask, cache)
+  def __call__(self, x, cos, sin, segment_ids, cache=None):
+    h, new_cache = self.attn(self.input_norm(x), cos, sin, segment_ids, cache)
     x = x + h
     return x + self.mlp(self.post_attn_norm(x)), new_cache
 
@@ -357,10 +583,10 @@ def _remat(fn, policy: str):
 
 
 def _block_fn(graphdef):
-  """Pure (state, x, cos, sin, mask, cache) -> (x, cache) for one block."""
+  """Pure (state, x, cos, sin, segment_ids, cache) -> (x, cache) for one block."""
 
-  def run(state, x, cos, sin, mask, cache):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask, cache)
+  def run(state, x, cos, sin, segment_ids, cache):
+    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, cache)
 
   return run
 
@@ -423,9 +649,7 @@ class Qwen(nnx.Module):
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must have shape (batch, seq), got {input_ids.shape}")
     batch, seq = input_ids.shape
-    causal = jnp.tril(jnp.ones((seq, seq), bool))[None]
     if segment_ids is None:
-      mask = causal
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     else:
@@ -433,15 +657,13 @@ class Qwen(nnx.Module):
       if segment_ids.shape != input_ids.shape:
         raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids "
                          f"shape {input_ids.shape}")
-      mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
       if positions is None:
         positions = segment_positions(segment_ids)
     positions = jnp.asarray(positions)
     if positions.shape != input_ids.shape:
       raise ValueError(f"positions shape {positions.shape} must equal input_ids shape "
                        f"{input_ids.shape}")
-    mask = jnp.broadcast_to(mask, (batch, seq, seq))
-    hidden, _ = self._hidden(input_ids, positions, mask, None)
+    hidden, _ = self._hidden(input_ids, positions, segment_ids, None)
     return hidden.reshape(batch, seq, -1), self._head()
 
   def decode(self, input_ids, cache: KVCache):
@@ -452,12 +674,9 @@ class Qwen(nnx.Module):
     """
     input_ids = jnp.asarray(input_ids)
     batch, seq = input_ids.shape
-    slots = cache.k.shape[2]
     query_pos = cache.index + jnp.arange(seq, dtype=jnp.int32)
-    mask = jnp.arange(slots)[None, :] <= query_pos[:, None]
-    mask = jnp.broadcast_to(mask, (batch, seq, slots))
     positions = jnp.broadcast_to(query_pos, (batch, seq))
-    hidden, (k, v) = self._hidden(input_ids, positions, mask, cache)
+    hidden, (k, v) = self._hidden(input_ids, positions, None, cache)
     logits = jnp.dot(hidden, self._head(), preferred_element_type=jnp.float32)
     return logits.reshape(batch, seq, -1), KVCache(k, v, cache.index + seq)
 
@@ -466,7 +685,7 @@ class Qwen(nnx.Module):
       return self.embed.embedding[...].astype(self.config.dtype).T
     return self.lm_head.kernel[...].astype(self.config.dtype)
 
-  def _hidden(self, input_ids, positions, mask, cache):
+  def _hidden(self, input_ids, positions, segment_ids, cache):
     """Final-normed hidden states (batch * seq, hidden) and the new (k, v) when cached."""
     config = self.config
     # The residual stream is kept as (batch*seq, hidden): XLA:CPU runs the weight matmuls
@@ -480,12 +699,12 @@ class Qwen(nnx.Module):
       block = _remat(_block_fn(graphdef), config.remat)
       if cache is None:
         def body(x, layer_state):
-          return block(layer_state, x, cos, sin, mask, None)[0], None
+          return block(layer_state, x, cos, sin, segment_ids, None)[0], None
         x, _ = jax.lax.scan(body, x, state)
       else:
         def body(x, layer):
           layer_state, k, v = layer
-          x, kv = block(layer_state, x, cos, sin, mask, (k, v, cache.index))
+          x, kv = block(layer_state, x, cos, sin, None, (k, v, cache.index))
           return x, kv
         x, (new_k, new_v) = jax.lax.scan(body, x, (state, cache.k, cache.v))
     else:
@@ -493,11 +712,11 @@ class Qwen(nnx.Module):
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
         if config.remat == "none":
-          x, kv = layer(x, cos, sin, mask, layer_cache)
+          x, kv = layer(x, cos, sin, segment_ids, layer_cache)
         else:
           graphdef, state = nnx.split(layer)
           x, kv = _remat(_block_fn(graphdef), config.remat)(
-              state, x, cos, sin, mask, layer_cache)
+              state, x, cos, sin, segment_ids, layer_cache)
         if kv is not None:
           ks.append(kv[0])
           vs.append(kv[1])

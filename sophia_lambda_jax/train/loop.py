@@ -139,7 +139,7 @@ def _set_up(config: TrainConfig, optimizer: ResolvedOptimizer, out: Path,
         "fsdp)")
 
   # Data: each process reads only its rows of every global batch.
-  model = ModelFunctions(config, mesh)
+  model = ModelFunctions(config, mesh, optimizer)
   data_dir = data_lib.resolve_data(config.data)
   data_vocab = int(data_lib.load_manifest(data_dir)["vocab_size"])
   # The export of a compact-vocabulary run carries its id table: the data is read through it.

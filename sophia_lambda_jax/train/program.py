@@ -102,11 +102,17 @@ class ModelFunctions:
 
   The jitted parameter init and eval step depend only on the model config, seed and mesh
   layout, not on the optimizer, so they are cached across runs in one process (a
-  comparison of several optimizers compiles them once).
+  comparison of several optimizers compiles them once). `optimizer`: the config's resolved
+  optimizer (its estimator picks the attention); None resolves it here.
   """
 
-  def __init__(self, config: TrainConfig, mesh):
+  def __init__(self, config: TrainConfig, mesh, optimizer: ResolvedOptimizer | None = None):
+    optimizer = optimizer or config.resolve_optimizer()
     overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
+    if optimizer.estimator == "hutchinson":
+      # Its Hessian-vector products differentiate the attention twice; cuDNN's kernel
+      # has no forward-mode derivative.
+      overrides["attention"] = "xla"
     self.init_from, self.overrides = config.init_from, overrides
     self.init_compact_vocab = None
     if config.init_from:

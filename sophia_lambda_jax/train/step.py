@@ -1,13 +1,14 @@
 """The train step: loss, gradients, curvature estimate, clipping and the optimizer update.
 
 The model comes split at its output layer, `features_fn(params, x) -> (hidden, head)` with
-logits z = hidden @ head, so the step differentiates the head product itself. One call of
-`train_step(state, batch)` is one optimizer step:
+logits z = hidden @ head, so the step differentiates the output layer itself and never holds
+the logits (`output_layer.cross_entropy`: blocks of vocabulary columns, recomputed in the
+backward pass). One call of `train_step(state, batch)` is one optimizer step:
 
     for each of A micro-batches (x_a, y_a)  (A = grad_accum, a lax.scan):
-        (h_a, W), vjp_a = jax.vjp(lambda p: features_fn(p, x_a), params)   one forward
-        loss_a, dz_a    = value_and_grad(token-mean CE)(h_a W, y_a)
-        g_a             = vjp_a(dz_a W^T, h_a^T dz_a)                     one backward
+        (h_a, W), vjp_a   = jax.vjp(lambda p: features_fn(p, x_a), params)  one forward
+        loss_a, (dh, dW)  = value_and_grad(cross_entropy)(h_a, W, y_a)      blockwise
+        g_a               = vjp_a(dh, dW)                                   one backward
     g = mean_a g_a ;  loss = mean_a loss_a
     g = clip_by_global_norm(g, grad_clip)
     updates, opt_state = tx.update(g, opt_state, params, hessian_fn=...)
@@ -17,16 +18,15 @@ For the Sophia family the optimizer receives the curvature through `hessian_fn`:
 
 - GNB (sophia, sophia_lambda): the step branches on `transforms.hessian_refresh_due`
   (the optimizer's own refresh test), so plain steps pay nothing for the estimate and
-  refresh steps form it from the step's forward pass. Its logits cotangent
-  (softmax(z) - onehot(y_hat)) / N, y_hat ~ Categorical(z), differs from the loss's
-  dz = (softmax(z) - onehot(y)) / N in two entries per token, so its cotangents at the
-  head's inputs are the step's plus a gather and a scatter-add
-  (`hessian.gnb_head_cotangents`; y_hat drawn from dz by `hessian.sample_from_ce_cotangent`,
-  no second softmax), pulled back through the same vjp: one extra backward through the
-  layers below the head, none through the head. With A > 1 the GNB gradient must cover the
-  whole step's batch (the optimizer multiplies by batch_tokens = all of the step's
-  tokens), so the last micro-batch's vjp is reused and the forward of the first A - 1 is
-  recomputed (g_hat = mean_a g_hat_a, then g_hat * g_hat).
+  refresh steps form it from the step's own passes. The loss's pass over the vocabulary
+  blocks also draws y_hat ~ Categorical(z) per token; the GNB logits cotangent
+  (softmax(z) - onehot(y_hat)) / N differs from the loss's (softmax(z) - onehot(y)) / N in
+  two entries per token, so its cotangents at the head's inputs are the loss's plus a
+  gather and a scatter-add (`hessian.gnb_head_cotangents`), pulled back through the same
+  vjp while its residuals are alive: one extra backward through the layers below the head,
+  none through the head, per micro-batch. g_hat = mean_a g_hat_a covers the step's whole
+  batch (the optimizer multiplies by batch_tokens = all of the step's tokens), and the
+  estimate is g_hat * g_hat.
 - Hutchinson (sophia_h): u * (H u) of the last micro-batch's loss by forward-over-reverse,
   called inside the optimizer's cond on refresh steps only.
 
@@ -34,7 +34,7 @@ Labels and probe vectors come from `fold_in(state.rng, state.step)`: fresh every
 identical on restart and independent of the mesh (jax's partitionable threefry).
 
 Parameters are float32 ("master" weights); the model computes in its compute dtype and the
-head product accumulates in float32, so the loss, gradients and optimizer state are float32.
+logits accumulate in float32, so the loss, gradients and optimizer state are float32.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ import optax
 
 from sophia_lambda_jax import hessian as hessian_lib
 from sophia_lambda_jax import transforms
+from sophia_lambda_jax.train import output_layer
 
 PyTree = Any
 # (params, input_ids (..., seq)) -> (hidden (..., seq, d), head (d, vocab)), in the
-# model's compute dtype; the logits are hidden @ head (`logits`). E.g. `models.qwen.features`.
+# model's compute dtype; the logits are hidden @ head. E.g. `models.qwen.features`.
 FeaturesFn = Callable[[PyTree, jax.Array], tuple[jax.Array, jax.Array]]
-
 
 
 class TrainState(NamedTuple):
@@ -70,116 +70,65 @@ class TrainState(NamedTuple):
   rng: jax.Array
 
 
-def logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
-  """hidden @ head accumulated in float32: (..., d) x (d, vocab) -> (..., vocab)."""
-  flat = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), head,
-                 preferred_element_type=jnp.float32)
-  return flat.reshape(hidden.shape[:-1] + head.shape[-1:])
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Token-mean cross-entropy in float32: mean_t [logsumexp(z_t) - z_t[y_t]]."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
-  return losses.mean()
-
-
 def _split_batch(batch: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(..., seq+1) token windows -> inputs (..., seq) and next-token labels (..., seq)."""
   return batch[..., :-1], batch[..., 1:]
 
 
-class _Pullback(NamedTuple):
-  """One micro-batch's forward and its backward through the head: what its gradient and
-  its GNB gradient are pulled back from."""
-  dlogits: jax.Array
-  labels: jax.Array
-  hidden: jax.Array
-  head: jax.Array
-  dhidden: jax.Array
-  dhead: jax.Array
-  vjp_features: Callable
-
-  def gradient(self) -> PyTree:
-    (grads,) = self.vjp_features((self.dhidden, self.dhead))
-    return grads
-
-  def gnb_gradient(self, key: jax.Array) -> PyTree:
-    (g_hat,) = self.vjp_features(hessian_lib.gnb_head_cotangents(
-        self.dlogits, self.labels, self.hidden, self.head, self.dhidden, self.dhead, key))
-    return g_hat
-
-
-def _forward(features_fn: FeaturesFn, params: PyTree, tokens: jax.Array):
-  """Loss of one micro-batch and its `_Pullback`."""
+def _micro_batch(features_fn: FeaturesFn, params: PyTree, tokens: jax.Array,
+                 key: jax.Array | None):
+  """Loss and gradient of one micro-batch and, with a key, its GNB gradient g_hat."""
   x, y = _split_batch(tokens)
   (hidden, head), vjp_features = jax.vjp(lambda p: features_fn(p, x), params)
-  z, vjp_head = jax.vjp(logits, hidden, head)
-  loss, dlogits = jax.value_and_grad(cross_entropy)(z, y)
-  dhidden, dhead = vjp_head(dlogits)
-  return loss, _Pullback(dlogits, y, hidden, head, dhidden, dhead, vjp_features)
+  loss, vjp_head, y_hat = jax.vjp(
+      lambda h, w: output_layer.cross_entropy(h, w, y, key), hidden, head, has_aux=True)
+  dhidden, dhead = vjp_head(jnp.ones_like(loss))
+  (grads,) = vjp_features((dhidden, dhead))
+  if key is None:
+    return loss, grads, None
+  (g_hat,) = vjp_features(hessian_lib.gnb_head_cotangents(y, y_hat, hidden, head, dhidden,
+                                                          dhead))
+  return loss, grads, g_hat
 
 
-def _loss_grads_and_pullback(features_fn: FeaturesFn, params: PyTree, tokens: jax.Array):
-  loss, pullback = _forward(features_fn, params, tokens)
-  return loss, pullback.gradient(), pullback
-
-
-def accumulate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, grad_accum: int):
-  """Mean loss and gradient over the micro-batches; the last one's pullback is kept."""
+def accumulate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, grad_accum: int,
+               key: jax.Array | None = None):
+  """Mean loss and gradient over the micro-batches and, with a key, the mean GNB gradient
+  g_hat (micro-batch a draws with the a-th of `split(key, A)`; with A = 1, with `key`)."""
   if grad_accum == 1:
-    return _loss_grads_and_pullback(features_fn, params, batch)
+    return _micro_batch(features_fn, params, batch, key)
+  keys = None if key is None else jax.random.split(key, grad_accum)
 
-  def body(carry, tokens):
-    loss_sum, grad_sum = carry
-    loss, grads, _ = _loss_grads_and_pullback(features_fn, params, tokens)
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+  def body(sums, tokens_and_key):
+    out = _micro_batch(features_fn, params, *tokens_and_key)
+    return jax.tree.map(jnp.add, sums, out), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                         batch[:-1])
-  loss, grads, last = _loss_grads_and_pullback(features_fn, params, batch[-1])
-  loss = (loss_sum + loss) / grad_accum
-  grads = jax.tree.map(lambda s, g: (s + g) / grad_accum, grad_sum, grads)
-  return loss, grads, last
+  start = (jnp.zeros((), jnp.float32), zeros, None if key is None else zeros)
+  sums, _ = jax.lax.scan(body, start, (batch, keys))
+  return jax.tree.map(lambda s: s / grad_accum, sums)
 
 
-def gnb_estimate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, last: _Pullback,
-                 key: jax.Array, grad_accum: int) -> PyTree:
-  """g_hat * g_hat over the step's whole batch, reusing the last micro-batch's pullback
-  and recomputing the forward of the others (A > 1)."""
-  if grad_accum == 1:
-    return jax.tree.map(jnp.square, last.gnb_gradient(key))
-  keys = jax.random.split(key, grad_accum)
+def gnb_estimate(features_fn: FeaturesFn, params: PyTree, batch: jax.Array, key: jax.Array,
+                 grad_accum: int):
+  """(loss, gradient, g_hat * g_hat) of the step's whole batch (module docstring)."""
+  loss, grads, g_hat = accumulate(features_fn, params, batch, grad_accum, key)
+  return loss, grads, jax.tree.map(jnp.square, g_hat)
 
-  def body(g_sum, tokens_and_key):
-    tokens, k = tokens_and_key
-    g_hat = _forward(features_fn, params, tokens)[1].gnb_gradient(k)
-    return jax.tree.map(jnp.add, g_sum, g_hat), None
 
-  g_sum, _ = jax.lax.scan(body, last.gnb_gradient(keys[-1]), (batch[:-1], keys[:-1]))
-  return jax.tree.map(lambda g: jnp.square(g / grad_accum), g_sum)
+def _gradients_and_gnb(features_fn, grad_accum, refresh: bool, params, batch, key):
+  """Loss, gradient and, on refresh steps, the GNB estimate from the same passes (zeros on
+  other steps, where the optimizer does not read it)."""
+  if refresh:
+    return gnb_estimate(features_fn, params, batch, key, grad_accum)
+  loss, grads, _ = accumulate(features_fn, params, batch, grad_accum)
+  # Zeros made from the gradient: XLA then fills them at the end of the branch instead of
+  # holding a parameter-sized buffer through all of it.
+  return loss, grads, jax.tree.map(lambda g: 0.0 * g, grads)
 
 
 def _last_micro_batch(batch: jax.Array, grad_accum: int) -> jax.Array:
   return batch if grad_accum == 1 else batch[-1]
-
-
-def _gradients_and_gnb(features_fn, grad_accum, refresh: bool, params, batch, key):
-  """Loss, gradient and, on refresh steps, the GNB estimate from the same forward pass
-  (zeros on other steps, where the optimizer does not read it)."""
-  loss, grads, last = accumulate(features_fn, params, batch, grad_accum)
-  if refresh:
-    return loss, grads, gnb_estimate(features_fn, params, batch, last, key, grad_accum)
-  return loss, grads, jax.tree.map(jnp.zeros_like, params)
-
-
-def _recomputed_gnb(features_fn, grad_accum, params, batch, key):
-  """A GNB hessian_fn that runs the last micro-batch's forward pass itself."""
-  def hessian_fn(_):
-    _, last = _forward(features_fn, params, _last_micro_batch(batch, grad_accum))
-    return gnb_estimate(features_fn, params, batch, last, key, grad_accum)
-  return hessian_fn
 
 
 def loss_grads_and_hessian_fn(features_fn: FeaturesFn, estimator: str | None,
@@ -194,18 +143,31 @@ def loss_grads_and_hessian_fn(features_fn: FeaturesFn, estimator: str | None,
     loss, grads, _ = accumulate(features_fn, params, batch, grad_accum)
     x, y = _split_batch(_last_micro_batch(batch, grad_accum))
     return loss, grads, hessian_lib.hutchinson(
-        lambda p: cross_entropy(logits(*features_fn(p, x)), y), key)
+        lambda p: output_layer.cross_entropy(*features_fn(p, x), y)[0], key)
   # The estimate is formed in the step's own branch on the optimizer's refresh test, not
   # inside the optimizer's cond: as operands of that cond the backward's residuals slowed
-  # every step down (docs/decisions.md). Should the optimizer ever refresh when `due` is
-  # False, it gets a recomputed estimate, never the zeros.
+  # every step down (docs/decisions.md).
   due = transforms.hessian_refresh_due(state.opt_state)
   loss, grads, estimate = jax.lax.cond(
       due, functools.partial(_gradients_and_gnb, features_fn, grad_accum, True),
       functools.partial(_gradients_and_gnb, features_fn, grad_accum, False),
       params, batch, key)
-  recomputed = _recomputed_gnb(features_fn, grad_accum, params, batch, key)
-  hessian_fn = lambda p: jax.lax.cond(due, lambda _: estimate, recomputed, p)
+  def is_ema(x):
+    return isinstance(x, transforms.HessianEMAState)
+
+  if sum(map(is_ema, jax.tree.leaves(state.opt_state, is_leaf=is_ema))) == 1:
+    # `due` is the optimizer's own test on the state it updates: it refreshes exactly then.
+    return loss, grads, lambda _: estimate
+  # Another Hessian EMA may refresh when the first does not: it gets a recomputed estimate,
+  # never the zeros. (Compiled only here: the recomputation held about 0.8 GB beside the
+  # step's gradient at the paper's micro-batch, docs/decisions.md.)
+
+  def recomputed(_):
+    return gnb_estimate(features_fn, params, batch, key, grad_accum)[2]
+
+  def hessian_fn(p):
+    return jax.lax.cond(due, lambda _: estimate, recomputed, p)
+
   return loss, grads, hessian_fn
 
 
@@ -272,5 +234,5 @@ def make_eval_step(features_fn: FeaturesFn):
   """`eval_step(params, batch) -> token-mean validation loss` (not yet jitted)."""
   def eval_step(params, batch):
     x, y = _split_batch(batch)
-    return cross_entropy(logits(*features_fn(params, x)), y)
+    return output_layer.cross_entropy(*features_fn(params, x), y)[0]
   return eval_step

@@ -88,6 +88,9 @@ def test_paper_is_the_lavsm_setting_and_short_is_smaller():
   full, short = protocols.paper()[0], protocols.paper_short()[0]
   assert (full.fields["batch_size"], full.fields["steps"]) == (512, 50_000)
   assert _tokens(short) < _tokens(full) / 100
+  # Both take the micro-batch docs/memory.md measured to fit an 80 GB GPU: 32 x 2048.
+  for spec in (full, short):
+    assert spec.fields["batch_size"] // spec.fields["grad_accum"] == 32
 
 
 def test_tuned_sweep_is_log_spaced_around_each_default():

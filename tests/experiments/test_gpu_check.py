@@ -57,6 +57,8 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
   assert rows["sophia_lambda"]["source"] == "section 1's compiled step"
   assert rows["lamvs"]["source"] == "compiled here"
   assert "not a device measurement" in sections["memory"]["table"]["measurement"]
+  attention = sections["memory"]["attention"]
+  assert attention["kernel"] == "xla" and "GPUs only" in attention["note"]
 
   runs = sections["comparison"]["runs"]
   assert list(runs) == ["adamw", "sophia", "sophia_lambda"]
@@ -72,8 +74,36 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
 
   md = (out / "report.md").read_text()
   for text in ("MFU", "device kind 'cpu'", "| sophia_lambda |", "x AdamW", "31.5",
+               "Attention: the model uses `xla` here (cpu)",
                "unclipped fraction", "Python " + sys.version.split()[0], "Verdict:"):
     assert text in md, text
+
+
+def test_attention_check_compares_the_kernels_on_a_gpu(monkeypatch):
+  """On a GPU backend the check compares cuDNN's attention with the XLA one (here a
+  stand-in for cuDNN: the XLA attention itself) and renders the comparison."""
+  import jax
+
+  from sophia_lambda_jax.models import qwen
+
+  monkeypatch.setattr(qwen.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(qwen, "_cudnn_compiles", lambda *shapes: True)
+  monkeypatch.setattr(qwen, "cudnn_attention", jax.jit(qwen.causal_attention))
+  result = gpu_check.attention_check(gpu_check.SMOKE)
+  assert result["kernel"] == "cudnn" and result["cudnn_compiles"]
+  assert result["shape_q"] == [2, 32, 4, 16]
+  # The same attention compiled twice: bfloat16 rounding apart.
+  assert result["output_max_abs_diff"] == 0 and max(result["grads_max_rel_diff"]) < 0.01
+  assert result["gradient_memory_gb"]["cudnn"] > 0
+  report = {"smoke": True, "started": "", "finished": "", "elapsed_s": 1, "budget_s": 1,
+            "command": "", "environment": {}, "sections": {"memory": {
+                "status": "done", "table": {"optimizers": {}, "skipped": {}, "grad_accum": 1,
+                                            "model": "qwen-tiny", "batch_size": 4,
+                                            "seq_len": 32, "compute_dtype": "bfloat16",
+                                            "formula": "", "measurement": "",
+                                            "device_kind": "gpu"},
+                "batch_note": "", "attention": result}}}
+  assert "cuDNN against the XLA attention" in gpu_check.render_markdown(report)
 
 
 def test_bf16_peak_by_device_kind():

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -250,6 +251,29 @@ def test_unrolled_remat_gradients_match(tiny):
                _grad(remat_def, params, ids))
 
 
+def test_gradients_and_hessian_vector_products_equal_plain_autodiff(tiny, monkeypatch):
+  """The model's own backward passes (attention, SwiGLU) against JAX's derivatives of the
+  plain expressions (dense attention scores, silu(gate) * up): gradients, and
+  forward-over-reverse Hessian-vector products as Sophia-H's Hutchinson estimator takes."""
+  graphdef, params = tiny
+  ids = _ids(2, 16, seed=8)
+  direction = _perturbed(jax.tree.map(jnp.zeros_like, params), seed=9, scale=1.0)
+
+  def loss(p):  # not through _apply, whose jit cache outlives the monkeypatch
+    logits = qwen.apply(graphdef, p, ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  def derivatives():
+    return jax.jit(lambda p, u: jax.jvp(jax.grad(loss), (p,), (u,)))(params, direction)
+
+  got = derivatives()
+  monkeypatch.setattr(qwen, "causal_attention", _dense_attention)
+  monkeypatch.setattr(qwen, "_swiglu", lambda gate, up: jax.nn.silu(gate) * up)
+  want = derivatives()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max() + 1e-7)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_gradients_reach_every_parameter(tie):
   config = dataclasses.replace(TINY, tie_embeddings=tie)
@@ -276,3 +300,145 @@ def test_bfloat16_compute_close_to_float32(tiny):
   diff = np.abs(np.asarray(bf16) - f32).max()
   assert diff < 2e-2, diff
   assert diff > 0  # the bf16 path really ran in bf16
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _dense_attention(q, k, v, segment_ids=None):
+  """The reference: every (query, key) score of the sequence, masked causally (and by
+  document), softmax in float32."""
+  batch, seq, heads, dim = q.shape
+  k = jnp.repeat(k, heads // k.shape[2], axis=2)
+  v = jnp.repeat(v, heads // v.shape[2], axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  scores = jnp.where(mask, scores * dim ** -0.5, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, seq, heads * dim)
+
+
+def _qkv(dtype=jnp.float32, batch=2, seq=16, heads=4, kv_heads=2, dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(batch, seq, heads, dim)), dtype)
+  k = jnp.asarray(rng.normal(size=(batch, seq, kv_heads, dim)), dtype)
+  v = jnp.asarray(rng.normal(size=(batch, seq, kv_heads, dim)), dtype)
+  return q, k, v
+
+
+_SEGMENTS = jnp.asarray([[0] * 5 + [1] * 7 + [2] * 4, [0] * 16], jnp.int32)
+
+
+@pytest.mark.parametrize("seq", [16, 10])  # 4 query chunks, and one
+@pytest.mark.parametrize("segments", [False, True])
+def test_causal_attention_and_its_gradient_equal_the_dense_scores(seq, segments):
+  q, k, v = _qkv(seq=seq)
+  segment_ids = _SEGMENTS[:, :seq] if segments else None
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, seq, 32)), jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(weights * f(*a, segment_ids))  # noqa: E731
+  got = jax.jit(qwen.causal_attention)(q, k, v, segment_ids)
+  np.testing.assert_allclose(got, _dense_attention(q, k, v, segment_ids), atol=1e-5)
+  grads = jax.jit(jax.grad(loss(qwen.causal_attention), argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(grads, jax.grad(loss(_dense_attention), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_causal_attention_hessian_vector_product_equals_the_dense_scores():
+  """Forward-over-reverse (Sophia-H's H u) through the recomputing backward pass."""
+  q, k, v = _qkv(seed=2)
+  tangents = _qkv(seed=3)
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 32)), jnp.float32)
+
+  def hvp(f):
+    grad = jax.grad(lambda *a: jnp.sum(weights * jnp.tanh(f(*a))), argnums=(0, 1, 2))
+    return jax.jvp(grad, (q, k, v), tangents)[1]
+
+  for g, w in zip(jax.jit(lambda: hvp(qwen.causal_attention))(), hvp(_dense_attention)):
+    np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_causal_attention_bfloat16_close_to_float32():
+  q, k, v = _qkv()
+  want = _dense_attention(q, k, v)
+  grad = jax.jit(jax.grad(
+      lambda *a: jnp.sum(qwen.causal_attention(*a).astype(jnp.float32) ** 2),
+      argnums=(0, 1, 2)))
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  got = jax.jit(qwen.causal_attention)(*bf16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+  for g, w in zip(grad(*bf16), grad(q, k, v)):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=0.1 * np.abs(w).max())
+
+
+def _attention_layers(attention, layers):
+  """`layers` attention layers in sequence (the output feeds the next layer's q, k, v)."""
+  def loss(x):
+    for _ in range(layers):
+      q = x.reshape(1, 2048, 4, 32)
+      x = x + jnp.tanh(attention(q, q[:, :, :2], q[:, :, 2:])).reshape(x.shape)
+    return x.sum()
+  return loss
+
+
+def test_causal_attention_backward_keeps_no_scores():
+  """XLA's plan of the gradient through a stack of layers grows per layer by about q, k, v
+  and the output (~1 MB each here), not by the layer's 42 MB of chunk scores as a backward
+  pass through the softmax would keep them (the dense reference keeps 67 MB)."""
+  from sophia_lambda_jax.train.loop import compiled_memory
+
+  x = jax.ShapeDtypeStruct((1, 2048, 128), jnp.float32)
+
+  def temp(attention, layers):
+    compiled = jax.jit(jax.grad(_attention_layers(attention, layers))).lower(x).compile()
+    return compiled_memory(compiled)["temp"]
+
+  per_layer = (temp(qwen.causal_attention, 3) - temp(qwen.causal_attention, 1)) / 2
+  dense = (temp(_dense_attention, 3) - temp(_dense_attention, 1)) / 2
+  scores = 4 * 2048 * 2048 * 4
+  assert dense > scores and per_layer < 10e6, (per_layer, dense)
+
+
+@pytest.mark.parametrize("args, kernel", [
+    (("auto", "gpu", jnp.bfloat16, 64, False), "cudnn"),
+    (("auto", "gpu", jnp.float16, 128, False), "cudnn"),
+    (("xla", "gpu", jnp.bfloat16, 64, False), "xla"),       # asked for
+    (("auto", "cpu", jnp.bfloat16, 64, False), "xla"),      # not a GPU
+    (("auto", "tpu", jnp.bfloat16, 64, False), "xla"),
+    (("auto", "gpu", jnp.float32, 64, False), "xla"),       # cuDNN: 16-bit operands
+    (("auto", "gpu", jnp.bfloat16, 64, True), "xla"),       # packed documents: a mask
+    (("auto", "gpu", jnp.bfloat16, 256, False), "xla"),     # heads of at most 128
+    (("auto", "gpu", jnp.bfloat16, 60, False), "xla"),      # in multiples of 8
+])
+def test_attention_kernel_choice(args, kernel):
+  assert qwen.attention_kernel(*args) == kernel
+
+
+def test_the_model_routes_its_attention_by_attention_kernel(monkeypatch):
+  """With a GPU backend reported, bfloat16 layers call cuDNN's kernel (here a stand-in),
+  unless the rows hold packed documents; float32 layers and attention="xla" never do."""
+  calls = []
+
+  def stand_in(q, k, v):
+    calls.append(q.dtype)
+    return qwen.causal_attention(q, k, v)
+
+  monkeypatch.setattr(qwen, "cudnn_attention", stand_in)
+  monkeypatch.setattr(qwen, "_cudnn_compiles", lambda *shapes: True)
+  monkeypatch.setattr(qwen.jax, "default_backend", lambda: "gpu")
+  ids, segments = _ids(1, 8), np.asarray([[0] * 3 + [1] * 5])
+
+  def run(config, segment_ids=None):
+    calls.clear()
+    graphdef, params = qwen.split_params(qwen.Qwen(config))
+    jax.eval_shape(lambda p: qwen.features(graphdef, p, ids, segment_ids=segment_ids), params)
+    return list(calls)
+
+  bf16 = dataclasses.replace(TINY, compute_dtype="bfloat16")
+  assert run(bf16) == [jnp.bfloat16] * TINY.num_layers
+  assert run(bf16, segments) == []
+  assert run(dataclasses.replace(bf16, attention="xla")) == []
+  assert run(TINY) == []
