@@ -52,6 +52,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sophia_lambda_jax.train.config import RESUME_MUST_MATCH
+from sophia_lambda_jax.train.step import TrainState
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 CHECKSUMS = "checksums.json"
@@ -194,8 +195,6 @@ def _without_params(state: Any) -> Any:
 def _legacy_param_keys(params: Any) -> list[str]:
   """Flat keys of the parameters inside an old all-in-`state` checkpoint (TrainState field
   order: step, params, opt_state, rng; the index of the first parameter is 1)."""
-  from sophia_lambda_jax.train.step import TrainState
-
   keys = _flat_keys(TrainState(step=0, params=params, opt_state=None, rng=None))
   return keys[1:]
 
