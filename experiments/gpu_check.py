@@ -235,7 +235,7 @@ def attention_check(plan: Plan) -> dict:
   import jax.numpy as jnp
   import numpy as np
   from sophia_lambda_jax.models import qwen
-  from sophia_lambda_jax.train.loop import compiled_memory
+  from sophia_lambda_jax.train.program import compiled_memory
 
   config = qwen.get_config(plan.model, compute_dtype="bfloat16")
   backend = jax.default_backend()

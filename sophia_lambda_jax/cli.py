@@ -18,22 +18,20 @@ exit 130 or 143.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
 import sys
 
-from sophia_lambda_jax import interrupts
+from sophia_lambda_jax import interrupts, labels
 
 # Each command imports its module when it runs: `slj` starts without the training stack, and
 # main() turns a missing `train` extra into one line.
 
 
 def _info(argv: list[str]) -> int:
-  import dataclasses
-
-  from sophia_lambda_jax import labels
-  from sophia_lambda_jax.models import qwen
+  from sophia_lambda_jax.models import qwen  # needs the `train` extra
 
   parser = argparse.ArgumentParser(
       prog="slj info",
@@ -58,37 +56,37 @@ def _info(argv: list[str]) -> int:
 
 
 def _tokenize(argv: list[str]) -> int:
-  from sophia_lambda_jax import data
+  from sophia_lambda_jax import data  # needs the `train` extra
 
   return data.cli_tokenize(argv)
 
 
 def _train(argv: list[str]) -> int:
-  from sophia_lambda_jax import train
+  from sophia_lambda_jax import train  # needs the `train` extra
 
   return train.cli_train(argv)
 
 
 def _compare(argv: list[str]) -> int:
-  from sophia_lambda_jax.compare import runner
+  from sophia_lambda_jax.compare import runner  # needs the `train` extra
 
   return runner.main(argv)
 
 
 def _generate(argv: list[str]) -> int:
-  from sophia_lambda_jax import runs
+  from sophia_lambda_jax import runs  # needs the `train` extra
 
   return runs.cli_generate(argv)
 
 
 def _eval(argv: list[str]) -> int:
-  from sophia_lambda_jax import runs
+  from sophia_lambda_jax import runs  # needs the `train` extra
 
   return runs.cli_eval(argv)
 
 
 def _export(argv: list[str]) -> int:
-  from sophia_lambda_jax import runs
+  from sophia_lambda_jax import runs  # needs the `train` extra
 
   return runs.cli_export(argv)
 

@@ -410,6 +410,23 @@ class OptimizerSpec:
     """The keyword arguments the factory accepts."""
     return tuple(inspect.signature(self.factory).parameters)
 
+  def build(self, skip_nonfinite: Union[bool, int] = False,
+            **hyperparams) -> optax.GradientTransformationExtraArgs:
+    """The optimizer with ``hyperparams``: ``get_optimizer`` for a record already resolved."""
+    unknown = sorted(set(hyperparams) - set(self.hyperparameters()))
+    if unknown:
+      raise ValueError(f"unknown hyperparameter(s) {unknown} for optimizer {self.name!r}; "
+                       f"valid: {list(self.hyperparameters())}")
+    tx = self.factory(**hyperparams)
+    if skip_nonfinite:
+      max_errors = (NONFINITE_MAX_CONSECUTIVE if skip_nonfinite is True
+                    else int(skip_nonfinite))
+      if max_errors < 1:
+        raise ValueError(
+            f"skip_nonfinite must be a bool or an int >= 1, got {skip_nonfinite!r}")
+      tx = optax.apply_if_finite(tx, max_errors)
+    return tx
+
 
 HESSIAN_ESTIMATORS = ("gnb", "hutchinson")
 
@@ -461,19 +478,7 @@ def get_optimizer(name: str, skip_nonfinite: Union[bool, int] = False,
   ``skip_nonfinite=True`` (or an int: the number of consecutive bad steps tolerated, default
   ``NONFINITE_MAX_CONSECUTIVE``) wraps the optimizer in ``optax.apply_if_finite``.
   """
-  spec = resolve(name)
-  valid = spec.hyperparameters()
-  unknown = sorted(set(hyperparams) - set(valid))
-  if unknown:
-    raise ValueError(
-        f"unknown hyperparameter(s) {unknown} for optimizer {name!r}; valid: {list(valid)}")
-  tx = spec.factory(**hyperparams)
-  if skip_nonfinite:
-    max_errors = NONFINITE_MAX_CONSECUTIVE if skip_nonfinite is True else int(skip_nonfinite)
-    if max_errors < 1:
-      raise ValueError(f"skip_nonfinite must be a bool or an int >= 1, got {skip_nonfinite!r}")
-    tx = optax.apply_if_finite(tx, max_errors)
-  return tx
+  return resolve(name).build(skip_nonfinite, **hyperparams)
 
 
 # Base learning rates: sign-like updates (Lion, the clipped Sophia family) move every

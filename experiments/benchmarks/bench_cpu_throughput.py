@@ -105,7 +105,7 @@ def worker(name: str, steps: int, shape: dict | None = None,
   from sophia_lambda_jax.compare.protocols import cpu_fields
   from sophia_lambda_jax.train import mesh as mesh_lib
   from sophia_lambda_jax.train.config import TrainConfig
-  from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram
+  from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram
 
   variant = VARIANTS[name]
   shape = dict(shape or {})

@@ -5,7 +5,7 @@
         [--model-overrides JSON] [--no-refresh] [--split] [--baseline-ref COMMIT]
         [--optimizers adamw,sophia,lamvs,sophia_lambda] [--json PATH]
 
-Each optimizer's jitted step of `slj train` (`train.loop.TrainProgram`: forward, backward,
+Each optimizer's jitted step of `slj train` (`train.program.TrainProgram`: forward, backward,
 clipping, the update, and for the Sophia family the Gauss-Newton-Bartlett estimate) is
 compiled ahead of time for the given model and batch and never run, so this needs no data
 and no accelerator. Its memory is
@@ -63,7 +63,7 @@ import optax
 
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
-from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_memory
+from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram, compiled_memory
 
 # The Sophia-Lambda paper's Table 1, "Memory (GB)" (134M Qwen, batch 512 x 2048, A100).
 PAPER_MEMORY_GB = {"adamw": 31.5, "sophia": 39.7, "lamvs": 37.2, "sophia_lambda": 36.8}

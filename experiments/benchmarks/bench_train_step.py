@@ -4,7 +4,7 @@
         [--seq-len 256] [--cycles 12] [--compute-dtype bfloat16] [--data builtin]
         [--mesh data=1,fsdp=1]
 
-Both optimizers run the real jitted step of `slj train` (`train.loop.TrainProgram`: forward,
+Both optimizers run the real jitted step of `slj train` (`train.program.TrainProgram`: forward,
 backward, global-norm clipping, the optimizer update, and for Sophia-Lambda the
 Gauss-Newton-Bartlett estimate that reuses the step's forward pass), on the same model,
 batch and mesh. Sophia-Lambda uses a fixed refresh interval of 10, so every cycle of 10
@@ -31,7 +31,7 @@ cannot reach a large one's FLOP/s, so the second is the step's real ceiling.
 With `time_budget_s` the timed cycles stop at the first cycle boundary after that many
 seconds from the call (compiles and warm-up included; at least one cycle is timed), and
 `cycles` in the result is the number timed. Each optimizer's entry also holds its compiled
-step's memory (`train.loop.compiled_memory`).
+step's memory (`train.program.compiled_memory`).
 
 Goal: sophia_lambda mean step time <= 1.07 x adamw's.
 """
@@ -50,7 +50,7 @@ from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
 from sophia_lambda_jax.train.flops import matmul_flops_per_s, model_flops_per_token
-from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram, compiled_memory
+from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram, compiled_memory
 
 INTERVAL = 10
 

@@ -16,6 +16,7 @@ training for the adaptive- and fixed-interval runs.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -274,8 +275,6 @@ def write_plots(root: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-
   p = argparse.ArgumentParser(prog="python -m sophia_lambda_jax.compare.plots",
                               description="Write the loss-curve PNGs of a compare run.")
   p.add_argument("root", help="the --out directory of `slj compare` or of the ablations")

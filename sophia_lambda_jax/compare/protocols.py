@@ -18,6 +18,11 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
+from sophia_lambda_jax.models.qwen import get_config
+from sophia_lambda_jax.optimizers import OPTIMIZERS, resolve
+from sophia_lambda_jax.train import TrainConfig
+from sophia_lambda_jax.train.metrics import in_unclipped_band
+
 # outcome(spec) -> (final validation loss or None, unclipped fraction or None) of a run that
 # ended (a diverged run has no loss), or None while it has not: what adaptive protocols plan
 # from.
@@ -142,8 +147,6 @@ class RunSpec(NamedTuple):
 
   def train_config(self, out: str):
     """The `sophia_lambda_jax.train.TrainConfig` of this run, writing into `out`."""
-    from sophia_lambda_jax.train import TrainConfig  # experiments -> train, at call time
-
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(self.fields) - names)
     if unknown:
@@ -171,8 +174,6 @@ def _check_seeds(seeds: int) -> None:
 
 def check_optimizers(optimizers: Sequence[str] | None) -> tuple[str, ...]:
   """The registered names of `optimizers` (aliases resolved); None -> every registered one."""
-  from sophia_lambda_jax.optimizers import OPTIMIZERS, resolve
-
   if optimizers is None:
     return tuple(OPTIMIZERS)
   optimizers = tuple(optimizers)
@@ -315,9 +316,6 @@ def paper_short(seeds: int = 1, optimizers: Sequence[str] | None = None,
 def default_learning_rate(optimizer: str, model: str = "qwen-cpu") -> float:
   """The peak learning rate the training script uses for `optimizer` on `model` when none
   is given (TrainConfig.resolved_learning_rate)."""
-  from sophia_lambda_jax.models.qwen import get_config
-  from sophia_lambda_jax.train import TrainConfig
-
   check_optimizers([optimizer])
   config = TrainConfig(model=model, optimizer=optimizer)
   return config.resolved_learning_rate(get_config(model).hidden_size)
@@ -478,8 +476,6 @@ def best_settings(sweep: Sequence[RunSpec], outcome: Outcome) -> dict[str, dict]
   Non-finite or missing losses (a diverged run) never win; an optimizer whose every run
   diverged raises ValueError naming it.
   """
-  from sophia_lambda_jax.train.metrics import in_unclipped_band
-
   results: dict[str, list[tuple[float, dict]]] = {}
   for spec in sweep:
     result = outcome(spec)

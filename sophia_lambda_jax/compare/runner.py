@@ -48,21 +48,19 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from sophia_lambda_jax.compare import protocols
+import jax
+
+from sophia_lambda_jax.compare import plots, protocols, tables
 from sophia_lambda_jax.compare.protocols import RunSpec
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.runs import FAILED, SUMMARY, read_summary, run_status
+from sophia_lambda_jax.train import run_training
+from sophia_lambda_jax.train.config import result_differences
 
 PLAN = "plan.json"
 
 # The function that trains one run; tests replace it with a fake.
 Trainer = Callable[[object], dict]
-
-
-def _default_trainer(config) -> dict:
-  from sophia_lambda_jax.train import run_training
-
-  return run_training(config)
 
 
 # Set by main() from --process-id, so that files are written by process 0 only even before
@@ -73,10 +71,6 @@ _PROCESS_ID: int | None = None
 def _is_main_process() -> bool:
   if _PROCESS_ID is not None:
     return _PROCESS_ID == 0
-  if "jax" not in sys.modules:
-    return True
-  import jax
-
   return jax.process_index() == 0
 
 
@@ -95,8 +89,6 @@ def write_plan(root: Path, specs: Sequence[RunSpec], protocol: str, extra: dict 
 def conflicting_runs(specs: Sequence[RunSpec], root: Path) -> dict[str, list[str]]:
   """{run name: differing fields} of the existing run directories whose config.json does
   not match the planned run (`train.config.result_differences`)."""
-  from sophia_lambda_jax.train.config import result_differences
-
   conflicts = {}
   for spec in specs:
     path = root / spec.run_name / "config.json"
@@ -148,7 +140,7 @@ def execute(specs: Sequence[RunSpec], root: Path, *, trainer: Trainer | None = N
   from its checkpoints), records exceptions in failed.json and goes on with the next run.
   Starts no run once `time.monotonic()` has passed `deadline` (those stay pending).
   """
-  trainer = trainer or _default_trainer
+  trainer = trainer or run_training
   root = Path(root)
   statuses: dict[str, str] = {}
   todo = []
@@ -206,8 +198,6 @@ def enable_compilation_cache(directory: Path) -> bool:
   """Keep compiled train steps on disk (JAX's persistent compilation cache), so the seeds of
   one configuration, and a restarted compare, compile each step once. The executables are
   the same, so the numbers are too. Leaves a cache the user configured alone."""
-  import jax
-
   if jax.config.jax_compilation_cache_dir:
     return False
   jax.config.update("jax_compilation_cache_dir", str(directory))
@@ -447,15 +437,11 @@ def _compare(args, specs: list[RunSpec], root: Path, trainer: Trainer | None) ->
 
   if not _is_main_process():
     return 0
-  from sophia_lambda_jax.compare import tables
-
   report = tables.write_report(root)
   print()
   print(report["markdown_summary"])
   print(f"[compare] wrote {root / 'results.md'} and {root / 'results.json'}")
   if not args.no_plots:
-    from sophia_lambda_jax.compare import plots
-
     for path in plots.write_plots(root):
       print(f"[compare] wrote {path}")
   failed = sorted(k for k, v in statuses.items() if v in ("failed", "partial"))

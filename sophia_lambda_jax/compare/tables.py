@@ -35,6 +35,7 @@ Memory is in GB = 1e9 bytes. The papers' GB figures belong to a 134M model at ba
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -728,8 +729,6 @@ def archive_runs(root: Path, dest: Path, every: int = 50) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse
-
   p = argparse.ArgumentParser(prog="python -m sophia_lambda_jax.compare.tables",
                               description="Write results.{json,md} of a compare run.")
   p.add_argument("root", help="the --out directory of `slj compare`")

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sophia_lambda_jax.data import shards
-from sophia_lambda_jax.data.preparation import load_manifest
+from sophia_lambda_jax.data.preparation import data_fingerprint, load_manifest, resolve_data
 from sophia_lambda_jax.data.tokenizer import EOS_ID, QWEN_VOCAB_SIZE
 
 # Splits up to this many tokens are scanned for out-of-range ids when opened; larger ones are
@@ -225,8 +225,6 @@ class TokenBatches:
   def __init__(self, data_dir, split: str = "train", batch_size: int = 8, seq_len: int = 256,
                seed: int = 0, *, vocab_size: int | None = None, process_index: int = 0,
                process_count: int = 1, compact_vocab: CompactVocab | None = None):
-    from sophia_lambda_jax.data.preparation import resolve_data
-
     if split not in ("train", "val"):
       raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     self.batch_size = _as_int("batch_size", batch_size, 1)
@@ -306,8 +304,6 @@ class TokenBatches:
   def fingerprint(self) -> str:
     """Identifies the prepared data (to refuse resuming a run on other data; see
     `preparation.data_fingerprint`)."""
-    from sophia_lambda_jax.data.preparation import data_fingerprint
-
     return data_fingerprint(self.data_dir)
 
   def _verify_shard(self, i: int) -> None:

@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.data import shards, sources
@@ -252,8 +255,6 @@ def prepare(source: str, out_dir: str | os.PathLike, *,
 
 
 def _run_units(out_dir, units, pending, records, val_fraction, num_workers, progress):
-  from tqdm.auto import tqdm
-
   jobs = [(str(out_dir), i, tuple(units[i]), float(val_fraction)) for i in pending]
   workers = min(num_workers or os.cpu_count() or 1, max(len(jobs), 1))
   done_tokens = sum(r["train"]["tokens"] + r["val"]["tokens"]
@@ -301,9 +302,6 @@ def _die_with_parent(parent: int) -> None:
   dies (kill -9 included), so none outlives the directory lock (Linux; elsewhere a no-op)."""
   if not sys.platform.startswith("linux"):
     return
-  import ctypes
-  import signal
-
   PR_SET_PDEATHSIG = 1
   ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
   if os.getppid() != parent:  # the parent died before the line above

@@ -219,7 +219,7 @@ def resolve_files(source: str) -> tuple[Path, list[Path]]:
 
 
 def _parquet_units(path: Path, name: str) -> list[WorkUnit]:
-  import pyarrow.parquet as pq
+  import pyarrow.parquet as pq  # a heavy import that only parquet sources need
 
   try:
     meta = pq.ParquetFile(path).metadata
@@ -238,7 +238,7 @@ def _parquet_units(path: Path, name: str) -> list[WorkUnit]:
 
 
 def _iter_parquet(unit: WorkUnit) -> Iterator[tuple[str, str]]:
-  import pyarrow.parquet as pq
+  import pyarrow.parquet as pq  # a heavy import that only parquet sources need
 
   pf = pq.ParquetFile(unit.path)
   names = pf.schema_arrow.names
@@ -318,7 +318,7 @@ def _require(module: str, extra: str, source: str):
 
 def _tfds_source(name: str):
   """The random-access "train" split of prepared TFDS dataset `name` (never downloads)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # the optional `tfds` extra
 
   data_dir = os.environ.get("TFDS_DATA_DIR") or None
   try:
@@ -353,7 +353,7 @@ def _iter_tfds(unit: WorkUnit) -> Iterator[tuple[str, str]]:
 
 def _iter_hf(unit: WorkUnit) -> Iterator[tuple[str, str]]:
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local cache or path only
-  import datasets
+  import datasets  # the optional `hf` extra
 
   dataset = datasets.load_dataset(unit.path, split="train")
   if "text" not in dataset.column_names:

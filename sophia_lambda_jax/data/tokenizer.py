@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import tiktoken
 
 EOS_ID = 151643
 QWEN_VOCAB_SIZE = 151936
@@ -64,8 +65,6 @@ class QwenTokenizer:
   vocab_size = QWEN_VOCAB_SIZE
 
   def __init__(self):
-    import tiktoken
-
     self.encoding = tiktoken.Encoding(
         "qwen2",
         pat_str=QWEN2_PATTERN,

@@ -6,10 +6,12 @@
 
 or `slj train --model qwen-tiny --optimizer sophia_lambda --steps 100 --out runs/demo`.
 
-Modules, one job each: `config` (TrainConfig, flags, JSON), `schedule` (the learning-rate
-schedule), `mesh` (device mesh, shardings, jax.distributed), `step` (the jitted train/eval
-step), `checkpoint` (orbax), `metrics` (JSONL, TensorBoard, progress), `flops` (model FLOPs
-and MFU), `loop` (run_training, cli_train).
+Modules, one job each: `config` (TrainConfig, flags, JSON, the resolved optimizer),
+`schedule` (the learning-rate schedule), `mesh` (device mesh, shardings, jax.distributed),
+`step` (the jitted train/eval step), `checkpoint` (orbax), `metrics` (JSONL, TensorBoard,
+progress), `flops` (model FLOPs and MFU), `program` (model functions, optimizer, state
+shardings, the compiled step, the state a run starts from), `loop` (run_training: the
+steps, evaluation, checkpoint cadence, summary; cli_train).
 """
 
 from sophia_lambda_jax.train.config import TrainConfig, config_from_argv

@@ -52,6 +52,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sophia_lambda_jax.train.config import RESUME_MUST_MATCH, with_old_run_defaults
+from sophia_lambda_jax.train.step import TrainState
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 CHECKSUMS = "checksums.json"
@@ -194,8 +195,6 @@ def _without_params(state: Any) -> Any:
 def _legacy_param_keys(params: Any) -> list[str]:
   """Flat keys of the parameters inside an old all-in-`state` checkpoint (TrainState field
   order: step, params, opt_state, rng; the index of the first parameter is 1)."""
-  from sophia_lambda_jax.train.step import TrainState
-
   keys = _flat_keys(TrainState(step=0, params=params, opt_state=None, rng=None))
   return keys[1:]
 
@@ -432,9 +431,10 @@ def steps_on_disk(directory: Path) -> tuple[list[int], list[int]]:
 
 def set_aside_partial(directory: Path) -> None:
   """Rename each save in flight ("<step>.orbax-checkpoint-tmp*") to that name plus
-  "-abandoned" (still a partial save: the next run's manager removes it), so that orbax can no longer rename it into place: a process that abandons
-  its save then names, from `steps_on_disk`, the checkpoint the next run resumes from. A
-  save that completed first is left as it is."""
+  "-abandoned" (still a partial save: the next run's manager removes it), so that orbax can
+  no longer rename it into place: a process that abandons its save then names, from
+  `steps_on_disk`, the checkpoint the next run resumes from. A save that completed first is
+  left as it is."""
   for path in Path(directory).iterdir() if Path(directory).is_dir() else ():
     step, _, suffix = path.name.partition(".")
     if step.isdigit() and suffix.startswith("orbax-checkpoint-tmp") and \

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import optax
+
+from sophia_lambda_jax import optimizers
+from sophia_lambda_jax.models import qwen
 from sophia_lambda_jax.train.schedule import SCHEDULES, decay_steps
 
 # Peak learning rates for `learning_rate=None` are each optimizer's
@@ -45,8 +50,6 @@ _NOT_OPTIMIZER_FLAGS = ("learning_rate", "batch_tokens", "mask")
 
 def optimizer_hyperparameters() -> tuple[str, ...]:
   """Every hyperparameter name that some registered optimizer accepts (`--opt.NAME`)."""
-  from sophia_lambda_jax import optimizers
-
   names = dict.fromkeys(name for spec in optimizers.OPTIMIZERS.values()
                         for name in spec.hyperparameters())
   return tuple(n for n in names if n not in _NOT_OPTIMIZER_FLAGS)
@@ -64,6 +67,49 @@ RESUME_MUST_MATCH = (
 # Fields a finished run's results depend on: the trajectory and how the final validation
 # loss is measured. A comparison reuses a finished run only when these match its plan.
 RESULTS_DEPEND_ON = RESUME_MUST_MATCH + ("eval_batches", "final_eval_batches")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedOptimizer:
+  """The optimizer of a `TrainConfig`, resolved from the registry once
+  (`TrainConfig.resolve_optimizer`): validation, the training loop and the benchmarks all
+  build the optimizer from it, so they build the same one.
+
+  Attributes:
+    spec: the registry record (name, factory, base learning rate).
+    kwargs: the factory's keyword arguments but the learning rate: the config's
+      optimizer_kwargs, plus a GNB-scaled optimizer's batch_tokens (B: the tokens per step
+      under the GNB estimator, 1 under Hutchinson).
+    estimator: the curvature estimate the train step hands to ``update`` as ``hessian_fn``
+      ("gnb" or "hutchinson"); None for first-order optimizers.
+    learning_rate: the config's peak learning rate; None: the optimizer's default
+      (`peak_learning_rate`).
+  """
+  spec: optimizers.OptimizerSpec
+  kwargs: dict[str, Any]
+  estimator: str | None
+  learning_rate: float | None
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  def peak_learning_rate(self, hidden_size: int) -> float:
+    """The configured peak, else the optimizer's base_learning_rate scaled to the width."""
+    if self.learning_rate is not None:
+      return float(self.learning_rate)
+    return self.spec.base_learning_rate * _BASE_WIDTH / hidden_size
+
+  def build(self, learning_rate: float | optax.Schedule
+            ) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation, with `learning_rate` (a number or a schedule)."""
+    return self.spec.build(learning_rate=learning_rate, **self.kwargs)
+
+  def hyperparameter(self, name: str) -> Any:
+    """The value of hyperparameter `name`: the configured one, else the factory's default."""
+    if name in self.kwargs:
+      return self.kwargs[name]
+    return inspect.signature(self.spec.factory).parameters[name].default
 
 
 @dataclasses.dataclass
@@ -141,8 +187,10 @@ class TrainConfig:
     self.validate()
 
   # ------------------------------------------------------------------------- validation
-  def validate(self) -> None:
-    """Raise ValueError naming the field for any value that cannot work."""
+  def validate(self) -> ResolvedOptimizer:
+    """Raise ValueError naming the field for any value that cannot work; return the
+    resolved optimizer, which validation builds (cheap, no arrays) to check its
+    hyperparameters."""
     _check_types(self)
 
     def positive_int(name):
@@ -207,27 +255,44 @@ class TrainConfig:
       raise ValueError("model_overrides must not contain 'compute_dtype': use the "
                        "compute_dtype field (--compute-dtype)")
     parse_mesh(self.mesh)  # raises on a malformed spec
-    self.resolved_hessian_estimator()  # raises on an unknown optimizer or estimator
-    self._check_builds()
-
-  def _check_builds(self) -> None:
-    """Build the optimizer and the model config (both cheap, no arrays), so that a bad
-    hyperparameter or model override is refused here, before any data, compile or run."""
-    from sophia_lambda_jax import optimizers
-    from sophia_lambda_jax.models import qwen
-
-    kwargs = dict(self.optimizer_kwargs)
-    if optimizers.resolve(self.optimizer).needs_batch_tokens:
-      kwargs["batch_tokens"] = self.batch_tokens
+    # The optimizer and the model config are built here (both cheap, no arrays), so that a
+    # bad hyperparameter or model override is refused before any data, compile or run.
+    optimizer = self.resolve_optimizer()
     try:
-      optimizers.get_optimizer(self.optimizer, learning_rate=self.learning_rate or 1e-3,
-                               **kwargs)
+      optimizer.build(self.learning_rate or 1e-3)
     except (ValueError, TypeError) as e:
       raise ValueError(f"optimizer_kwargs: {e}") from None
     try:
       qwen.get_config(self.model, **self.model_overrides)
     except (ValueError, TypeError) as e:
       raise ValueError(f"model: {e}") from None
+    return optimizer
+
+  def resolve_optimizer(self) -> ResolvedOptimizer:
+    """The optimizer this config trains with, looked up in the registry (the one call of
+    `optimizers.resolve` a run makes); ValueError for an unknown optimizer or estimator."""
+    try:
+      spec = optimizers.resolve(self.optimizer)
+    except ValueError as e:
+      raise ValueError(f"optimizer: {e}") from None
+    estimator = self.hessian_estimator
+    if estimator is None:
+      estimator = spec.hessian_estimator
+    elif not spec.second_order:
+      raise ValueError(f"hessian_estimator applies to second-order optimizers only; "
+                       f"{self.optimizer!r} takes no Hessian estimate")
+    else:
+      allowed = (optimizers.HESSIAN_ESTIMATORS if spec.needs_batch_tokens
+                 else (spec.hessian_estimator,))
+      if estimator not in allowed:
+        raise ValueError(f"hessian_estimator for {self.optimizer!r} must be one of "
+                         f"{list(allowed)} or null, got {estimator!r}")
+    kwargs = dict(self.optimizer_kwargs)
+    if spec.needs_batch_tokens:
+      # GNB's estimate is a per-token mean, scaled back by B; Hutchinson's is the Hessian of
+      # the mean loss itself (B = 1, as in Sophia-H).
+      kwargs["batch_tokens"] = self.batch_tokens if estimator == "gnb" else 1
+    return ResolvedOptimizer(spec, kwargs, estimator, self.learning_rate)
 
   # ------------------------------------------------------------------------- derived values
   @property
@@ -251,30 +316,11 @@ class TrainConfig:
 
   def resolved_hessian_estimator(self) -> str | None:
     """The curvature estimator the train step builds: None for first-order optimizers."""
-    from sophia_lambda_jax import optimizers
-
-    try:
-      spec = optimizers.resolve(self.optimizer)
-    except ValueError as e:
-      raise ValueError(f"optimizer: {e}") from None
-    if self.hessian_estimator is None:
-      return spec.hessian_estimator
-    if not spec.second_order:
-      raise ValueError(f"hessian_estimator applies to second-order optimizers only; "
-                       f"{self.optimizer!r} takes no Hessian estimate")
-    allowed = ("gnb", "hutchinson") if spec.needs_batch_tokens else (spec.hessian_estimator,)
-    if self.hessian_estimator not in allowed:
-      raise ValueError(f"hessian_estimator for {self.optimizer!r} must be one of "
-                       f"{list(allowed)} or null, got {self.hessian_estimator!r}")
-    return self.hessian_estimator
+    return self.resolve_optimizer().estimator
 
   def resolved_learning_rate(self, hidden_size: int) -> float:
-    if self.learning_rate is not None:
-      return float(self.learning_rate)
-    from sophia_lambda_jax import optimizers
-
-    spec = optimizers.resolve(self.optimizer)
-    return spec.base_learning_rate * _BASE_WIDTH / hidden_size
+    """The peak learning rate for a model of width `hidden_size`."""
+    return self.resolve_optimizer().peak_learning_rate(hidden_size)
 
   # ------------------------------------------------------------------------- (de)serialise
   def to_dict(self) -> dict[str, Any]:

@@ -156,10 +156,11 @@ class StepFlops(NamedTuple):
             "flops_per_token": per_token}
 
 
-def step_flops(config, model_config) -> StepFlops:
-  """The StepFlops of a `TrainConfig` training `model_config` on this process's devices."""
+def step_flops(config, model_config, estimator: str | None) -> StepFlops:
+  """The StepFlops of a `TrainConfig` training `model_config` with curvature `estimator`
+  (its resolved optimizer's) on this process's devices."""
   return StepFlops(
       float(model_flops_per_token(model_config, config.seq_len)),
-      float(estimate_flops_per_token(model_config, config.seq_len,
-                                     config.resolved_hessian_estimator(), config.grad_accum)),
+      float(estimate_flops_per_token(model_config, config.seq_len, estimator,
+                                     config.grad_accum)),
       peak_flops_per_s(config.compute_dtype))

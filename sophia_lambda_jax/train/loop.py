@@ -1,7 +1,12 @@
 """`run_training(config)`: build everything, resume if possible, train, evaluate, summarise.
 
+The program of a run (model functions, optimizer, shardings, compiled step, the state it
+starts from) is `train.program`; this module runs it: data, the steps, logging, evaluation,
+checkpoint cadence, interrupts and the summary.
+
 Order of a run:
-1. jax.distributed (multi-host), the lock on <out> (process 0) and the device mesh;
+1. the config validated (its optimizer resolved once, `TrainConfig.validate`), jax.distributed
+   (multi-host), the lock on <out> (process 0) and the device mesh;
 2. the checkpoints in <out>/checkpoints, newest first, verified against their checksums (a
    damaged one is reported and skipped), the newest intact one's config checked against
    this run's (the trajectory-changing fields must match); a run already finished stops here;
@@ -22,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -32,75 +36,21 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import PartitionSpec as P
 
+from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
 from sophia_lambda_jax.train import flops
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer, set_aside_partial, steps_on_disk
-from sophia_lambda_jax.train.config import TrainConfig, config_from_argv
+from sophia_lambda_jax.train.config import ResolvedOptimizer, TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import (UNCLIPPED_BAND, MetricsLogger, finite_or_none,
-                                             in_unclipped_band, read_metrics,
+                                             in_unclipped_band, read_metrics, say,
                                              unclipped_fractions)
-from sophia_lambda_jax.train.schedule import learning_rate_schedule
-from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
-
-
-def build_optimizer(config: TrainConfig, schedule: optax.Schedule):
-  from sophia_lambda_jax import optimizers
-
-  kwargs = dict(config.optimizer_kwargs)
-  if optimizers.resolve(config.optimizer).needs_batch_tokens:
-    # GNB's estimate is a per-token mean, scaled back by B; Hutchinson's is the Hessian of
-    # the mean loss itself (B = 1, as in Sophia-H).
-    gnb = config.resolved_hessian_estimator() == "gnb"
-    kwargs["batch_tokens"] = config.batch_tokens if gnb else 1
-  return optimizers.get_optimizer(config.optimizer, learning_rate=schedule, **kwargs)
-
-
-def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
-  """Refresh interval, refresh count, refreshes skipped for a non-finite estimate, rho and
-  clipped fraction of a Sophia-family state.
-
-  roles: optional pytree like params of role names (``labels.label_params``); the clipped
-  fraction is then also reported per role as "clip_fraction/<role>" (the tied embedding is
-  about half of a small model's coordinates, so the overall fraction can hide the rest).
-  """
-  from sophia_lambda_jax import optimizers
-
-  out = {}
-  interval_and_count = optimizers.hessian_interval_and_count(opt_state)
-  if interval_and_count is not None:
-    interval, count = interval_and_count
-    out["hessian_interval"] = jnp.asarray(interval, jnp.int32)
-    out["hessian_refreshes"] = jnp.asarray(count, jnp.int32)
-    out["hessian_relative_change"] = jnp.asarray(
-        optimizers.hessian_relative_change(opt_state), jnp.float32)
-    out["hessian_skipped"] = jnp.asarray(optimizers.hessian_skipped(opt_state), jnp.int32)
-  rho = optimizers.current_rho(opt_state)
-  if rho is not None:
-    out["rho"] = jnp.asarray(rho, jnp.float32)
-  fractions = optimizers.clip_fraction(opt_state, roles)
-  if fractions is None:
-    return out
-  if roles is None:
-    fractions = {None: fractions}
-  out.update({"clip_fraction" if r is None else f"clip_fraction/{r}":
-              jnp.asarray(f, jnp.float32) for r, f in fractions.items()})
-  return out
-
-
-def parameter_roles(abstract_params):
-  """Each parameter's role name (embedding, attention, mlp, norm, head, other)."""
-  from sophia_lambda_jax import labels
-
-  return jax.tree.map(lambda info: info.role,
-                      labels.label_params(abstract_params, strict=False),
-                      is_leaf=lambda x: isinstance(x, labels.ParamInfo))
+from sophia_lambda_jax.train.program import (ModelFunctions, Resume, TrainProgram,
+                                             check_data_fingerprint, checkpoint_to_resume,
+                                             compiled_memory, restore)
 
 
 def _host(x) -> Any:
@@ -119,194 +69,10 @@ def _tree_bytes(tree) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
-def compiled_memory(compiled) -> dict[str, int] | None:
-  """The byte counts of a compiled step's `memory_analysis()` (argument, output, alias,
-  temp) and their total argument + output - alias + temp: the step's peak as XLA's buffer
-  assignment plans it. None where the backend has no memory analysis."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if stats is None:
-    return None
-  parts = {name: int(getattr(stats, f"{name}_size_in_bytes"))
-           for name in ("argument", "output", "alias", "temp")}
-  parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
-  return parts
-
-
-class ModelFunctions:
-  """The Qwen model as pure functions: features, logical axes, and (cached) jitted
-  init/eval.
-
-  The jitted parameter init and eval step depend only on the model config, seed and mesh
-  layout, not on the optimizer, so they are cached across runs in one process (a
-  comparison of several optimizers compiles them once).
-  """
-
-  def __init__(self, config: TrainConfig, mesh):
-    from flax import nnx
-    from sophia_lambda_jax.models import qwen
-
-    overrides = dict(config.model_overrides, compute_dtype=config.compute_dtype)
-    if config.resolved_hessian_estimator() == "hutchinson":
-      # Its Hessian-vector products differentiate the attention twice; cuDNN's kernel
-      # has no forward-mode derivative.
-      overrides["attention"] = "xla"
-    self.init_from, self.overrides = config.init_from, overrides
-    self.init_compact_vocab = None
-    if config.init_from:
-      from sophia_lambda_jax.models import hf
-
-      self.config = hf.config_from_hf(hf.read_config(config.init_from), **overrides)
-      self.init_compact_vocab = hf.read_compact_vocab(config.init_from)
-    else:
-      self.config = qwen.get_config(config.model, **overrides)
-    if config.seq_len > self.config.max_seq_len:
-      raise ValueError(f"seq_len {config.seq_len} exceeds {config.init_from or config.model}'s "
-                       f"max_seq_len {self.config.max_seq_len}")
-    self.mesh = mesh
-    self.seed = config.seed
-    self.graphdef, self.abstract_params = _abstract_model(self.config)
-    self.logical_axes = qwen.logical_axes(self.config)
-    self.specs = mesh_lib.param_specs(self.abstract_params, self.logical_axes, mesh)
-    self.shardings = mesh_lib.named(mesh, self.specs)
-    self.features = _features_fn(self.graphdef, mesh)
-
-  def _key(self):
-    leaves, treedef = jax.tree.flatten(self.specs, is_leaf=lambda s: isinstance(s, P))
-    return self.config, self.mesh, treedef, tuple(leaves)
-
-  def init_params(self):
-    if self.init_from:
-      from sophia_lambda_jax.models import hf, qwen
-
-      weights = qwen.split_params(hf.from_hf(self.init_from, **self.overrides))[1]
-      # Host arrays: every process read the same files, each puts its own shards.
-      return jax.device_put(jax.tree.map(np.asarray, weights), self.shardings)
-    return _jitted_param_init(*self._key(), self.seed)()
-
-  def eval_loss(self, params, batch):
-    return _jitted_eval(*self._key())(params, batch)
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_model(model_config):
-  from flax import nnx
-  from sophia_lambda_jax.models import qwen
-
-  abstract = nnx.eval_shape(lambda: qwen.Qwen(model_config, rngs=nnx.Rngs(0)))
-  graphdef, params = qwen.split_params(abstract)
-  if jax.tree.leaves(graphdef[1]):  # non-parameter state: take it from a real model
-    graphdef = qwen.split_params(qwen.Qwen(model_config, rngs=nnx.Rngs(0)))[0]
-  return graphdef, params
-
-
-def _features_fn(graphdef, mesh):
-  from sophia_lambda_jax.models import qwen
-
-  def features(params, input_ids):
-    return qwen.features(graphdef, mesh_lib.gather_for_compute(params, mesh), input_ids)
-  return features
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_param_init(model_config, mesh, treedef, spec_leaves, seed):
-  from flax import nnx
-  from sophia_lambda_jax.models import qwen
-
-  shardings = mesh_lib.named(mesh, jax.tree.unflatten(treedef, spec_leaves))
-  return jax.jit(lambda: qwen.split_params(qwen.Qwen(model_config, rngs=nnx.Rngs(seed)))[1],
-                 out_shardings=shardings)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_eval(model_config, mesh, treedef, spec_leaves):
-  shardings = mesh_lib.named(mesh, jax.tree.unflatten(treedef, spec_leaves))
-  features = _features_fn(_abstract_model(model_config)[0], mesh)
-  return jax.jit(make_eval_step(features),
-                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=mesh_lib.replicated(mesh))
-
-
-class TrainProgram:
-  """Optimizer, shardings, initial state and the compiled train step of one config.
-
-  Used by `run_training` and by the benchmarks (which time `compile()`'s step directly).
-  """
-
-  def __init__(self, config: TrainConfig, model: "ModelFunctions", mesh):
-    self.config, self.model, self.mesh = config, model, mesh
-    # Optimizer with a warmup + cosine schedule; batch_tokens from the global batch.
-    self.peak_lr = config.resolved_learning_rate(model.config.hidden_size)
-    self.schedule = learning_rate_schedule(config, self.peak_lr)
-    self.tx = build_optimizer(config, self.schedule)
-    self.estimator = config.resolved_hessian_estimator()
-
-    # Shardings: params from their logical axes, optimizer state following the params.
-    self.abstract_opt = jax.eval_shape(self.tx.init, model.abstract_params)
-    o_specs = mesh_lib.state_specs(self.abstract_opt, model.abstract_params, model.specs,
-                                   mesh)
-    replicated = mesh_lib.replicated(mesh)
-    self.replicated = replicated
-    self.state_shardings = TrainState(step=replicated, params=model.shardings,
-                                      opt_state=mesh_lib.named(mesh, o_specs),
-                                      rng=replicated)
-    accum = config.grad_accum
-    self.batch_shape = ((accum,) if accum > 1 else ()) + (config.micro_batch_size,
-                                                          config.seq_len + 1)
-    self.batch_sharding = mesh_lib.batch_sharding(mesh, leading_dims=1 if accum > 1 else 0)
-    self.abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=model.abstract_params,
-                   opt_state=self.abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)),
-        self.state_shardings)
-
-  def fresh_state(self) -> TrainState:
-    params = self.model.init_params()
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-    # The run's base key: a stream separate from the parameter init's.
-    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 0x5EED)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
-                      params=params, opt_state=opt_state,
-                      rng=jax.device_put(rng, self.replicated))
-
-  def train_step(self):
-    """The pure step function (see step.py)."""
-    return make_train_step(
-        self.model.features, self.tx, estimator=self.estimator,
-        grad_accum=self.config.grad_accum, grad_clip=self.config.grad_clip,
-        learning_rate_fn=self.schedule,
-        optimizer_metrics=(functools.partial(optimizer_metrics,
-                                             roles=parameter_roles(self.model.abstract_params))
-                           if self.estimator else None))
-
-  def lower(self, donate: bool = True):
-    abstract_batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32,
-                                          sharding=self.batch_sharding)
-    return jax.jit(
-        self.train_step(), in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, self.replicated),
-        donate_argnums=(0,) if donate else (),
-    ).lower(self.abstract_state, abstract_batch)
-
-  def compile(self, donate: bool = True):
-    """The jitted step compiled ahead of time: compiled(state, batch) -> (state, metrics);
-    the state argument is donated (`donate=False` only to measure what donation is worth,
-    experiments/benchmarks/bench_cpu_throughput.py)."""
-    return self.lower(donate).compile()
-
-
 # Seconds a stop requested by Ctrl-C or SIGTERM may take: the step in flight finishes and
 # so does the checkpoint being written, unless it takes longer; then it is abandoned
 # (`interrupts.deferred`) and the process exits within about this time of the signal.
 INTERRUPT_GRACE_S = 10.0
-
-
-def _say(message: str) -> None:
-  """One line on stderr from process 0 (warnings and refusals the user must see)."""
-  if jax.process_index() == 0:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
@@ -315,7 +81,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
   Only one process writes into a run directory: process 0 holds `<out>/.lock` for the run
   (a second `slj train` on the same --out is refused at once, naming the holder's PID)."""
   wall_start = time.perf_counter()
-  config.validate()
+  optimizer = config.validate()
   mesh_lib.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
   out = config.resolved_out().absolute()
   lock = (directory_lock(out, what="training run") if jax.process_index() == 0
@@ -325,18 +91,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     # refuse before building anything.
     checkpointer = Checkpointer(out / "checkpoints", keep=config.keep_checkpoints)
     try:
-      resume = _checkpoint_to_resume(checkpointer, config.to_dict())
+      resume = checkpoint_to_resume(checkpointer, config.to_dict())
     except BaseException:
       checkpointer.close()
       raise
     summary_path = out / "summary.json"
     if resume.step == config.steps and summary_path.is_file():
       checkpointer.close()
-      _say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
-           f"({summary_path.name} left as it is)")
+      say(f"{out}: this run already finished its {config.steps} steps; nothing to do "
+          f"({summary_path.name} left as it is)")
       return json.loads(summary_path.read_text())
     try:
-      run = _set_up(config, out, checkpointer, resume)
+      run = _set_up(config, optimizer, out, checkpointer, resume)
     except KeyboardInterrupt as e:
       checkpointer.close()
       raise interrupts.Interrupted(_interrupted(checkpointer.directory,
@@ -361,12 +127,10 @@ class _Run(NamedTuple):
   state: Any
 
 
-def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
-            resume: "_Resume") -> _Run:
+def _set_up(config: TrainConfig, optimizer: ResolvedOptimizer, out: Path,
+            checkpointer: Checkpointer, resume: Resume) -> _Run:
   """Mesh, data (its fingerprint checked against the checkpoint's), model, program, and the
   state: restored from the checkpoint `resume` names, or initialised."""
-  from sophia_lambda_jax import data as data_lib
-
   process, process_count = jax.process_index(), jax.process_count()
   mesh = mesh_lib.make_mesh(config.mesh)
   if config.micro_batch_size % mesh.size:
@@ -376,7 +140,7 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
         "fsdp)")
 
   # Data: each process reads only its rows of every global batch.
-  model = ModelFunctions(config, mesh)
+  model = ModelFunctions(config, mesh, optimizer)
   data_dir = data_lib.resolve_data(config.data)
   data_vocab = int(data_lib.load_manifest(data_dir)["vocab_size"])
   # The export of a compact-vocabulary run carries its id table: the data is read through it.
@@ -396,12 +160,12 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
       process_count=process_count, compact_vocab=compact)
   fingerprint = train_data.fingerprint
   if resume.step is not None:
-    _check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
+    check_data_fingerprint(resume.meta, fingerprint, data_dir, checkpointer.directory)
 
-  program = TrainProgram(config, model, mesh)
+  program = TrainProgram(config, model, mesh, optimizer)
   if resume.step is not None:
     checkpointer.check_layout(resume.step, resume.meta, program.abstract_state)
-  start_step, state = _restore(checkpointer, resume, program)
+  start_step, state = restore(checkpointer, resume, program)
   if process == 0:
     config.to_json(out / "config.json")
     # What `runs.load` needs to rebuild and decode the model without the presets, the
@@ -411,83 +175,6 @@ def _set_up(config: TrainConfig, out: Path, checkpointer: Checkpointer,
       train_data.vocab.save(out / data_lib.COMPACT_VOCAB_FILE)
   return _Run(mesh, model, program, train_data, val_data, fingerprint, checkpointer,
               start_step, state)
-
-
-class _Resume(NamedTuple):
-  """The checkpoint a run resumes from (`step` None: from scratch), its meta, and the newer
-  checkpoints proven damaged (deleted once the run is restored: their steps are trained
-  again)."""
-  step: int | None
-  meta: dict | None
-  damaged: list[int]
-
-
-def _checkpoint_to_resume(checkpointer: Checkpointer, config_dict: dict[str, Any]) -> _Resume:
-  """The newest checkpoint not proven damaged (its files match its checksums, or it has none
-  to tell), each damaged newer one reported in one line. Its config must match this run's
-  (a ValueError otherwise: a refusal, not damage); one that cannot be read is refused too,
-  every checkpoint left in place."""
-  directory = checkpointer.directory
-  choice = checkpointer.newest_intact()
-  for step, problem in choice.damaged:
-    _say(f"warning: checkpoint step {step} in {directory} is damaged ({problem}); "
-         + (f"resuming from step {choice.step}" if choice.step is not None else
-            "no older checkpoint is intact"))
-  damaged = [step for step, _ in choice.damaged]
-  if choice.step is None:
-    return _Resume(None, None, damaged)
-  try:
-    saved_config, meta = (checkpointer.read_config(choice.step),
-                          checkpointer.read_meta(choice.step))
-  except Exception as e:  # orbax raises many kinds
-    raise ValueError(f"refusing to resume from checkpoint step {choice.step} in {directory}: "
-                     f"its config or meta cannot be read ({_reason(e)}); every checkpoint is "
-                     "left in place") from e
-  checkpointer.check_config(choice.step, config_dict, saved=saved_config)
-  if choice.unverified:
-    _say(f"warning: checkpoint step {choice.step} in {directory} {choice.unverified}: "
-         "resuming from it unverified")
-  return _Resume(choice.step, meta, damaged)
-
-
-def _reason(error: BaseException) -> str:
-  """An exception as one line: its type and the first line of its message."""
-  lines = str(error).strip().splitlines()
-  return type(error).__name__ + (f": {lines[0]}" if lines else "")
-
-
-def _check_data_fingerprint(meta: dict, fingerprint: str, data_dir: Path,
-                            directory: Path) -> None:
-  saved = meta.get("data_fingerprint")
-  if saved is None:
-    _say(f"warning: {directory} was saved without a data fingerprint (an older run); "
-         f"resuming on {data_dir} without checking it is the same data")
-  elif saved != fingerprint:
-    raise ValueError(
-        f"refusing to resume from {directory}: the data in {data_dir} is not the data the "
-        f"run started on (data fingerprint {fingerprint}, the checkpoint's {saved}); restore "
-        "that folder, or use another --out")
-
-
-def _restore(checkpointer: Checkpointer, resume: _Resume, program: TrainProgram):
-  """(start step, state): restored from the checkpoint `resume` names, else (0, fresh state).
-  A checkpoint that does not restore is refused (ValueError with the reason), never deleted:
-  only the damaged ones are, after a successful restore."""
-  if resume.step is None:
-    state = program.fresh_state()
-  else:
-    try:
-      state = checkpointer.restore(resume.step, program.abstract_state)
-    except Exception as e:  # a shape mismatch, out of memory, ...: not proof of damage
-      raise ValueError(f"refusing to resume from checkpoint step {resume.step} in "
-                       f"{checkpointer.directory}: it cannot be restored ({_reason(e)}); "
-                       "every checkpoint is left in place") from e
-  for step in resume.damaged:
-    checkpointer.delete(step)
-  if resume.step is None and resume.damaged:
-    _say(f"warning: no usable checkpoint left in {checkpointer.directory}; the run restarts "
-         "from step 0")
-  return resume.step or 0, state
 
 
 def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict[str, Any]:
@@ -503,6 +190,7 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
       compile_start = time.perf_counter()
       compiled_step = program.compile()
       compile_s = time.perf_counter() - compile_start
+      step_flops = flops.step_flops(config, model.config, program.optimizer.estimator)
       logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
                              log_every=config.log_every, tensorboard=config.tensorboard)
       logger.message(
@@ -512,7 +200,7 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
           f"{config.batch_tokens:,} tokens/step | "
           + (f"resumed at step {run.start_step}" if run.start_step else
              f"from the weights of {config.init_from}" if config.init_from else "from scratch"))
-      last_val = _step_loop(config, run, compiled_step, logger, stop)
+      last_val = _step_loop(config, run, compiled_step, logger, stop, step_flops)
     except KeyboardInterrupt as e:
       checkpointer.wait()  # the save in flight completes (or the watchdog abandons it)
       signum = stop.signum or interrupts.signal_of(e)
@@ -524,11 +212,11 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
         logger.close()
 
   summary = _summary(config, out, model, program.abstract_opt, compiled_step, compile_s,
-                     last_val, wall_start)
+                     last_val, wall_start, step_flops)
   if is_main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   if summary["unclipped_in_band"] is False:
-    _say(_out_of_band_warning(config, summary["unclipped_fraction"]))
+    say(_out_of_band_warning(program.optimizer, summary["unclipped_fraction"]))
   return summary
 
 
@@ -553,12 +241,9 @@ def _abandon(directory: Path, signum: int) -> None:
   interrupts.exit_now(f"slj: {_interrupted(directory, signum, abandoned=True)}", signum)
 
 
-def _out_of_band_warning(config: TrainConfig, unclipped: float) -> str:
+def _out_of_band_warning(optimizer: ResolvedOptimizer, unclipped: float) -> str:
   """The one line a Sophia-family run outside the 10-50 % unclipped band ends with."""
-  from sophia_lambda_jax import optimizers
-
-  rho = config.optimizer_kwargs.get("rho", inspect.signature(
-      optimizers.resolve(config.optimizer).factory).parameters["rho"].default)
+  rho = optimizer.hyperparameter("rho")
   side = ("sign momentum: rho too small" if unclipped < UNCLIPPED_BAND[0] else
           "the clip rarely acts: rho too large")
   hint = ("the rho controller did not reach its target in this run" if rho == "auto" else
@@ -569,7 +254,7 @@ def _out_of_band_warning(config: TrainConfig, unclipped: float) -> str:
 
 
 def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
-               stop: interrupts.Deferred) -> float | None:
+               stop: interrupts.Deferred, step_flops: flops.StepFlops) -> float | None:
   """Steps run.start_step..config.steps: train, log, evaluate, checkpoint, until `stop`
   records a signal. Returns the last validation loss (None when evaluation is off)."""
   model, program, checkpointer = run.model, run.program, run.checkpointer
@@ -599,7 +284,6 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
       total += float(_host(model.eval_loss(state.params, batch)))
     return total / n
 
-  step_flops = flops.step_flops(config, model.config)
   last_val: float | None = None
   batch = load_batch(run.start_step) if run.start_step < config.steps else None
   for step in range(run.start_step, config.steps):
@@ -671,16 +355,16 @@ def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
 
 
 def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_val,
-             wall_start) -> dict[str, Any]:
+             wall_start, step_flops: flops.StepFlops) -> dict[str, Any]:
   """Final losses, throughput, memory and Hessian overhead. Timings come from the step
   records of metrics.jsonl, so a resumed run's cover all its segments; each segment's
   first step is left out of the means as warm-up."""
   records = read_metrics(out / "metrics.jsonl")
   logged = len({r["step"] for r in records if "loss" in r})
   if logged < config.steps:  # the file was deleted or cut while the run was stopped
-    _say(f"warning: {out / 'metrics.jsonl'} holds the records of {logged} of the run's "
-         f"{config.steps} steps (deleted or cut since); the summary's losses, timings and "
-         "clip fractions cover those steps only")
+    say(f"warning: {out / 'metrics.jsonl'} holds the records of {logged} of the run's "
+        f"{config.steps} steps (deleted or cut since); the summary's losses, timings and "
+        "clip fractions cover those steps only")
   train_losses = [r["loss"] for r in records if "loss" in r and r.get("loss") is not None]
   tail = train_losses[-max(1, min(10, len(train_losses) // 10)):] if train_losses else []
   timed = [r for r in records if "step_time_s" in r]
@@ -722,7 +406,7 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
       "mean_step_s": mean_step,
       "tokens_per_s": config.batch_tokens / mean_step if mean_step else None,
       # mfu over the steady steps and their mean flops_per_token (docs/design.md section 7.1).
-      **flops.step_flops(config, model.config).summary(steady),
+      **step_flops.summary(steady),
       "wall_s": time.perf_counter() - wall_start,
       "compile_s": compile_s,
       "peak_memory_bytes": (compiled_memory(compiled_step) or {}).get("total"),

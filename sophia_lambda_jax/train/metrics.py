@@ -17,6 +17,7 @@ ETA; otherwise one plain line is printed every log_every steps.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -24,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import jax
+from tqdm import tqdm
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -53,8 +57,6 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def _tensorboard_writer(directory: Path):
   """A SummaryWriter from tensorboardX or torch when either is installed, else None."""
-  import importlib.util
-
   for module, needs in (("tensorboardX", "tensorboardX"),
                         ("torch.utils.tensorboard", "tensorboard")):
     if importlib.util.find_spec(needs) is None:  # skip importing torch for nothing
@@ -94,7 +96,6 @@ class MetricsLogger:
     if tensorboard:
       self._tb = _tensorboard_writer(out_dir / "tensorboard")
     if getattr(self.stream, "isatty", lambda: False)():
-      from tqdm import tqdm
       # shutil falls back to 80x24 where a terminal reports a size of 0 (tqdm would then
       # draw nothing).
       size = shutil.get_terminal_size()
@@ -177,6 +178,12 @@ def in_unclipped_band(fraction: float | None) -> bool | None:
   if fraction is None:
     return None
   return UNCLIPPED_BAND[0] <= fraction <= UNCLIPPED_BAND[1]
+
+
+def say(message: str) -> None:
+  """One line on stderr from process 0 (warnings and refusals the user must see)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def finite_or_none(value: float) -> float | None:

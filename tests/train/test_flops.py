@@ -49,10 +49,10 @@ def test_estimator_flops_by_hand():
 
 def test_step_flops_of_a_config():
   config = TrainConfig(model="qwen-tiny", optimizer="sophia_lambda", seq_len=SEQ)
-  counted = flops.step_flops(config, TINY)
+  counted = flops.step_flops(config, TINY, config.resolve_optimizer().estimator)
   assert counted.model_per_token == MODEL and counted.refresh_per_token == 425_984
   assert counted.peak_flops_per_s > 0  # CPU: the matmul reference
-  adamw = flops.step_flops(TrainConfig(model="qwen-tiny", seq_len=SEQ), TINY)
+  adamw = flops.step_flops(TrainConfig(model="qwen-tiny", seq_len=SEQ), TINY, None)
   assert adamw.refresh_per_token == 0
 
 

@@ -128,3 +128,21 @@ def test_schedule_is_part_of_what_a_resume_and_the_results_must_match():
       "schedule: checkpoint has 'cosine', this run has 'wsd'"]
   assert result_differences(old, TrainConfig()) == []
   assert TrainConfig.from_dict(old).schedule == "cosine"
+
+
+def test_the_resolved_optimizer_carries_the_estimator_and_its_batch_tokens():
+  gnb = TrainConfig(optimizer="sophia_g", batch_size=4, seq_len=8).validate()
+  assert (gnb.name, gnb.estimator, gnb.kwargs) == ("sophia", "gnb", {"batch_tokens": 32})
+  # Hutchinson's estimate is the Hessian of the mean loss: B = 1, as in Sophia-H.
+  hutch = TrainConfig(optimizer="sophia", hessian_estimator="hutchinson",
+                      optimizer_kwargs={"rho": 0.02}).validate()
+  assert hutch.estimator == "hutchinson" and hutch.kwargs == {"rho": 0.02, "batch_tokens": 1}
+  assert hutch.hyperparameter("rho") == 0.02
+  sophia_h = TrainConfig(optimizer="sophia_h").validate()
+  assert sophia_h.kwargs == {} and sophia_h.hyperparameter("rho") == 0.01
+  adamw = TrainConfig(optimizer="adamw").validate()
+  assert adamw.estimator is None and adamw.kwargs == {}
+  assert adamw.peak_learning_rate(256) == pytest.approx(adamw.spec.base_learning_rate / 2)
+  # The config validates the kwargs the loop builds with: a bad one is refused up front.
+  with pytest.raises(ValueError, match="optimizer_kwargs: unknown hyperparameter"):
+    TrainConfig(optimizer="adamw", optimizer_kwargs={"rho": 0.1})

@@ -95,7 +95,7 @@ def test_mfu_per_step_and_in_the_summary_and_the_wsd_schedule(token_data, tmp_pa
   summary = run_training(config)
   records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
   # One process measures its CPU peak once: the test's count is the loop's.
-  counted = flops.step_flops(config, qwen.get_config("qwen-tiny"))
+  counted = flops.step_flops(config, qwen.get_config("qwen-tiny"), "gnb")
   assert counted.refresh_per_token > 0
   for r in records:
     assert r["mfu"] == pytest.approx(counted.mfu(config.batch_tokens, r["step_time_s"],

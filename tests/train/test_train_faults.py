@@ -14,7 +14,7 @@ import pytest
 
 from checkpoint_arrays import restore_arrays
 from sophia_lambda_jax import cli, data, runs
-from sophia_lambda_jax.train import checkpoint, loop
+from sophia_lambda_jax.train import checkpoint, loop, program
 from sophia_lambda_jax.train.metrics import read_metrics
 from train_helpers import subprocess_env
 
@@ -263,7 +263,7 @@ def test_a_checkpoint_without_checksums_is_resumed_with_a_warning_never_deleted(
   config = json.loads((out / "config.json").read_text())
   checkpointer = Checkpointer(out / "checkpoints", keep=2)
   try:
-    resume = loop._checkpoint_to_resume(checkpointer, config)
+    resume = program.checkpoint_to_resume(checkpointer, config)
   finally:
     checkpointer.close()
   assert resume.step == STEPS and resume.damaged == []
