@@ -101,6 +101,10 @@ def test_missing_training_stack_is_one_line(monkeypatch, capsys):
   for module in [m for m in sys.modules if m.startswith(("flax", "sophia_lambda_jax.train",
                                                           "sophia_lambda_jax.models"))]:
     monkeypatch.delitem(sys.modules, module)
+  # `from sophia_lambda_jax import train` would find an earlier import as the attribute.
+  import sophia_lambda_jax
+  for name in ("train", "models"):
+    monkeypatch.delattr(sophia_lambda_jax, name, raising=False)
   assert cli.main(["train", "--steps", "1"]) == 1
   err = capsys.readouterr().err
   assert "pip install 'sophia-lambda-jax[train]'" in err and "'flax'" in err

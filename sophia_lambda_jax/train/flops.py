@@ -19,10 +19,9 @@ step, not per token) and rematerialisation are not model FLOPs.
 
 MFU = model FLOPs of the step / step time / peak. Peaks: a table of accelerators' dense
 bfloat16 FLOP/s per device (`BF16_PEAK_FLOPS`; float32 matmuls run as TF32 on NVIDIA GPUs,
-half of it, and as bfloat16 passes on TPUs, the same); on CPU, the
-measured FLOP/s of a square matmul in the compute dtype, the reference of
-experiments/benchmarks/bench_train_step.py, timed once per process (about 0.3 s); other
-devices: no peak, and no MFU.
+half of it, and as bfloat16 passes on TPUs, the same); on CPU, the measured FLOP/s of a
+square matmul in the compute dtype, the reference of experiments/benchmarks/
+bench_train_step.py, timed once per process (about 0.3 s); other devices: no peak, no MFU.
 """
 
 from __future__ import annotations
