@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow.parquet as pq
+
 FILE_SUFFIXES = (".parquet", ".jsonl", ".txt")
 TXT_SEPARATOR = "<|endoftext|>"
 # Rows of parquet per work unit (~250M FineWeb tokens, a 1 GB shard): units small enough to
@@ -219,7 +221,6 @@ def resolve_files(source: str) -> tuple[Path, list[Path]]:
 
 
 def _parquet_units(path: Path, name: str) -> list[WorkUnit]:
-  import pyarrow.parquet as pq  # a heavy import that only parquet sources need
 
   try:
     meta = pq.ParquetFile(path).metadata
@@ -238,7 +239,6 @@ def _parquet_units(path: Path, name: str) -> list[WorkUnit]:
 
 
 def _iter_parquet(unit: WorkUnit) -> Iterator[tuple[str, str]]:
-  import pyarrow.parquet as pq  # a heavy import that only parquet sources need
 
   pf = pq.ParquetFile(unit.path)
   names = pf.schema_arrow.names
