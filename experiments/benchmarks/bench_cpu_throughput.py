@@ -137,8 +137,7 @@ def worker(name: str, steps: int, shape: dict | None = None,
     refreshes.append(bool(metrics.get("refresh", False)))
   timed, flags = times[warmup_steps:], refreshes[warmup_steps:]
   step_s = float(np.median(timed))
-  params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(model.abstract_params)))
-  flops_step = model_flops_per_step(model.config, batch, seq, params)
+  flops_step = model_flops_per_step(model.config, batch, seq)
   result = {"variant": name, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
             "cpu_step_s": float(np.median(cpu_times[warmup_steps:])),
             "achieved_flops_per_s": flops_step / step_s, "losses": losses,

@@ -19,10 +19,12 @@ The plain mean over all timed steps is reported too, as are the median refresh a
 step times. Batches are on the device before timing (the loader is benchmarked in
 bench_loader.py).
 
-Achieved FLOP/s counts the model FLOPs of a step, 6 N + 12 L T d_attn per token (N the
-parameter count with the tied head, L layers, T the sequence length, d_attn = heads x
-head_dim; the extra backward of a refresh is not counted), and is divided by the machine's
-measured FLOP/s of a jitted square matmul in the compute dtype, and by the model's own
+Achieved FLOP/s counts the model FLOPs of a step, 6 N + 12 L T d_attn per token
+(`train.flops.model_flops_per_token`: N the weights that multiply each token, LM head
+included, L layers, T the sequence length, d_attn = heads x head_dim; the extra backward of
+a refresh is not counted), and is divided by the machine's measured FLOP/s of a jitted
+square matmul in the compute dtype (`train.flops.matmul_flops_per_s`, the reference of
+`slj train`'s MFU on CPU), and by the model's own
 forward matmul shapes at this batch (`shape_ceiling`): small matmuls
 cannot reach a large one's FLOP/s, so the second is the step's real ceiling.
 
@@ -47,6 +49,7 @@ import numpy as np
 from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.config import TrainConfig
+from sophia_lambda_jax.train.flops import matmul_flops_per_s, model_flops_per_token
 from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram, compiled_memory
 
 INTERVAL = 10
@@ -94,18 +97,8 @@ def shape_ceiling(model_config, batch: int, seq: int, dtype: str) -> dict:
   return {"flops_per_s": flops / seconds, "forward_matmul_flops": flops}
 
 
-def matmul_flops_per_s(dtype: str, n: int = 1024, repeats: int = 20) -> float:
-  """Best-of FLOP/s of a jitted (n, n) @ (n, n) matmul (2 n^3 FLOPs) in `dtype`."""
-  key = jax.random.PRNGKey(0)
-  a = jax.random.normal(key, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
-  return 2 * n**3 / best_time(_matmul, a, b, repeats=repeats)
-
-
-def model_flops_per_step(model_config, batch_size: int, seq_len: int, params: int) -> float:
-  per_token = 6 * params + 12 * model_config.num_layers * seq_len * (
-      model_config.num_heads * model_config.head_dim)
-  return per_token * batch_size * seq_len
+def model_flops_per_step(model_config, batch_size: int, seq_len: int) -> float:
+  return model_flops_per_token(model_config, seq_len) * batch_size * seq_len
 
 
 class _Runner:
@@ -174,7 +167,7 @@ def benchmark(model: str = "qwen-cpu", batch_size: int = 8, seq_len: int = 256,
     timed += 1
 
   params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(probe.abstract_params)))
-  flops_step = model_flops_per_step(probe.config, batch_size, seq_len, params)
+  flops_step = model_flops_per_step(probe.config, batch_size, seq_len)
   peak = matmul_flops_per_s(probe.config.dtype)
   ceiling = shape_ceiling(probe.config, batch_size, seq_len, probe.config.dtype)["flops_per_s"]
   result = {"model": model, "params": params, "batch_size": batch_size, "seq_len": seq_len,

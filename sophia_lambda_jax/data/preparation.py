@@ -7,8 +7,9 @@ Output directory layout (`DIR`):
     train-00000.bin ...       token shards (see `shards`), one per work unit and split; every
     val-00000.bin ...         document is followed by EOS (151643)
     unit-00000.counts.npy     train-split id frequencies of that unit (int64, sparse pairs)
-    unit-00000.json           the unit's shard sizes; written after its shards, so it marks the
-                              unit complete
+    unit-00000.json           the unit's shard sizes and the range of its documents' split
+                              draws (`sources.split_draw`); written after its shards, so it
+                              marks the unit complete
     train_counts.npy          int64 (151936,) frequency of every id in the train split, the
                               table the loader's compact vocabulary is ranked from
     manifest.json             written last: its presence means the directory is complete
@@ -28,6 +29,7 @@ import concurrent.futures
 import ctypes
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -85,6 +87,7 @@ def _tokenize_unit(job: tuple[str, int, tuple, float]) -> dict:
   tokenizer = get_tokenizer()
   counts = np.zeros(QWEN_VOCAB_SIZE, np.int64)
   docs = {"train": 0, "val": 0}
+  draws = [math.inf, -math.inf]  # the smallest and largest split draw of the unit
   writers = {split: shards.ShardWriter(out_dir / f"{split}-{index:05d}.bin", QWEN_VOCAB_SIZE)
              for split in ("train", "val")}
 
@@ -104,7 +107,9 @@ def _tokenize_unit(job: tuple[str, int, tuple, float]) -> dict:
   try:
     batch, chars = [], 0
     for key, text in sources.iter_documents(unit):
-      split = "val" if sources.is_validation(key, val_fraction) else "train"
+      draw = sources.split_draw(key)
+      draws[:] = min(draws[0], draw), max(draws[1], draw)
+      split = "val" if draw < val_fraction else "train"
       batch.append((split, text))
       chars += len(text)
       if chars >= _ENCODE_CHUNK_CHARS:
@@ -126,6 +131,7 @@ def _tokenize_unit(job: tuple[str, int, tuple, float]) -> dict:
     np.save(f, np.stack([nonzero, counts[nonzero]]).astype(np.int64))
   os.replace(shards.temp_path(counts_path), counts_path)
   record["counts"] = counts_path.name
+  record["split_draws"] = draws if docs["train"] + docs["val"] else None
   shards.atomic_write_bytes(out_dir / _unit_file(index), json.dumps(record).encode())
   return record
 
@@ -204,7 +210,11 @@ def prepare(source: str, out_dir: str | os.PathLike, *,
   """Tokenise `source` (see `sources`) into uint32 shards under `out_dir`; return `out_dir`.
 
   val_fraction: share of documents in the validation split (by key hash); None means
-  BUILTIN_VAL_FRACTION (0.02) for "builtin" and DEFAULT_VAL_FRACTION (0.01) otherwise.
+  BUILTIN_VAL_FRACTION (0.02) for "builtin" and DEFAULT_VAL_FRACTION (0.01) otherwise. A
+  positive one that puts no document of a small corpus there is refused (a ValueError
+  naming a --val-fraction that would; the directory is left without the dataset's files, so
+  the same `out_dir` can be used again); 0 asks for no validation split (a warning:
+  `slj train` needs one).
 
   Idempotent (a finished directory with the same source and settings is returned as is) and
   resumable (see the module docstring). Work units run in `num_workers` spawned processes
@@ -321,10 +331,14 @@ def _write_manifest(out_dir, source, units, records, settings) -> Path:
   if splits["train"]["tokens"] == 0:
     raise ValueError(f"source {source!r}: every document fell into the validation split "
                      f"(val_fraction={settings['val_fraction']}); the train split is empty")
-  if splits["val"]["tokens"] == 0:
+  if splits["val"]["tokens"] == 0 and settings["val_fraction"] > 0:
+    _remove_units(out_dir, records)  # a rerun with another val_fraction starts afresh
+    raise ValueError(_empty_validation_split(source, settings["val_fraction"],
+                                             splits["train"]["documents"], records))
+  if splits["val"]["tokens"] == 0:  # val_fraction 0: asked for
     warnings.warn(f"{out_dir}: the validation split of {source!r} is empty "
-                  f"(val_fraction={settings['val_fraction']}, "
-                  f"{splits['train']['documents']} documents)", stacklevel=3)
+                  f"(val_fraction=0, {splits['train']['documents']} documents); `slj train` "
+                  "needs one", stacklevel=3)
   with open(shards.temp_path(out_dir / COUNTS), "wb") as f:
     np.save(f, counts)
   os.replace(shards.temp_path(out_dir / COUNTS), out_dir / COUNTS)
@@ -333,6 +347,37 @@ def _write_manifest(out_dir, source, units, records, settings) -> Path:
                   python=sys.version.split()[0])
   shards.atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
   return out_dir
+
+
+def _empty_validation_split(source: str, val_fraction: float, documents: int,
+                            records: dict) -> str:
+  """The one line refusing a corpus whose validation split came out empty, with the
+  --val-fraction that would put a document there: the shortest decimal above the smallest
+  split draw and not above the largest (the train split keeps a document)."""
+  line = (f"source {source!r}: the validation split would be empty (--val-fraction "
+          f"{val_fraction} puts none of its {documents} documents there)")
+  ranges = [r.get("split_draws") for r in records.values()]
+  if any("split_draws" not in r for r in records.values()):  # units from an older version
+    return line + "; use a larger --val-fraction"
+  low = min(r[0] for r in ranges if r is not None)
+  high = max(r[1] for r in ranges if r is not None)
+  for decimals in range(1, 18):
+    fraction = math.ceil(low * 10**decimals) / 10**decimals
+    if fraction <= low:
+      fraction += 10.0**-decimals
+    if fraction <= high:
+      return line + f"; --val-fraction {round(fraction, decimals)} would put at least one there"
+  return line + (f"; with {documents} document(s) no --val-fraction leaves both splits "
+                 "non-empty: add documents")
+
+
+def _remove_units(out_dir: Path, records: dict) -> None:
+  """Delete the plan and every unit's files: what `prepare` wrote for this split."""
+  for record in records.values():
+    for name in (record["train"]["file"], record["val"]["file"], record["counts"],
+                 _unit_file(record["unit"])):
+      (out_dir / name).unlink(missing_ok=True)
+  (out_dir / PLAN).unlink(missing_ok=True)
 
 
 def builtin_dataset_dir(cache_dir: str | os.PathLike | None = None, *,

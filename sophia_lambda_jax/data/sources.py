@@ -76,13 +76,16 @@ class WorkUnit(NamedTuple):
   stop: int
 
 
-def is_validation(key: str, val_fraction: float) -> bool:
-  """Whether the document with this key belongs to the validation split.
-
-  u = blake2b-64(key) / 2**64 is uniform on [0, 1); validation iff u < val_fraction.
-  """
+def split_draw(key: str) -> float:
+  """u = blake2b-64(key) / 2**64, uniform on [0, 1): the document with this key is in the
+  validation split iff u < val_fraction."""
   digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-  return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
+  return int.from_bytes(digest, "little") / 2.0**64
+
+
+def is_validation(key: str, val_fraction: float) -> bool:
+  """Whether the document with this key belongs to the validation split (`split_draw`)."""
+  return split_draw(key) < val_fraction
 
 
 # ---------------------------------------------------------------------------------------------

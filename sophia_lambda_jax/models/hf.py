@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -335,6 +336,15 @@ def from_hf(path, dtype=jnp.float32, **config_overrides) -> Qwen:
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 
 
+def usual_mode(path: Path) -> None:
+  """Give `path` the mode that open() or mkdir would under the process's umask (0666 or
+  0777 & ~umask): safetensors' writer and tempfile.mkdtemp make theirs private (0600,
+  0700), which other users of a shared export could not read."""
+  mask = os.umask(0)  # the only way to read the umask portably; restored at once
+  os.umask(mask)
+  os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
 def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
           dtype: str = "float32") -> Path:
   """Writes `model` as a HuggingFace Qwen2 checkpoint directory; returns the path.
@@ -378,11 +388,13 @@ def to_hf(model: Qwen, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
   metadata = {"format": "pt"}
   if len(shards) == 1:
     safetensors.numpy.save_file(shards[0], str(path / "model.safetensors"), metadata=metadata)
+    usual_mode(path / "model.safetensors")
   else:
     weight_map = {}
     for k, shard in enumerate(shards, 1):
       file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
       safetensors.numpy.save_file(shard, str(path / file), metadata=metadata)
+      usual_mode(path / file)
       weight_map.update({name: file for name in shard})
     total = sum(v.nbytes for v in tensors.values())
     (path / _INDEX_FILE).write_text(json.dumps(

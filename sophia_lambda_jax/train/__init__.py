@@ -6,10 +6,11 @@
 
 or `slj train --model qwen-tiny --optimizer sophia_lambda --steps 100 --out runs/demo`.
 
-Modules, one job each: `config` (TrainConfig, flags, JSON, the resolved optimizer), `mesh`
-(device mesh, shardings, jax.distributed), `step` (the jitted train/eval step), `checkpoint`
-(orbax), `metrics` (JSONL, TensorBoard, progress), `program` (model functions, optimizer,
-state shardings, the compiled step, the state a run starts from), `loop` (run_training: the
+Modules, one job each: `config` (TrainConfig, flags, JSON, the resolved optimizer),
+`schedule` (the learning-rate schedule), `mesh` (device mesh, shardings, jax.distributed),
+`step` (the jitted train/eval step), `checkpoint` (orbax), `metrics` (JSONL, TensorBoard,
+progress), `flops` (model FLOPs and MFU), `program` (model functions, optimizer, state
+shardings, the compiled step, the state a run starts from), `loop` (run_training: the
 steps, evaluation, checkpoint cadence, summary; cli_train).
 """
 

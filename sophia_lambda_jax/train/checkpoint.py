@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from sophia_lambda_jax.train.config import RESUME_MUST_MATCH
+from sophia_lambda_jax.train.config import RESUME_MUST_MATCH, with_old_run_defaults
 from sophia_lambda_jax.train.step import TrainState
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
@@ -200,7 +200,9 @@ def _legacy_param_keys(params: Any) -> list[str]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """Human-readable list of trajectory-changing fields that differ between two configs."""
+  """Human-readable list of trajectory-changing fields that differ between two configs
+  (fields the checkpoint's lacks as `with_old_run_defaults`)."""
+  saved = with_old_run_defaults(saved)
   diffs = []
   for name in RESUME_MUST_MATCH:
     if saved.get(name) != current.get(name):
@@ -425,6 +427,22 @@ def steps_on_disk(directory: Path) -> tuple[list[int], list[int]]:
     elif step.isdigit() and suffix.startswith("orbax-checkpoint-tmp"):
       partial.append(int(step))
   return sorted(complete), sorted(partial)
+
+
+def set_aside_partial(directory: Path) -> None:
+  """Rename each save in flight ("<step>.orbax-checkpoint-tmp*") to that name plus
+  "-abandoned" (still a partial save: the next run's manager removes it), so that orbax can
+  no longer rename it into place: a process that abandons its save then names, from
+  `steps_on_disk`, the checkpoint the next run resumes from. A save that completed first is
+  left as it is."""
+  for path in Path(directory).iterdir() if Path(directory).is_dir() else ():
+    step, _, suffix = path.name.partition(".")
+    if step.isdigit() and suffix.startswith("orbax-checkpoint-tmp") and \
+        not suffix.endswith("-abandoned"):
+      try:
+        os.rename(path, path.with_name(f"{path.name}-abandoned"))
+      except OSError:  # renamed into place (or removed) meanwhile
+        pass
 
 
 def latest_step(directory: str | Path) -> int | None:

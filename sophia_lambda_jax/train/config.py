@@ -37,13 +37,14 @@ import optax
 
 from sophia_lambda_jax import optimizers
 from sophia_lambda_jax.models import qwen
+from sophia_lambda_jax.train.schedule import SCHEDULES, decay_steps
 
 # Peak learning rates for `learning_rate=None` are each optimizer's
 # `OptimizerSpec.base_learning_rate`, set for a model of hidden size 128 (qwen-cpu) and scaled
 # as 1/width (the muP rule for hidden matrices under Adam-type updates).
 _BASE_WIDTH = 128
 # Hyperparameters that are not `--opt.*` flags: `learning_rate` is a field of its own (it
-# becomes a warmup + cosine schedule), `batch_tokens` is derived, `mask` is not JSON.
+# becomes the peak of the `schedule`), `batch_tokens` is derived, `mask` is not JSON.
 _NOT_OPTIMIZER_FLAGS = ("learning_rate", "batch_tokens", "mask")
 
 
@@ -59,7 +60,8 @@ def optimizer_hyperparameters() -> tuple[str, ...]:
 # checkpoint cadence, mesh, distributed set-up) may change between restarts.
 RESUME_MUST_MATCH = (
     "model", "model_overrides", "init_from", "compute_dtype", "optimizer", "optimizer_kwargs",
-    "hessian_estimator", "learning_rate", "warmup_steps", "final_lr_fraction", "steps",
+    "hessian_estimator", "learning_rate", "schedule", "warmup_steps", "decay_fraction",
+    "final_lr_fraction", "steps",
     "batch_size", "seq_len",
     "grad_accum", "grad_clip", "data", "seed")
 # Fields a finished run's results depend on: the trajectory and how the final validation
@@ -132,9 +134,14 @@ class TrainConfig:
   hessian_estimator: str | None = None
   # Peak learning rate; None -> the optimizer's base_learning_rate * 128 / hidden_size.
   learning_rate: float | None = None
-  # Linear warmup from 0, then cosine decay to final_lr_fraction * peak at `steps`.
+  # Learning-rate schedule (train/schedule.py, docs/design.md section 7), each after a linear
+  # warmup from 0 over warmup_steps: "cosine" decays to final_lr_fraction * peak at `steps`;
+  # "constant" stays at the peak; "wsd" (warmup-stable-decay) stays at the peak, then decays
+  # linearly to final_lr_fraction * peak over the last decay_fraction of the steps.
+  schedule: str = "cosine"
   # None -> steps // 10.
   warmup_steps: int | None = None
+  decay_fraction: float = 0.2
   final_lr_fraction: float = 0.1
   # Global-norm gradient clipping threshold (optax.clip_by_global_norm); None disables.
   grad_clip: float | None = 1.0
@@ -221,6 +228,17 @@ class TrainConfig:
       raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
     if not 0.0 <= self.final_lr_fraction <= 1.0:
       raise ValueError(f"final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+    if not 0.0 < self.decay_fraction <= 1.0:
+      raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
+    if self.schedule == "wsd" and (
+        self.resolved_warmup_steps() + decay_steps(self.steps, self.decay_fraction)
+        > self.steps):
+      raise ValueError(
+          f"decay_fraction {self.decay_fraction} with warmup_steps "
+          f"{self.resolved_warmup_steps()}: warmup and decay of the wsd schedule take more "
+          f"than the {self.steps} steps; lower decay_fraction or warmup_steps")
     if self.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', "
                        f"got {self.compute_dtype!r}")
@@ -357,14 +375,27 @@ def _check_types(config: TrainConfig) -> None:
                      f"got {value!r}")
 
 
-def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:
-  """"field: X there, Y planned" for each RESULTS_DEPEND_ON field where a run directory's
-  config.json (`saved`; fields it lacks take their defaults) differs from `planned`."""
+def with_old_run_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (a run's config.json, a checkpoint's config) with the fields it lacks,
+  written before they existed, set to what such runs did: their defaults, but for the
+  fields below whose defaults could change."""
   defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING
               else f.default_factory() for f in dataclasses.fields(TrainConfig)}
-  # Runs written before final_eval_batches existed ended with an eval_batches evaluation.
-  saved = {**defaults, "final_eval_batches": saved.get("eval_batches", defaults["eval_batches"]),
-           **saved}
+  return {**defaults,
+          # Runs written before final_eval_batches existed ended with an eval_batches
+          # evaluation.
+          "final_eval_batches": saved.get("eval_batches", defaults["eval_batches"]),
+          # Runs written before `schedule` existed followed a warmup + cosine schedule (and
+          # had no decay_fraction, which only "wsd" reads).
+          "schedule": "cosine", "decay_fraction": 0.2,
+          **saved}
+
+
+def result_differences(saved: dict[str, Any], planned: "TrainConfig") -> list[str]:
+  """"field: X there, Y planned" for each RESULTS_DEPEND_ON field where a run directory's
+  config.json (`saved`; fields it lacks as `with_old_run_defaults`) differs from
+  `planned`."""
+  saved = with_old_run_defaults(saved)
   planned_dict = json.loads(json.dumps(planned.to_dict()))  # tuples -> lists, as on disk
   return [f"{name}: {saved.get(name)!r} there, {planned_dict.get(name)!r} planned"
           for name in RESULTS_DEPEND_ON if saved.get(name) != planned_dict.get(name)]
@@ -403,10 +434,13 @@ _FLAG_HELP = {
     "compute_dtype": "float32 or bfloat16 activations (params stay float32)",
     "optimizer": "optimizer name (sophia_lambda_jax.OPTIMIZERS)",
     "optimizer_kwargs": "JSON object of optimizer hyperparameters (or --opt.NAME VALUE)",
-    "hessian_estimator": "gnb or hutchinson (default: the optimizer's own)",
-    "learning_rate": "peak learning rate (default: per-optimizer, scaled 1/width)",
-    "warmup_steps": "linear warmup steps (default steps // 10)",
-    "final_lr_fraction": "cosine decays to this fraction of the peak",
+    "hessian_estimator": "gnb or hutchinson",
+    "learning_rate": "peak learning rate",
+    "schedule": f"learning-rate schedule after the warmup: {', '.join(SCHEDULES)} "
+                "(wsd: warmup-stable-decay)",
+    "warmup_steps": "linear warmup steps",
+    "decay_fraction": "fraction of the steps of wsd's final linear decay",
+    "final_lr_fraction": "cosine and wsd decay to this fraction of the peak",
     "grad_clip": "global-norm clipping threshold ('null' disables)",
     "steps": "optimizer steps",
     "batch_size": "sequences per optimizer step, global over devices/hosts/accumulation",
@@ -418,7 +452,8 @@ _FLAG_HELP = {
     "seed": "seed for init, data order and Hessian-estimator sampling",
     "eval_every": "validate every N steps and at the end (0: never)",
     "eval_batches": "validation batches per evaluation",
-    "final_eval_batches": "validation batches of the last evaluation ('null': the whole split)",
+    "final_eval_batches": "validation batches of the last evaluation ('null': the whole "
+                          "split)",
     "log_every": "print a line every N steps when not on a terminal",
     "checkpoint_every": "checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "how many recent checkpoints to keep",
@@ -427,6 +462,31 @@ _FLAG_HELP = {
     "num_processes": "number of processes (multi-host)",
     "process_id": "this process's index (multi-host)",
 }
+
+
+# What a default of None means, in the help of its flag.
+_NONE_MEANS = {
+    "init_from": "null (the preset's random init)",
+    "hessian_estimator": "the optimizer's own",
+    "learning_rate": "per optimizer, scaled as 1/width",
+    "warmup_steps": "steps // 10",
+    "grad_clip": "null",
+    "out": "runs/<model>-<optimizer>-s<seed>",
+    "final_eval_batches": "null",
+    "coordinator": "null (cluster auto-detection, else one process)",
+    "num_processes": "null",
+    "process_id": "null",
+}
+
+
+def _help_with_default(field: dataclasses.Field) -> str:
+  """The flag's help, ending in its default (as JSON but strings, which are shown bare)."""
+  default = field.default if field.default_factory is dataclasses.MISSING else \
+      field.default_factory()
+  shown = (_NONE_MEANS[field.name] if default is None else
+           default if isinstance(default, str) else json.dumps(default))
+  # argparse formats help with %: a literal one is written %%.
+  return f"{_FLAG_HELP[field.name]} (default: {shown})".replace("%", "%%")
 
 
 def _parse_value(text: str) -> Any:
@@ -491,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     if field.name == "learning_rate":
       aliases.append("--lr")
     parser.add_argument(*aliases, dest=field.name, type=_flag_type(field),
-                        default=argparse.SUPPRESS, help=_FLAG_HELP.get(field.name))
+                        default=argparse.SUPPRESS, help=_help_with_default(field))
   return parser
 
 

@@ -41,8 +41,9 @@ import numpy as np
 from sophia_lambda_jax import data as data_lib
 from sophia_lambda_jax import interrupts
 from sophia_lambda_jax.directory_lock import DirectoryInUse, directory_lock
+from sophia_lambda_jax.train import flops
 from sophia_lambda_jax.train import mesh as mesh_lib
-from sophia_lambda_jax.train.checkpoint import Checkpointer, steps_on_disk
+from sophia_lambda_jax.train.checkpoint import Checkpointer, set_aside_partial, steps_on_disk
 from sophia_lambda_jax.train.config import ResolvedOptimizer, TrainConfig, config_from_argv
 from sophia_lambda_jax.train.metrics import (UNCLIPPED_BAND, MetricsLogger, finite_or_none,
                                              in_unclipped_band, read_metrics, say,
@@ -189,6 +190,7 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
       compile_start = time.perf_counter()
       compiled_step = program.compile()
       compile_s = time.perf_counter() - compile_start
+      step_flops = flops.step_flops(config, model.config, program.optimizer.estimator)
       logger = MetricsLogger(out, config.steps, run.start_step, enabled=is_main,
                              log_every=config.log_every, tensorboard=config.tensorboard)
       logger.message(
@@ -198,7 +200,7 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
           f"{config.batch_tokens:,} tokens/step | "
           + (f"resumed at step {run.start_step}" if run.start_step else
              f"from the weights of {config.init_from}" if config.init_from else "from scratch"))
-      last_val = _step_loop(config, run, compiled_step, logger, stop)
+      last_val = _step_loop(config, run, compiled_step, logger, stop, step_flops)
     except KeyboardInterrupt as e:
       checkpointer.wait()  # the save in flight completes (or the watchdog abandons it)
       signum = stop.signum or interrupts.signal_of(e)
@@ -210,7 +212,7 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
         logger.close()
 
   summary = _summary(config, out, model, program.abstract_opt, compiled_step, compile_s,
-                     last_val, wall_start)
+                     last_val, wall_start, step_flops)
   if is_main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   if summary["unclipped_in_band"] is False:
@@ -221,6 +223,8 @@ def _train(config: TrainConfig, out: Path, run: _Run, wall_start: float) -> dict
 def _interrupted(directory: Path, signum: int, abandoned: bool = False) -> str:
   """The one line of an interrupted run: where the same command resumes (and, when the
   process is ending with a save in flight, which checkpoint it abandons)."""
+  if abandoned:  # the save in flight can no longer complete after this line is written
+    set_aside_partial(directory)
   complete, partial = steps_on_disk(directory)
   line = interrupts.interrupted_by(signum)
   if abandoned and partial:
@@ -250,7 +254,7 @@ def _out_of_band_warning(optimizer: ResolvedOptimizer, unclipped: float) -> str:
 
 
 def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
-               stop: interrupts.Deferred) -> float | None:
+               stop: interrupts.Deferred, step_flops: flops.StepFlops) -> float | None:
   """Steps run.start_step..config.steps: train, log, evaluate, checkpoint, until `stop`
   records a signal. Returns the last validation loss (None when evaluation is off)."""
   model, program, checkpointer = run.model, run.program, run.checkpointer
@@ -293,8 +297,8 @@ def _step_loop(config: TrainConfig, run: _Run, compiled_step, logger,
     dt = time.perf_counter() - t0
     done = step + 1
     _check_finite(metrics, done, checkpointer, logger)
-    logger.log_step(_step_record(config, metrics, done, dt,
-                                 warmup=step == run.start_step))
+    logger.log_step(_step_record(config, metrics, done, dt, warmup=step == run.start_step,
+                                 step_flops=step_flops))
     if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
       n = eval_batches(final=done == config.steps)
       last_val = evaluate(n)
@@ -327,13 +331,14 @@ def _check_finite(metrics: dict, done: int, checkpointer: Checkpointer, logger) 
 
 
 def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
-                 warmup: bool) -> dict[str, Any]:
+                 warmup: bool, step_flops: flops.StepFlops) -> dict[str, Any]:
   """The metrics.jsonl record of one step. `warmup` marks the first step a process runs
   (start-up and caches: left out of the summary's timings, for every segment of a resumed
   run)."""
   record = {"step": done, "loss": float(metrics["loss"]), "lr": float(metrics["lr"]),
             "grad_norm": float(metrics["grad_norm"]), "step_time_s": dt,
-            "tokens_per_s": config.batch_tokens / dt}
+            "tokens_per_s": config.batch_tokens / dt,
+            "mfu": step_flops.mfu(config.batch_tokens, dt, bool(metrics.get("refresh")))}
   if warmup:
     record["warmup"] = True
   if "hessian_interval" in metrics:
@@ -350,7 +355,7 @@ def _step_record(config: TrainConfig, metrics: dict, done: int, dt: float,
 
 
 def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_val,
-             wall_start) -> dict[str, Any]:
+             wall_start, step_flops: flops.StepFlops) -> dict[str, Any]:
   """Final losses, throughput, memory and Hessian overhead. Timings come from the step
   records of metrics.jsonl, so a resumed run's cover all its segments; each segment's
   first step is left out of the means as warm-up."""
@@ -400,6 +405,8 @@ def _summary(config, out, model, abstract_opt, compiled_step, compile_s, last_va
                                  if "val_loss" in r), None),
       "mean_step_s": mean_step,
       "tokens_per_s": config.batch_tokens / mean_step if mean_step else None,
+      # mfu over the steady steps and their mean flops_per_token (docs/design.md section 7.1).
+      **step_flops.summary(steady),
       "wall_s": time.perf_counter() - wall_start,
       "compile_s": compile_s,
       "peak_memory_bytes": (compiled_memory(compiled_step) or {}).get("total"),

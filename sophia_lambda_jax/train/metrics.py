@@ -120,7 +120,7 @@ class MetricsLogger:
                             refresh=False)
     elif step % self.log_every == 0 or step == self.total_steps:
       fields = " ".join(f"{k}={_format(record[k])}" for k in
-                        ("loss", "lr", "grad_norm", "tokens_per_s", "hessian_interval",
+                        ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hessian_interval",
                          "rho", "clip_fraction") if record.get(k) is not None)
       print(f"step {step}/{self.total_steps} {fields}", file=self.stream, flush=True)
 

@@ -3,9 +3,10 @@ state, the compiled train step, and the state it starts from.
 
 - `ModelFunctions`: the Qwen model of a config as pure functions (features, logical axes,
   a jitted init and eval, cached across runs in one process);
-- `TrainProgram`: the config's optimizer (`TrainConfig.resolve_optimizer`) with its warmup +
-  cosine schedule, the shardings of params, optimizer state and batches, a fresh state, and
-  the train step compiled ahead of time; the benchmarks time its `compile()` directly;
+- `TrainProgram`: the config's optimizer (`TrainConfig.resolve_optimizer`) with its
+  learning-rate schedule (`train.schedule`), the shardings of params, optimizer state and
+  batches, a fresh state, and the train step compiled ahead of time; the benchmarks time
+  its `compile()` directly;
 - where a run starts: `checkpoint_to_resume` picks the newest checkpoint not proven damaged
   (its config checked against this run's), `check_data_fingerprint` refuses other data, and
   `restore` returns the restored state, or a fresh one.
@@ -22,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -32,15 +32,8 @@ from sophia_lambda_jax.train import mesh as mesh_lib
 from sophia_lambda_jax.train.checkpoint import Checkpointer
 from sophia_lambda_jax.train.config import ResolvedOptimizer, TrainConfig
 from sophia_lambda_jax.train.metrics import say
+from sophia_lambda_jax.train.schedule import learning_rate_schedule
 from sophia_lambda_jax.train.step import TrainState, make_eval_step, make_train_step
-
-
-def learning_rate_schedule(config: TrainConfig, peak: float) -> optax.Schedule:
-  """Linear warmup 0 -> peak over warmup steps, then cosine to final_lr_fraction * peak."""
-  warmup = config.resolved_warmup_steps()
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(config.steps, warmup + 1), end_value=peak * config.final_lr_fraction)
 
 
 def optimizer_metrics(opt_state, roles=None) -> dict[str, jax.Array]:
@@ -189,7 +182,7 @@ class TrainProgram:
                optimizer: ResolvedOptimizer | None = None):
     self.config, self.model, self.mesh = config, model, mesh
     self.optimizer = optimizer or config.resolve_optimizer()
-    # Optimizer with a warmup + cosine schedule; batch_tokens from the global batch.
+    # Optimizer with the config's schedule; batch_tokens from the global batch.
     self.peak_lr = self.optimizer.peak_learning_rate(model.config.hidden_size)
     self.schedule = learning_rate_schedule(config, self.peak_lr)
     self.tx = self.optimizer.build(self.schedule)

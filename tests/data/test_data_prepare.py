@@ -287,6 +287,30 @@ def test_cli_tokenize_reports_and_fails_cleanly(jsonl_corpus, tmp_path, capsys):
   assert str(missing) in capsys.readouterr().err
 
 
+def test_cli_tokenize_refuses_an_empty_validation_split_naming_a_fraction_that_works(
+    tmp_path, capsys):
+  path = write_jsonl(tmp_path / "small.jsonl", make_documents(4, seed=3))
+  draws = [sources.split_draw(f"small.jsonl:{i}") for i in range(4)]
+  assert min(draws) >= 0.01  # no document in a 1 % validation split
+  out = tmp_path / "out"
+  argv = [str(path), str(out), "--workers", "1", "--no-progress"]
+  assert data.cli_tokenize(argv + ["--val-fraction", "0.01"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "validation split would be empty" in err, err
+  suggested = float(err.split("--val-fraction ")[-1].split()[0])
+  assert min(draws) < suggested <= max(draws)
+  assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+  # The fraction it names works, in the same directory.
+  assert data.cli_tokenize(argv + ["--val-fraction", str(suggested)]) == 0
+  splits = data.load_manifest(out)["splits"]
+  assert splits["val"]["documents"] >= 1 and splits["train"]["documents"] >= 1
+  # One document can fill only one split: no fraction is named.
+  one = write_jsonl(tmp_path / "one.jsonl", make_documents(1))
+  assert data.cli_tokenize([str(one), str(tmp_path / "o1"), "--val-fraction", "0.001",
+                            "--workers", "1", "--no-progress"]) == 2
+  assert "no --val-fraction leaves both splits non-empty" in capsys.readouterr().err
+
+
 # --- bad data: each error names the file ----------------------------------------------------
 
 

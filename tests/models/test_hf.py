@@ -1,6 +1,7 @@
 """HuggingFace Qwen2 checkpoints: parity with transformers, round trip, refusals."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -91,6 +92,10 @@ def test_to_hf_round_trip_loads_in_transformers(tmp_path, ids, tie):
   # Small shards force the sharded layout with an index file.
   hf.to_hf(model, tmp_path, max_shard_bytes=20_000)
   assert (tmp_path / "model.safetensors.index.json").exists()
+  mask = os.umask(0)
+  os.umask(mask)
+  shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+  assert len(shards) > 1 and {p.stat().st_mode & 0o777 for p in shards} == {0o666 & ~mask}
   reference = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
   np.testing.assert_allclose(_torch_logits(reference, ids), expected, atol=1e-4, rtol=0)
   # ... and back into JAX, from the sharded files.

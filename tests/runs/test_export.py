@@ -43,6 +43,18 @@ def exported(request, tmp_path_factory):
   return run, _export(run, tmp_path_factory.mktemp("export") / request.param)
 
 
+def test_exported_files_get_the_usual_permissions(exported):
+  """0666 & ~umask for files, 0777 & ~umask for the directory, as open() and mkdir give
+  (safetensors' writer and the staging folder are private otherwise)."""
+  _, out = exported
+  mask = os.umask(0)
+  os.umask(mask)
+  assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+  modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+  assert "model.safetensors" in modes
+  assert modes == {name: oct(0o666 & ~mask) for name in modes}
+
+
 def _hf_model(out):
   model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert next(model.parameters()).dtype == torch.float32

@@ -61,11 +61,18 @@ def test_rho_auto_and_its_target_pass_the_registry_s_validation(tmp_path):
     ({"optimizer_kwargs": {"batch_tokens": 4096}}, "batch_tokens"),
     ({"grad_clip": 0.0}, "grad_clip"),
     ({"final_eval_batches": 0}, "final_eval_batches"),
+    ({"schedule": "linear"}, "schedule"),
+    ({"schedule": 1}, "schedule"),
+    ({"decay_fraction": 0.0}, "decay_fraction"),
+    ({"decay_fraction": 1.5}, "decay_fraction"),
+    ({"decay_fraction": "x"}, "decay_fraction"),
+    ({"schedule": "wsd", "steps": 100, "warmup_steps": 90}, "decay_fraction"),
     ({"not_a_field": 1}, "not_a_field"),
 ])
 def test_bad_values_raise_naming_the_field(values, field):
-  with pytest.raises(ValueError, match=field):
+  with pytest.raises(ValueError, match=field) as error:
     TrainConfig.from_dict(values)
+  assert "\n" not in str(error.value)
 
 
 def test_unknown_flag_and_missing_config_file(tmp_path):
@@ -99,6 +106,28 @@ def test_final_eval_batches_is_part_of_the_results():
       "final_eval_batches: 8 there, None planned"]
   assert result_differences({"eval_batches": 8, "final_eval_batches": None}, planned) == [
       "final_eval_batches: None there, 8 planned"]
+
+
+def test_schedule_is_part_of_what_a_resume_and_the_results_must_match():
+  from sophia_lambda_jax.train import checkpoint
+  from sophia_lambda_jax.train.config import (RESULTS_DEPEND_ON, RESUME_MUST_MATCH,
+                                              result_differences)
+
+  assert {"schedule", "decay_fraction"} <= set(RESUME_MUST_MATCH) <= set(RESULTS_DEPEND_ON)
+  assert config_from_argv(["--schedule", "wsd", "--decay-fraction", "0.3"]).decay_fraction == 0.3
+  wsd = TrainConfig(schedule="wsd").to_dict()
+  cosine = TrainConfig().to_dict()
+  assert checkpoint.config_differences(cosine, wsd) == [
+      "schedule: checkpoint has 'cosine', this run has 'wsd'"]
+  assert result_differences(cosine, TrainConfig(schedule="constant")) == [
+      "schedule: 'cosine' there, 'constant' planned"]
+  # A config written before the fields existed is a cosine run: it resumes and matches as one.
+  old = {k: v for k, v in cosine.items() if k not in ("schedule", "decay_fraction")}
+  assert checkpoint.config_differences(old, cosine) == []
+  assert checkpoint.config_differences(old, wsd) == [
+      "schedule: checkpoint has 'cosine', this run has 'wsd'"]
+  assert result_differences(old, TrainConfig()) == []
+  assert TrainConfig.from_dict(old).schedule == "cosine"
 
 
 def test_the_resolved_optimizer_carries_the_estimator_and_its_batch_tokens():

@@ -1,7 +1,8 @@
 """Sophia-family diagnostics of a training run: the clip fraction per parameter role and
 rho in metrics.jsonl, the unclipped fraction of the second half, the final rho and the
-band verdict in summary.json (a warning line when out of band), and the
-`hessian_estimator` field that swaps the curvature estimator of one optimizer."""
+band verdict in summary.json (a warning line when out of band), the
+`hessian_estimator` field that swaps the curvature estimator of one optimizer, MFU per step
+and in the summary, and a run's learning rates under the wsd schedule."""
 
 import json
 
@@ -12,7 +13,8 @@ from sophia_lambda_jax.train.metrics import read_metrics, unclipped_fractions
 
 
 def _config(token_data, out, optimizer="sophia_lambda", optimizer_kwargs=(), **kw):
-  return TrainConfig(model="qwen-tiny", data=str(token_data), steps=4, batch_size=2,
+  kw = {"steps": 4, **kw}
+  return TrainConfig(model="qwen-tiny", data=str(token_data), batch_size=2,
                      seq_len=16, eval_batches=1, tensorboard=False, out=str(out),
                      optimizer=optimizer,
                      optimizer_kwargs={"hessian_interval": 2, **dict(optimizer_kwargs)},
@@ -83,3 +85,29 @@ def test_the_final_evaluation_covers_the_whole_validation_split(token_data, tmp_
   assert [(r["step"], r["val_batches"]) for r in evals] == [(2, 1), (4, split)]
   assert summary["final_val_batches"] == split
   assert summary["final_val_loss"] == evals[-1]["val_loss"]
+
+
+def test_mfu_per_step_and_in_the_summary_and_the_wsd_schedule(token_data, tmp_path):
+  from sophia_lambda_jax.models import qwen
+  from sophia_lambda_jax.train import flops
+
+  config = _config(token_data, tmp_path, steps=5, schedule="wsd", decay_fraction=0.4)
+  summary = run_training(config)
+  records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+  # One process measures its CPU peak once: the test's count is the loop's.
+  counted = flops.step_flops(config, qwen.get_config("qwen-tiny"), "gnb")
+  assert counted.refresh_per_token > 0
+  for r in records:
+    assert r["mfu"] == pytest.approx(counted.mfu(config.batch_tokens, r["step_time_s"],
+                                                 r["refresh"]))
+  assert any(r["refresh"] for r in records) and not all(r["refresh"] for r in records)
+  steady = [r for r in records if not r.get("warmup")]
+  assert summary["mfu"] == pytest.approx(
+      sum(r["mfu"] * r["step_time_s"] for r in steady) / sum(r["step_time_s"] for r in steady))
+  refreshed = sum(r["refresh"] for r in steady) / len(steady)
+  assert summary["flops_per_token"] == pytest.approx(
+      counted.model_per_token + refreshed * counted.refresh_per_token)
+  # wsd, no warmup (5 // 10 steps), the last 2 steps decaying linearly to 0.1 of the peak:
+  # the lr of the updates at steps 0..4.
+  peak = records[0]["lr"]
+  assert [r["lr"] for r in records] == pytest.approx([peak] * 4 + [peak * (1 + 0.1) / 2])

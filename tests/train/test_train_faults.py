@@ -464,6 +464,31 @@ def test_ctrl_c_or_sigterm_during_a_save_exits_within_15_s(corpus, tmp_path, com
   assert status == 130 and elapsed < 5, err
   _one_line(err, "interrupted while checkpoint step", "abandoned")
   assert "Traceback" not in err
+  # The same command resumes from the checkpoint the line named.
+  named = int(err.split("resumes from step ")[1].split()[0])
+  resumed = subprocess.run([sys.executable, "-m", "sophia_lambda_jax.cli", *argv], env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"| resumed at step {named}\n" in resumed.stdout, resumed.stdout[:2000]
+
+
+def test_an_abandoned_save_cannot_complete_after_the_line_that_names_the_resume_step(tmp_path):
+  """The line of an abandoned save names the newest complete checkpoint; the save in flight
+  is set aside first, so orbax cannot rename it into place after the line (the next run
+  would then resume from a newer checkpoint than the line said)."""
+  directory = tmp_path / "checkpoints"
+  (directory / "18").mkdir(parents=True)
+  (directory / "20.orbax-checkpoint-tmp").mkdir()
+  line = loop._interrupted(directory, signal.SIGTERM, abandoned=True)
+  assert "while checkpoint step 20 was being written: abandoned" in line
+  assert "resumes from step 18 " in line
+  with pytest.raises(FileNotFoundError):  # what orbax's finalising rename would meet
+    (directory / "20.orbax-checkpoint-tmp").rename(directory / "20")
+  assert checkpoint.steps_on_disk(directory) == ([18], [20])
+  # A save that completed before the signal was handled is named.
+  (directory / "22").mkdir()
+  assert "resumes from step 22 " in loop._interrupted(directory, signal.SIGTERM,
+                                                       abandoned=True)
 
 
 # ----------------------------------------------------------------------------- bad input, OS
