@@ -105,7 +105,10 @@ def worker(name: str, steps: int, shape: dict | None = None,
   from sophia_lambda_jax.compare.protocols import cpu_fields
   from sophia_lambda_jax.train import mesh as mesh_lib
   from sophia_lambda_jax.train.config import TrainConfig
-  from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram
+  try:
+    from sophia_lambda_jax.train.program import ModelFunctions, TrainProgram
+  except ImportError:  # a --baseline-ref commit from before train/program.py split off
+    from sophia_lambda_jax.train.loop import ModelFunctions, TrainProgram
 
   variant = VARIANTS[name]
   shape = dict(shape or {})
@@ -137,7 +140,11 @@ def worker(name: str, steps: int, shape: dict | None = None,
     refreshes.append(bool(metrics.get("refresh", False)))
   timed, flags = times[warmup_steps:], refreshes[warmup_steps:]
   step_s = float(np.median(timed))
-  flops_step = model_flops_per_step(model.config, batch, seq)
+  try:
+    flops_step = model_flops_per_step(model.config, batch, seq)
+  except TypeError:  # a --baseline-ref commit whose count also took the parameter count
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    flops_step = model_flops_per_step(model.config, batch, seq, params)
   result = {"variant": name, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
             "cpu_step_s": float(np.median(cpu_times[warmup_steps:])),
             "achieved_flops_per_s": flops_step / step_s, "losses": losses,
