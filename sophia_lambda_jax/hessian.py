@@ -152,7 +152,7 @@ def gnb_head_cotangents(labels: jax.Array, y_hat: jax.Array, hidden: jax.Array,
   and pulling (dhidden_hat, dhead_hat) back through the rest of the model gives g_hat.
   The two (N, V) x d products of a second backward through the head become O(N d) work.
   y_hat ~ Categorical(softmax(z)) comes from the loss's own pass over the logits
-  (``train.output_layer.cross_entropy`` with a key).
+  (``models.output_layer.cross_entropy`` with a key).
 
   Args:
     labels: (...) int labels y of the loss.

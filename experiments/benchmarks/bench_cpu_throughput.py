@@ -248,8 +248,9 @@ def benchmark(rounds: int = 3, steps: int = 30, only: list[str] | None = None,
   first = runs["baseline"][0]
   if "error" in first:
     raise RuntimeError(f"baseline failed: {first['error']}")
-  same_optimizer = lambda n: VARIANTS[n].get("optimizer") is None  # noqa: E731  (AdamW)
-  table = {n: _entry(runs[n], first["losses"] if same_optimizer(n) else None) for n in names}
+  # A variant without its own optimizer runs baseline's (AdamW): its losses are comparable.
+  table = {n: _entry(runs[n], first["losses"] if VARIANTS[n].get("optimizer") is None else None)
+           for n in names}
   base = table["baseline"]
   for entry in table.values():
     if "error" not in entry:

@@ -181,8 +181,7 @@ def split_table(result: dict) -> dict:
            else total("adamw"))
   small = total("adamw", model_overrides={**overrides, "vocab_size": small_vocab})
   half = total("adamw", batch_size=2 * batch, seq_len=seq // 2)
-  scratch = lambda b: b["total"] - b["argument"]  # noqa: E731
-  head = scratch(adamw) - scratch(small)
+  head = (adamw["total"] - adamw["argument"]) - (small["total"] - small["argument"])
   attention = 2 * (adamw["total"] - half["total"])
   rows = {}
   for name, row in result["optimizers"].items():

@@ -47,7 +47,8 @@ def block_shapes() -> dict:
 
 
 def count(shapes) -> int:
-  return sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+  leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return sum(int(np.prod(s)) for s in leaves)
 
 
 def tree_shapes(target_params: float) -> dict:

@@ -19,11 +19,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from sophia_lambda_jax.data import UNK_TEXT, get_tokenizer
-from sophia_lambda_jax.models import hf, qwen
+from sophia_lambda_jax.models import hf, output_layer, qwen
 
 
 class VocabTokenizer:
@@ -98,8 +97,8 @@ def load_hf(path, compute_dtype: str | None = None) -> Loaded:
 @jax.jit
 def _batch_loss(graphdef_and_state, rows):
   graphdef, state = graphdef_and_state
-  logits = nnx.merge(graphdef, state)(rows[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
+  hidden, head = nnx.merge(graphdef, state).features(rows[:, :-1])
+  return output_layer.cross_entropy(hidden, head, rows[:, 1:])[0]
 
 
 def evaluate(model: qwen.Qwen, batches, num_batches: int) -> dict[str, float | int]:

@@ -322,7 +322,9 @@ def _causal_forward(q, k, v, segment_ids):
     outs.append(_ungrouped(out, end - start))
     lse = (top + jnp.log(total))[..., 0]  # (B, K, G, S')
     lses.append(lse.transpose(0, 3, 1, 2).reshape(batch, end - start, heads))
-  concat = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]  # noqa: E731
+  def concat(xs):
+    return jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
+
   return concat(outs).reshape(batch, seq, heads * dim), concat(lses)
 
 
@@ -370,7 +372,11 @@ def _causal_attention_bwd(residuals, dout):
     mask_t = jnp.broadcast_to(mask_t, mask_t.shape[:2] + (groups, end, end - start))
     mask_t = mask_t.transpose(0, 1, 3, 2, 4).reshape(mask_t.shape[0], 1, end, -1)
     lse_g = lse[..., start:end].reshape(batch, kv_heads, -1)
-    probs_t = jnp.exp(scores_t * scale - lse_g[:, :, None, :]) * mask_t
+    # The floor is added before the exponential, as in the forward pass: a future key's
+    # score may exceed the row's logsumexp by more than float32's exp range, and exp(.) = inf
+    # times a zero mask is NaN.
+    floor_t = jnp.where(mask_t, 0.0, jnp.finfo(jnp.float32).min)
+    probs_t = jnp.exp(scores_t * scale - lse_g[:, :, None, :] + floor_t)
     dv = dv.at[:, :, :end].add(jnp.einsum("bktq,bkqd->bktd", probs_t.astype(v.dtype), dog,
                                           preferred_element_type=jnp.float32))
     og = _grouped(out[:, start:end], kv_heads)
@@ -435,7 +441,10 @@ def _cudnn_compiles(shape_q: tuple, shape_kv: tuple, dtype_name: str) -> bool:
   says why not on stderr, once per shape."""
   q = jax.ShapeDtypeStruct(shape_q, jnp.dtype(dtype_name))
   kv = jax.ShapeDtypeStruct(shape_kv, jnp.dtype(dtype_name))
-  loss = lambda *a: cudnn_attention(*a).astype(jnp.float32).sum()  # noqa: E731
+
+  def loss(*a):
+    return cudnn_attention(*a).astype(jnp.float32).sum()
+
   try:
     jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
   except Exception as e:  # any failure of the kernel's lowering or compile

@@ -56,8 +56,9 @@ def optimizer_hyperparameters() -> tuple[str, ...]:
 
 
 # Fields that change the trajectory of a run: resuming a checkpoint with any of them changed
-# is refused (docs/design.md section 7: resume continues identically). The others (out, steps to log, eval and
-# checkpoint cadence, mesh, distributed set-up) may change between restarts.
+# is refused (docs/design.md section 7: resume continues identically). The others (out,
+# steps to log, eval and checkpoint cadence, mesh, distributed set-up) may change between
+# restarts.
 RESUME_MUST_MATCH = (
     "model", "model_overrides", "init_from", "compute_dtype", "optimizer", "optimizer_kwargs",
     "hessian_estimator", "learning_rate", "schedule", "warmup_steps", "decay_fraction",

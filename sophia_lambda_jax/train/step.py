@@ -48,7 +48,7 @@ import optax
 
 from sophia_lambda_jax import hessian as hessian_lib
 from sophia_lambda_jax import transforms
-from sophia_lambda_jax.train import output_layer
+from sophia_lambda_jax.models import output_layer
 
 PyTree = Any
 # (params, input_ids (..., seq)) -> (hidden (..., seq, d), head (d, vocab)), in the

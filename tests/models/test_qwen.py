@@ -337,12 +337,35 @@ def test_causal_attention_and_its_gradient_equal_the_dense_scores(seq, segments)
   q, k, v = _qkv(seq=seq)
   segment_ids = _SEGMENTS[:, :seq] if segments else None
   weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, seq, 32)), jnp.float32)
-  loss = lambda f: lambda *a: jnp.sum(weights * f(*a, segment_ids))  # noqa: E731
+
+  def loss(f):
+    return lambda *a: jnp.sum(weights * f(*a, segment_ids))
+
   got = jax.jit(qwen.causal_attention)(q, k, v, segment_ids)
   np.testing.assert_allclose(got, _dense_attention(q, k, v, segment_ids), atol=1e-5)
   grads = jax.jit(jax.grad(loss(qwen.causal_attention), argnums=(0, 1, 2)))(q, k, v)
   for g, w in zip(grads, jax.grad(loss(_dense_attention), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_causal_attention_gradient_is_finite_when_future_scores_overflow():
+  """A key the causal mask hides may score far above the query's logsumexp (late keys that
+  grew large in training): exp of that difference overflows float32, and the backward pass
+  must still give zero weight to it, not inf * 0 = NaN."""
+  q, k, v = _qkv(seq=16)
+  ramp = jnp.linspace(0.0, 200.0, 16)[None, :, None, None]
+  q, k = jnp.abs(q) + 1.0, jnp.abs(k) * ramp  # scores grow with the key's position
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 32)), jnp.float32)
+
+  def loss(f):
+    return lambda *a: jnp.sum(weights * f(*a))
+
+  grads = jax.jit(jax.grad(loss(qwen.causal_attention), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(_dense_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(grads, want):
+    assert np.isfinite(np.asarray(g)).all()
+    # Scores in the hundreds: float32 keeps about 1e-4 of them, and exp amplifies that.
+    np.testing.assert_allclose(g, w, rtol=5e-3, atol=5e-3)
 
 
 def test_causal_attention_hessian_vector_product_equals_the_dense_scores():

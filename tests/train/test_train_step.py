@@ -135,7 +135,8 @@ def test_qwen_loss_and_gradients_equal_the_full_logits(monkeypatch, mesh):
   one padded), on one device and sharded over 8: max |new - old| <= 1e-5 max |old| per
   leaf, old being the full-logits loss on one device."""
   from sophia_lambda_jax import train
-  from sophia_lambda_jax.train import loop, output_layer
+  from sophia_lambda_jax.models import output_layer
+  from sophia_lambda_jax.train import loop
   from sophia_lambda_jax.train import mesh as mesh_lib
 
   config = train.TrainConfig(model="qwen-tiny", optimizer="adamw", batch_size=8, seq_len=32,

@@ -1,4 +1,4 @@
-"""train/output_layer.py: the blockwise cross-entropy equals the full-logits one in value and
+"""models/output_layer.py: the blockwise cross-entropy equals the full-logits one in value and
 in first and second derivatives, its label draw follows softmax(z), and the block rule."""
 
 import jax
@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from sophia_lambda_jax import hessian
-from sophia_lambda_jax.train import output_layer
+from sophia_lambda_jax.models import output_layer
 
 D, VOCAB = 16, 300
 
