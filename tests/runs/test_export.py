@@ -254,7 +254,14 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(compact_run,
 
   monkeypatch.setattr(hf, "write_compact_tokenizer", interrupted)
   out = tmp_path / "hf"
-  assert cli.main(["export", str(compact_run), str(out)]) == 128 + signum
+  # `slj export` runs in a process of its own, where SIGINT raises KeyboardInterrupt; in the
+  # whole suite an earlier test's library may have left another SIGINT handler installed.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    code = cli.main(["export", str(compact_run), str(out)])
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert code == 128 + signum
   err = capsys.readouterr().err
   assert len(err.splitlines()) == 1 and "the export into" in err and \
       "nothing was written there" in err, err
