@@ -4,29 +4,17 @@ vocabulary (8192 ids), all float32."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
+from word_corpus import prepared_word_corpus
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven birds sing in tall trees "
-         "and rivers flow down to the sea under grey clouds at night").split()
 STEPS = 6
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-  from sophia_lambda_jax import data
-
-  root = tmp_path_factory.mktemp("model-corpus")
-  rng = random.Random(0)
-  with open(root / "corpus.jsonl", "w") as f:
-    for _ in range(200):
-      words = [rng.choice(WORDS) for _ in range(rng.randint(40, 120))]
-      f.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
-  return data.prepare(str(root / "corpus.jsonl"), root / "prepared", val_fraction=0.1,
-                      num_workers=1, progress=False)
+  return prepared_word_corpus(tmp_path_factory.mktemp("model-corpus"), 200, (40, 120))
 
 
 def _train(out: Path, data_dir: Path, model="qwen-tiny", steps=STEPS,
