@@ -73,7 +73,11 @@ SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 CPU_LONG_STEPS = 3000
 CPU_LONG_EVAL_EVERY = 100
 # Each optimizer at the setting `slj compare --protocol tuned` chose for it on the cpu setting
-# (docs/results/tuned-cpu/results.json, "best_settings"; a test keeps the two equal).
+# at its first measurement (2026-12-02), which the committed cpu-long results ran with. The
+# committed tuned results (2026-12-07, after the output-layer and attention changes) chose
+# the same learning rates and rho 0.2 for Sophia-G and Sophia-Lambda, the rho both also run
+# at here (CPU_LONG_LOWER_RHO); a test keeps every choice of
+# docs/results/tuned-cpu/results.json ("best_settings") among this protocol's runs.
 CPU_LONG_SETTINGS: dict[str, dict[str, Any]] = {
     "adamw": {"learning_rate": 1.5e-3, "optimizer_kwargs": {}},
     "sophia": {"learning_rate": 1e-3,
