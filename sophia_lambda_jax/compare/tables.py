@@ -602,6 +602,14 @@ def _versus_caption(aggs: dict[str, dict]) -> str:
       "AdamW")
 
 
+def _code_lines(code: dict | None) -> list[str]:
+  """The sentence naming the commit the runs came from (`runner.code_version`), if known."""
+  if not code or not code.get("commit"):
+    return []
+  dirty = " with uncommitted changes" if code.get("dirty") else ""
+  return [f"Runs made by commit {code['commit'][:12]}{dirty}.", ""]
+
+
 def build_report(root: Path, target: float | None = None) -> dict:
   """Everything `write_report` writes, as a dict (markdown strings included)."""
   plan, records = load_results(root)
@@ -626,6 +634,7 @@ def build_report(root: Path, target: float | None = None) -> dict:
       "configuration marked 'out of band' ran outside the regime Sophia is tuned for (below "
       "the band it is sign momentum; above it the clip rarely acts and rho is too large for "
       "the setting): its row is reported, not read as a verdict on the method.", "",
+      *_code_lines(plan.get("code")),
       "## All optimizers", "", summary_md]
   for table in paper_claims.TABLES:
     sections += [paper_table(table, aggs, protocol)]
@@ -650,6 +659,9 @@ def build_report(root: Path, target: float | None = None) -> dict:
                 "optimizer": r.spec.optimizer, "seed": r.spec.seed, "phase": r.spec.phase,
                 "status": r.status, "summary": r.summary} for r in records],
       "best_settings": plan.get("best_settings"),
+      # which code made the runs, and the sweep points the runner added beyond an edge
+      "code": plan.get("code"),
+      "extensions": plan.get("extensions"),
       "markdown_summary": summary_md,
       "markdown": "\n".join(sections).rstrip() + "\n",
   }

@@ -279,3 +279,25 @@ def test_an_archive_gives_the_same_tables_and_restores_finished_runs(fake_compar
       20 * STEP_TIMES["adamw"])
   _, restored = tables.load_results(archive)
   assert sum(r.status == "done" for r in restored) == 9
+
+
+def test_report_names_the_commit_and_the_sweep_extensions(fake_compare):
+  root, _ = fake_compare
+  plan = json.loads((root / "plan.json").read_text())
+  plan["code"] = {"commit": "5ec54f627502afc278855b059fe8dc36a4fc7d13", "dirty": False}
+  plan["extensions"] = {"adamw": [0.012]}
+  (root / "plan.json").write_text(json.dumps(plan))
+  report = tables.write_report(root)
+  data = json.loads((root / "results.json").read_text())
+  assert data["code"]["commit"].startswith("5ec54f6")
+  assert data["extensions"] == {"adamw": [0.012]}
+  assert "Runs made by commit 5ec54f627502." in report["markdown"]
+
+
+def test_report_without_a_recorded_commit_says_nothing_about_one(fake_compare):
+  root, _ = fake_compare
+  plan = json.loads((root / "plan.json").read_text())
+  plan.pop("code", None)
+  (root / "plan.json").write_text(json.dumps(plan))
+  data = tables.build_report(root)
+  assert data["code"] is None and "commit" not in data["markdown"]
